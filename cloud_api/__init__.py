@@ -1,0 +1,1 @@
+"""The cloud: the frozen backbone served over HTTP (FastAPI + uvicorn)."""

@@ -1,0 +1,1 @@
+"""The user's device: private side network, local history, HTTP client to the cloud."""

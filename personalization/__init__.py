@@ -1,0 +1,1 @@
+"""SPA's model maths: backbone interface, side network, gate, decoding, training."""
