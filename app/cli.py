@@ -43,8 +43,7 @@ def _load(spec: str | None):
     try:
         return load_backbone(spec)
     except (BackboneNotFoundError, UnsupportedBackboneError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
 
 
 @cli.command()
@@ -62,36 +61,65 @@ def prepare(backbone: Backbone = None) -> None:
 
 @cli.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to ask the backbone.")],
+    prompt: Annotated[str, typer.Argument(help="What to ask.")],
     backbone: Backbone = None,
+    setting: Annotated[
+        str, typer.Option(help="base, lst, full, choice, spa, lora or adapter.")
+    ] = "base",
+    strategy: Annotated[str, typer.Option(help="greedy, sample or beam.")] = "greedy",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Stop after this many tokens.")] = 64,
+    num_beams: Annotated[int, typer.Option(min=1, help="Beams (strategy beam).")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    threshold: Annotated[float, typer.Option(help="Gate threshold (choice, spa).")] = 0.5,
     chat: Annotated[
         bool, typer.Option(help="Wrap the prompt in the backbone's chat template.")
     ] = True,
 ) -> None:
-    """Stream a generation from the backbone alone (setting `base`) to the terminal."""
-    from personalization.decoding import greedy
+    """Stream a generation to the terminal, with the communication it cost.
+
+    Without a trained side network every SPA setting but `lst` reproduces `base`.
+    """
+    from personalization.config import DecodeConfig, SPAConfig
+    from personalization.decoding import generate as run
+    from personalization.model import SPAModel
 
     if not prompt.strip():
-        typer.secho("error: the prompt is empty", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    model = _load(backbone)
-    start, count = time.perf_counter(), 0
-    for token in greedy(model, model.encode_prompt(prompt, chat=chat), max_new_tokens):
+        _fail("the prompt is empty")
+    try:
+        spa = SPAConfig(setting=setting, threshold=threshold)
+        decode = DecodeConfig(strategy, max_new_tokens, temperature, top_p, seed, num_beams)
+    except ValueError as exc:
+        _fail(str(exc))
+    model = SPAModel(_load(backbone), spa)
+    if setting != "base":
+        typer.secho(model.parameter_report(), dim=True, err=True)
+    start = time.perf_counter()
+    generation = run(model, model.backbone.encode_prompt(prompt, chat=chat), decode)
+    for token in generation:
         sys.stdout.write(token.text)
         sys.stdout.flush()
-        count += 1
-    elapsed = time.perf_counter() - start
+    elapsed, books = time.perf_counter() - start, generation.books
     typer.secho(
-        f"\n[{count} tokens in {elapsed:.1f} s, {count / elapsed:.1f} tokens/s]", dim=True, err=True
+        f"\n[{books.tokens} tokens in {elapsed:.1f} s, {books.tokens / elapsed:.1f} tokens/s; "
+        f"device tokens {books.device_tokens}, M={books.m:.2f}, "
+        f"{books.bytes_to_device + books.bytes_from_device:,} bytes to/from the device]",
+        dim=True,
+        err=True,
     )
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
 
 
 @cli.command()
 def demo(backbone: Backbone = None) -> None:
     """Run the demo on the embedded defaults (for now: stream one generation to the terminal)."""
     typer.echo(f"prompt: {DEMO_PROMPT}\n")
-    generate(DEMO_PROMPT, backbone=backbone, max_new_tokens=80, chat=True)
+    generate(DEMO_PROMPT, backbone=backbone, max_new_tokens=80)
 
 
 def main() -> None:

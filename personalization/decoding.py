@@ -1,4 +1,12 @@
-"""Token-by-token decoding over the backbone interface, as a streaming iterator."""
+"""Decoding for every setting — greedy, sampling, beam search — as a streaming iterator.
+
+`generate(model, prompt_ids, DecodeConfig(...))` returns a `Generation`: iterate it for `Token`s
+(id, text piece, branch, gate probability) as they are decided; its `books` fill in live. Greedy and
+sampling yield each token at once; beam search yields the winning hypothesis when it is known.
+Beam search follows transformers' algorithm (top 2·N candidates, length penalty on the generated
+length, the same early-stopping heuristic), so with the side network off it returns exactly what
+`model.generate(num_beams=N)` returns.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from personalization.backbone import Backbone
+from personalization.config import DecodeConfig
+from personalization.latency import Books
+from personalization.model import SPAModel, Step, Stepper
 
 
 @dataclass(frozen=True)
@@ -38,17 +48,139 @@ class Detokenizer:
         return piece
 
 
-def greedy(
-    backbone: Backbone, prompt_ids: Sequence[int], max_new_tokens: int = 64
-) -> Iterator[Token]:
-    """Greedy decoding with the backbone alone, one KV-cached step per token; stops at EOS."""
-    detok = Detokenizer(backbone.tokenizer)
-    cache = backbone.new_cache()
-    inputs = torch.tensor([list(prompt_ids)])
-    for _ in range(max_new_tokens):
-        out = backbone(inputs, cache=cache, logits="last")
-        token_id = int(out.logits[0, -1].argmax())
-        yield Token(token_id, detok.push(token_id))
-        if token_id in backbone.eos_token_ids:
-            return
-        inputs = torch.tensor([[token_id]])
+@dataclass(frozen=True)
+class Hypothesis:
+    """A finished beam: token ids, per-token (branch, gate prob), and its length-penalised score."""
+
+    ids: tuple[int, ...]
+    labels: tuple[tuple[str, float | None], ...]
+    score: float
+
+
+class Generation:
+    """A streaming generation; iterate once. `books` and `tokens` fill in as tokens arrive."""
+
+    def __init__(self, model: SPAModel, prompt_ids: Sequence[int], config: DecodeConfig):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.model = model
+        self.prompt = list(prompt_ids)
+        self.config = config
+        self.stepper = Stepper(model)
+        self.tokens: list[Token] = []
+        self.hypotheses: list[Hypothesis] = []  # beam search: the finished beams, best first
+        self._detok = Detokenizer(model.backbone.tokenizer)
+        self._eos = model.backbone.eos_token_ids
+
+    @property
+    def books(self) -> Books:
+        return self.stepper.books
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+    def __iter__(self) -> Iterator[Token]:
+        steps = self._beam() if self.config.strategy == "beam" else self._one_by_one()
+        for token_id, branch, prob in steps:
+            token = Token(token_id, self._detok.push(token_id), branch, prob)
+            self.tokens.append(token)
+            self.books.tokens += 1
+            self.books.device_tokens += branch == "device"
+            yield token
+
+    # ---- greedy and sampling -------------------------------------------------------------------
+    def _one_by_one(self) -> Iterator[tuple[int, str, float | None]]:
+        cfg = self.config
+        rng = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        inputs = torch.tensor([self.prompt])
+        for _ in range(cfg.max_new_tokens):
+            step = self.stepper.step(inputs)
+            logits = step.logits[0]
+            token_id = (
+                int(logits.argmax()) if cfg.strategy == "greedy" else _sample(logits, cfg, rng)
+            )
+            yield token_id, *_label(step, 0)
+            if token_id in self._eos:
+                return
+            inputs = torch.tensor([[token_id]])
+
+    # ---- beam search ---------------------------------------------------------------------------
+    def _beam(self) -> Iterator[tuple[int, str, float | None]]:
+        cfg, N = self.config, self.config.num_beams
+        step = self.stepper.step(torch.tensor([self.prompt]))
+        self.stepper.reorder(torch.zeros(N, dtype=torch.long))  # one prompt, N beams
+        step = Step(step.logits.expand(N, -1), step.device.expand(N), _expand(step.p_device, N))
+        scores = torch.full((N,), -1e9)
+        scores[0] = 0.0  # only the first beam is live at the start
+        seqs: list[tuple[int, ...]] = [()] * N
+        labels: list[tuple] = [()] * N
+        finished: list[Hypothesis] = []
+        keep = max(2, 1 + len(self._eos)) * N
+        improvable = True
+        for t in range(cfg.max_new_tokens):
+            logprobs = torch.log_softmax(step.logits.float(), dim=-1) + scores[:, None]
+            V = logprobs.shape[-1]
+            top_scores, top_index = torch.topk(logprobs.flatten(), keep)
+            beams, token_ids = (top_index // V).tolist(), (top_index % V).tolist()
+            last = t + 1 == cfg.max_new_tokens
+            hits = [last or tok in self._eos for tok in token_ids]
+            step_labels = [_label(step, b) for b in range(N)]
+            # finished: only candidates among the first N may enter, as in transformers
+            may_finish = improvable and not (cfg.early_stopping and len(finished) == N)
+            for i in range(N):
+                if hits[i] and may_finish:
+                    b = beams[i]
+                    finished.append(
+                        Hypothesis(
+                            seqs[b] + (token_ids[i],),
+                            labels[b] + (step_labels[b],),
+                            float(top_scores[i]) / (t + 1) ** cfg.length_penalty,
+                        )
+                    )
+            finished = sorted(finished, key=lambda h: -h.score)[:N]
+            # running: the best N candidates that did not just finish
+            live = [i for i in range(keep) if not hits[i]][:N]
+            if len(live) < N or last:
+                break
+            chosen = [beams[i] for i in live]
+            scores = top_scores[live]
+            seqs = [seqs[b] + (token_ids[i],) for b, i in zip(chosen, live, strict=True)]
+            labels = [labels[b] + (step_labels[b],) for b in chosen]
+            best_possible = float(scores[0]) / (t + 1) ** cfg.length_penalty
+            improvable = improvable and (len(finished) < N or best_possible > finished[-1].score)
+            if not improvable or (cfg.early_stopping and len(finished) == N):
+                break
+            self.stepper.reorder(torch.tensor(chosen))
+            step = self.stepper.step(torch.tensor([[token_ids[i]] for i in live]))
+        self.hypotheses = finished
+        best = finished[0]
+        for token_id, (branch, prob) in zip(best.ids, best.labels, strict=True):
+            yield token_id, branch, prob
+
+
+def generate(
+    model: SPAModel, prompt_ids: Sequence[int], config: DecodeConfig | None = None
+) -> Generation:
+    """Stream tokens from `model` for one prompt (see `Generation`)."""
+    return Generation(model, prompt_ids, config or DecodeConfig())
+
+
+def _label(step: Step, row: int) -> tuple[str, float | None]:
+    prob = None if step.p_device is None else float(step.p_device[row])
+    return ("device" if bool(step.device[row]) else "cloud"), prob
+
+
+def _expand(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if x is None else x.expand(n)
+
+
+def _sample(logits: torch.Tensor, cfg: DecodeConfig, rng: torch.Generator | None) -> int:
+    """Temperature and nucleus (top-p) sampling."""
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the first token always
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=rng))

@@ -1,4 +1,4 @@
-"""Streaming greedy decoding through the interface matches transformers' own `generate`."""
+"""Streaming greedy decoding through the backbone interface matches transformers' `generate`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from personalization.backbone import Backbone
-from personalization.decoding import Detokenizer, greedy
+from personalization.config import DecodeConfig, SPAConfig
+from personalization.decoding import Detokenizer, generate
+from personalization.model import SPAModel
+
+
+def greedy(backbone: Backbone, prompt: list[int], max_new_tokens: int):
+    model = SPAModel(backbone, SPAConfig("base"))
+    return list(generate(model, prompt, DecodeConfig(max_new_tokens=max_new_tokens)))
 
 
 def _reference(backbone: Backbone, prompt: list[int], n: int) -> list[int]:

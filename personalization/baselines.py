@@ -1,0 +1,86 @@
+"""The paper's in-layer baselines, `lora` and `adapter`, as adapted copies of the backbone.
+
+Both put trainable parameters inside every backbone layer, so a device holding them must be asked
+once (LoRA on the attention projections) or twice (adapters after attention and after the MLP)
+per layer per token — which is the communication cost SPA avoids. Both start as exact no-ops
+(LoRA's B and the adapters' up-projections are zero), like the side network.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from peft import LoraConfig, get_peft_model
+from torch import Tensor, nn
+
+from personalization.backbone import Backbone
+
+#: device round trips per layer per token
+CONTACTS_PER_LAYER = {"lora": 1, "adapter": 2}
+
+
+class BottleneckAdapter(nn.Module):
+    """x + up(act(down(x))) (Houlsby et al., 2019), with `up` zero-initialised."""
+
+    def __init__(self, hidden_size: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.act = nn.GELU()
+        self.up = nn.Linear(bottleneck, hidden_size)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+
+def lora_backbone(backbone: Backbone, rank: int = 8) -> Backbone:
+    """A copy of the backbone with peft LoRA on its attention projections (peft's defaults)."""
+    model = get_peft_model(
+        copy.deepcopy(backbone.model), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
+    )
+    adapted = Backbone(model.base_model.model, backbone.tokenizer, name=f"{backbone.name}+lora")
+    for name, p in adapted.model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return adapted
+
+
+def adapter_backbone(backbone: Backbone, reduction: int = 8) -> Backbone:
+    """A copy of the backbone with bottleneck adapters after attention and MLP in every layer."""
+    model = copy.deepcopy(backbone.model)
+    H = backbone.hidden_size
+    adapters = nn.ModuleList()
+    for layer in _layers_of(model, backbone):
+        for pattern in (r"att", r"mlp|ffn|feed_forward"):
+            target = _child_matching(layer, pattern)
+            adapter = BottleneckAdapter(H, max(1, H // reduction))
+            target.register_forward_hook(_apply(adapter))
+            adapters.append(adapter)
+    model.spa_adapters = adapters  # registered, so it is saved with the model's state dict
+    adapted = Backbone(model, backbone.tokenizer, name=f"{backbone.name}+adapter")
+    adapters.requires_grad_(True)
+    return adapted
+
+
+def _layers_of(model: nn.Module, backbone: Backbone) -> nn.ModuleList:
+    path = next(n for n, m in backbone.model.named_modules() if m is backbone.layers)
+    return model.get_submodule(path)
+
+
+def _child_matching(layer: nn.Module, pattern: str) -> nn.Module:
+    for name, child in layer.named_children():
+        if re.search(pattern, name, re.IGNORECASE) or re.search(
+            pattern, type(child).__name__, re.I
+        ):
+            return child
+    raise ValueError(f"no child matching /{pattern}/ in {type(layer).__name__}")
+
+
+def _apply(adapter: BottleneckAdapter):
+    def hook(_module, _args, output):
+        if isinstance(output, tuple):
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+
+    return hook

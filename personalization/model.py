@@ -1,0 +1,206 @@
+"""SPA: the frozen backbone `f`, the side network `g` and the gate `σ`, combined by setting.
+
+| setting | logits                         | device asked |
+|---------|--------------------------------|--------------|
+| base    | head(f)                        | never        |
+| lst     | head(g)                        | every token  |
+| full    | head(f + g)                    | every token  |
+| choice  | head(g) if σ else head(f)      | when σ = 1   |
+| spa     | head(f + σ·g)                  | when σ = 1   |
+| lora / adapter | the adapted backbone's own logits | L / 2L times per token |
+
+`Stepper` runs this incrementally with KV caches for both networks. When the gate asks the device
+after cloud-only tokens, the side network first catches up on the skipped positions' taps in one
+batch — exactly the message a remote device would receive.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from personalization.backbone import Backbone
+from personalization.baselines import CONTACTS_PER_LAYER, adapter_backbone, lora_backbone
+from personalization.config import (
+    GATED_SETTINGS,
+    SIDE_SETTINGS,
+    SideConfig,
+    SPAConfig,
+)
+from personalization.latency import Books
+from personalization.side import Gate, SideNetwork, count_parameters
+
+
+class SPAModel(nn.Module):
+    """The whole SPA model; only `side`, `gate` (and a baseline's adapters) are trainable."""
+
+    def __init__(
+        self, backbone: Backbone, config: SPAConfig | None = None, side: SideConfig | None = None
+    ):
+        super().__init__()
+        self.config = config or SPAConfig()
+        self.backbone = backbone  # a plain object: frozen, shared, never part of our state dict
+        self.side = SideNetwork(side or SideConfig(backbone.hidden_size, backbone.num_layers))
+        self.gate = Gate(backbone.hidden_size)
+        self.adapted: Backbone | None = None
+        if self.config.setting == "lora":
+            self.adapted = lora_backbone(backbone, self.config.adapter_rank)
+        elif self.config.setting == "adapter":
+            self.adapted = adapter_backbone(backbone, self.config.adapter_rank)
+
+    @property
+    def setting(self) -> str:
+        return self.config.setting
+
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        return self.side.config.rungs
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.wire_dtype)
+
+    def wire(self, x: Tensor) -> Tensor:
+        """What survives a trip over the wire: rounded to the wire dtype, computed on in fp32."""
+        return x.to(self.wire_dtype).to(x.dtype)
+
+    def trainable_parameters(self) -> int:
+        if self.adapted is not None:
+            return sum(p.numel() for p in self.adapted.model.parameters() if p.requires_grad)
+        if self.setting in SIDE_SETTINGS:
+            gate = count_parameters(self.gate) if self.setting in GATED_SETTINGS else 0
+            return count_parameters(self.side) + gate
+        return 0
+
+    def parameter_report(self) -> str:
+        n = self.trainable_parameters()
+        return (
+            f"setting {self.setting}: {n:,} trainable parameters = "
+            f"{100 * n / self.backbone.num_parameters:.3f} % of the backbone's "
+            f"{self.backbone.num_parameters:,} (rungs {list(self.rungs)}, side width "
+            f"{self.side.config.width})"
+        )
+
+    def sigma(self, p_device: Tensor | None, like: Tensor) -> Tensor:
+        """σ per position: the gate's decision, or fixed by the setting."""
+        if self.setting in GATED_SETTINGS:
+            return p_device >= self.config.threshold
+        return torch.full(like.shape[:-1], self.setting in ("lst", "full"), dtype=torch.bool)
+
+    def combine(self, f: Tensor, g: Tensor | None, sigma: Tensor) -> Tensor:
+        """Logits of the setting from f(x), g(x) (None where the device was not asked) and σ."""
+        head = self.backbone.head
+        if g is None or self.setting == "base":
+            return head(f)
+        s = sigma[..., None]
+        if self.setting == "lst":
+            return head(g)
+        if self.setting == "full":
+            return head(f + g)
+        if self.setting == "spa":
+            return head(f + s * g)
+        if self.setting == "choice":
+            return head(torch.where(s, g, f))
+        raise ValueError(f"setting {self.setting} has no side combination")
+
+    @torch.no_grad()
+    def sequence_logits(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits [B, T, V] and σ [B, T] for every position at once (the reference decoding must
+        reproduce, and the shape training works with)."""
+        if self.adapted is not None:
+            logits = self.adapted(input_ids, logits="all").logits
+            return logits, torch.ones(logits.shape[:-1], dtype=torch.bool)
+        if self.setting == "base":
+            logits = self.backbone(input_ids, logits="all").logits
+            return logits, torch.zeros(logits.shape[:-1], dtype=torch.bool)
+        out = self.backbone(input_ids, rungs=self.rungs, logits=None)
+        f = out.hidden
+        p = self.gate(self.backbone.final_norm(f)) if self.setting in GATED_SETTINGS else None
+        sigma = self.sigma(p, f)
+        g = self.wire(self.side(self.wire(out.taps)))
+        return self.combine(f, g, sigma), sigma
+
+
+@dataclass
+class Step:
+    """One incremental step's result for the last position of each row."""
+
+    logits: Tensor  # [B, V]
+    device: Tensor  # [B] bool: the device's g(x) shaped this token
+    p_device: Tensor | None  # [B] gate probabilities (gated settings)
+
+
+class Stepper:
+    """Incremental SPA decoding state: backbone cache, side cache, taps not yet sent, books."""
+
+    def __init__(self, model: SPAModel):
+        self.model = model
+        self.backbone = model.adapted or model.backbone
+        self.cache = self.backbone.new_cache()
+        self.side_cache = model.side.new_cache()
+        self.pending: list[Tensor] = []  # wire-rounded taps the device has not seen, [B, t, R, H]
+        self.books = Books()
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor) -> Step:
+        """Feed new positions [B, T] (a prompt, or one token per row) and get the next logits."""
+        model, books = self.model, self.books
+        B, T = input_ids.shape
+        start = time.perf_counter()
+        if model.setting not in SIDE_SETTINGS:
+            out = self.backbone(input_ids, cache=self.cache, logits="last")
+            books.t_cloud += time.perf_counter() - start
+            device = torch.full((B,), model.adapted is not None)
+            if model.adapted is not None:
+                self._account_layer_contacts(B * T)
+            return Step(out.logits[:, -1], device, None)
+        out = self.backbone(input_ids, cache=self.cache, rungs=model.rungs, logits=None)
+        f = out.hidden[:, -1:]
+        self.pending.append(model.wire(out.taps))
+        p = None
+        if model.setting in GATED_SETTINGS:
+            p = model.gate(self.backbone.final_norm(f))[:, 0]
+        sigma = model.sigma(p, f[:, 0])
+        books.t_cloud += time.perf_counter() - start
+        g = None
+        if bool(sigma.any()):
+            g = self._ask_device()
+        start = time.perf_counter()
+        logits = model.combine(f[:, 0], g, sigma)
+        books.t_cloud += time.perf_counter() - start
+        return Step(logits, sigma, p)
+
+    def _ask_device(self) -> Tensor:
+        """One device round trip: send every pending tap position, get g(x) for the last one."""
+        model, books = self.model, self.books
+        taps = torch.cat(self.pending, dim=1)
+        self.pending = []
+        start = time.perf_counter()
+        g = model.wire(model.side(taps, self.side_cache)[:, -1])
+        books.t_device += time.perf_counter() - start
+        B, T, R, H = taps.shape
+        value_bytes = torch.finfo(model.wire_dtype).bits // 8
+        books.contacts += 1
+        books.tap_positions += B * T
+        books.bytes_to_device += B * T * R * H * value_bytes
+        books.bytes_from_device += B * H * value_bytes
+        return g
+
+    def _account_layer_contacts(self, positions: int) -> None:
+        """lora/adapter: each layer's adapter lives on the device: k round trips per layer, each
+        carrying the layer's hidden states there and the adapter's output back."""
+        k = CONTACTS_PER_LAYER[self.model.setting] * self.backbone.num_layers
+        value_bytes = torch.finfo(self.model.wire_dtype).bits // 8
+        payload = positions * self.backbone.hidden_size * value_bytes
+        self.books.contacts += k
+        self.books.bytes_to_device += k * payload
+        self.books.bytes_from_device += k * payload
+
+    def reorder(self, index: Tensor) -> None:
+        """Select / repeat batch rows (beam search)."""
+        self.cache.reorder_cache(index)
+        self.side_cache.reorder(index)
+        self.pending = [t[index] for t in self.pending]
