@@ -281,3 +281,13 @@ def test_side_rejects_wrong_tap_shape():
 def test_empty_prompt_is_refused(tiny_llama: Backbone):
     with pytest.raises(ValueError, match="empty"):
         generate(SPAModel(tiny_llama), [])
+
+
+@pytest.mark.backbone
+def test_untrained_spa_reproduces_base_on_smollm2(smollm2: Backbone):
+    prompt = smollm2.encode_prompt("Name three colours.")
+    decode = DecodeConfig(max_new_tokens=10)
+    base = _ids(generate(SPAModel(smollm2, SPAConfig("base")), prompt, decode))
+    spa = generate(SPAModel(smollm2, SPAConfig("spa", threshold=0.0)), prompt, decode)
+    assert _ids(spa) == base
+    assert spa.books.m == 1.0 and spa.books.tap_positions == len(prompt) + 9
