@@ -250,9 +250,12 @@ def load_backbone(
     """
     spec = str(spec or os.environ.get("SPA_BACKBONE") or EMBEDDED)
     if spec.startswith(TINY_PREFIX):
-        from personalization.tiny import tiny_backbone
+        from personalization.tiny import ARCHS, tiny_backbone
 
-        return tiny_backbone(spec.removeprefix(TINY_PREFIX))
+        arch = spec.removeprefix(TINY_PREFIX)
+        if arch not in ARCHS:
+            raise BackboneNotFoundError(f"unknown tiny backbone {spec!r}: tiny-llama or tiny-gpt2")
+        return tiny_backbone(arch)
     path = prepare_embedded() if spec == EMBEDDED else Path(spec).expanduser()
     if not path.exists() and not _HUB_ID.fullmatch(spec):
         raise BackboneNotFoundError(f"backbone path {spec!r} does not exist")

@@ -6,7 +6,7 @@ costs one round trip τ plus the time to move its payload at the profile's bandw
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,6 @@ class Books:
     t_cloud: float = 0.0  # seconds of backbone (and gate, head) compute
     t_device: float = 0.0  # seconds of side-network compute
     t_net: float = 0.0  # measured network seconds (remote sessions only)
-    per_token: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def m(self) -> float:
@@ -72,8 +71,7 @@ class Books:
         return self.t_cloud + self.t_device + self.t_net
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "per_token"}
-        return out | {"M": self.m, "t_total": self.t_total}
+        return asdict(self) | {"M": self.m, "t_total": self.t_total}
 
 
 def t_net(contacts: float, bytes_down: float, bytes_up: float, net: NetworkProfile) -> float:

@@ -142,3 +142,8 @@ def test_embedded_backbone_facts(smollm2: Backbone):
     assert (smollm2.num_layers, smollm2.hidden_size, smollm2.vocab_size) == (30, 576, 49152)
     assert smollm2.chat_template and smollm2.eos_token_ids
     assert 134e6 < smollm2.num_parameters < 135e6
+
+
+def test_unknown_tiny_backbone_is_refused():
+    with pytest.raises(BackboneNotFoundError, match="tiny-llama or tiny-gpt2"):
+        load_backbone("tiny-mamba")
