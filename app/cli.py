@@ -92,7 +92,10 @@ def generate(
         decode = DecodeConfig(strategy, max_new_tokens, temperature, top_p, seed, num_beams)
     except ValueError as exc:
         _fail(str(exc))
-    model = SPAModel(_load(backbone), spa)
+    try:
+        model = SPAModel(_load(backbone), spa)
+    except ValueError as exc:  # e.g. peft cannot place LoRA in this architecture
+        _fail(f"cannot build setting {setting!r} on this backbone: {exc}")
     if setting != "base":
         typer.secho(model.parameter_report(), dim=True, err=True)
     start = time.perf_counter()

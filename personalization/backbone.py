@@ -260,9 +260,14 @@ def load_backbone(
     if not path.exists() and not _HUB_ID.fullmatch(spec):
         raise BackboneNotFoundError(f"backbone path {spec!r} does not exist")
     if path.exists():
-        return _from_pretrained(
-            str(path), name=path.name if spec == EMBEDDED else spec, dtype=dtype
-        )
+        name = path.name if spec == EMBEDDED else spec
+        try:
+            return _from_pretrained(str(path), name=name, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise BackboneNotFoundError(
+                f"{path} is not a loadable Hugging Face causal LM directory (config.json, weights "
+                f"and tokenizer files): {str(exc).splitlines()[0]}"
+            ) from None
     try:  # a hub id: the local Hugging Face cache first, the network only if that misses
         return _from_pretrained(spec, name=spec, dtype=dtype, local_files_only=True)
     except (OSError, ValueError):

@@ -5,7 +5,8 @@
 sampling yield each token at once; beam search yields the winning hypothesis when it is known.
 Beam search follows transformers' algorithm (top 2·N candidates, length penalty on the generated
 length, the same early-stopping heuristic), so with the side network off it returns exactly what
-`model.generate(num_beams=N)` returns.
+`model.generate(num_beams=N)` returns — where the model's generation config adds no logits
+processors of its own (e.g. a repetition penalty) and names the same EOS ids.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class Detokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(
+            self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
         piece, self.emitted = text[self.emitted :], len(text)
@@ -71,6 +74,7 @@ class Generation:
         self.hypotheses: list[Hypothesis] = []  # beam search: the finished beams, best first
         self._detok = Detokenizer(model.backbone.tokenizer)
         self._eos = model.backbone.eos_token_ids
+        self._started = False
 
     @property
     def books(self) -> Books:
@@ -81,6 +85,9 @@ class Generation:
         return "".join(t.text for t in self.tokens)
 
     def __iter__(self) -> Iterator[Token]:
+        if self._started:
+            raise RuntimeError("a Generation streams once; call generate() again for a new one")
+        self._started = True
         steps = self._beam() if self.config.strategy == "beam" else self._one_by_one()
         for token_id, branch, prob in steps:
             token = Token(token_id, self._detok.push(token_id), branch, prob)
@@ -117,7 +124,6 @@ class Generation:
         labels: list[tuple] = [()] * N
         finished: list[Hypothesis] = []
         keep = max(2, 1 + len(self._eos)) * N
-        improvable = True
         for t in range(cfg.max_new_tokens):
             logprobs = torch.log_softmax(step.logits.float(), dim=-1) + scores[:, None]
             V = logprobs.shape[-1]
@@ -127,9 +133,8 @@ class Generation:
             hits = [last or tok in self._eos for tok in token_ids]
             step_labels = [_label(step, b) for b in range(N)]
             # finished: only candidates among the first N may enter, as in transformers
-            may_finish = improvable and not (cfg.early_stopping and len(finished) == N)
             for i in range(N):
-                if hits[i] and may_finish:
+                if hits[i]:
                     b = beams[i]
                     finished.append(
                         Hypothesis(
@@ -148,7 +153,7 @@ class Generation:
             seqs = [seqs[b] + (token_ids[i],) for b, i in zip(chosen, live, strict=True)]
             labels = [labels[b] + (step_labels[b],) for b in chosen]
             best_possible = float(scores[0]) / (t + 1) ** cfg.length_penalty
-            improvable = improvable and (len(finished) < N or best_possible > finished[-1].score)
+            improvable = len(finished) < N or best_possible > finished[-1].score
             if not improvable or (cfg.early_stopping and len(finished) == N):
                 break
             self.stepper.reorder(torch.tensor(chosen))

@@ -51,8 +51,9 @@ def profile(name: str) -> NetworkProfile:
 class Books:
     """What one generation cost, measured as it ran."""
 
-    tokens: int = 0
-    device_tokens: int = 0  # tokens produced with the device's help
+    tokens: int = 0  # tokens of the output
+    steps: int = 0  # decoding steps (= tokens for greedy and sampling; beam search steps all beams)
+    device_tokens: int = 0  # output tokens produced with the device's help
     contacts: int = 0  # device round trips
     tap_positions: int = 0  # positions × rows whose taps crossed to the device
     bytes_to_device: int = 0
@@ -63,8 +64,9 @@ class Books:
 
     @property
     def m(self) -> float:
-        """M: device round trips per generated token."""
-        return self.contacts / self.tokens if self.tokens else 0.0
+        """M: device round trips per decoding step (per generated token; in beam search one
+        round trip serves every beam of a step)."""
+        return self.contacts / self.steps if self.steps else 0.0
 
     @property
     def t_total(self) -> float:

@@ -50,6 +50,8 @@ class SPAModel(nn.Module):
             self.adapted = lora_backbone(backbone, self.config.adapter_rank)
         elif self.config.setting == "adapter":
             self.adapted = adapter_backbone(backbone, self.config.adapter_rank)
+        if self.adapted is not None:  # registered, so its adapters are among our parameters
+            self.baseline = self.adapted.model
 
     @property
     def setting(self) -> str:
@@ -63,9 +65,18 @@ class SPAModel(nn.Module):
     def wire_dtype(self) -> torch.dtype:
         return getattr(torch, self.config.wire_dtype)
 
-    def wire(self, x: Tensor) -> Tensor:
-        """What survives a trip over the wire: rounded to the wire dtype, computed on in fp32."""
-        return x.to(self.wire_dtype).to(x.dtype)
+    def wire(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """What survives a trip over the wire: rounded to the wire dtype, then cast to `dtype`
+        (default: back to x's own) for the receiver to compute on."""
+        return x.to(self.wire_dtype).to(dtype or x.dtype)
+
+    @property
+    def side_dtype(self) -> torch.dtype:
+        return self.side.up.weight.dtype
+
+    def gate_prob(self, f: Tensor) -> Tensor:
+        """p(device) from the backbone's final hidden state f(x)."""
+        return self.gate(self.backbone.final_norm(f).to(self.side_dtype))
 
     def trainable_parameters(self) -> int:
         if self.adapted is not None:
@@ -118,9 +129,9 @@ class SPAModel(nn.Module):
             return logits, torch.zeros(logits.shape[:-1], dtype=torch.bool)
         out = self.backbone(input_ids, rungs=self.rungs, logits=None)
         f = out.hidden
-        p = self.gate(self.backbone.final_norm(f)) if self.setting in GATED_SETTINGS else None
+        p = self.gate_prob(f) if self.setting in GATED_SETTINGS else None
         sigma = self.sigma(p, f)
-        g = self.wire(self.side(self.wire(out.taps)))
+        g = self.wire(self.side(self.wire(out.taps, self.side_dtype)), f.dtype)
         return self.combine(f, g, sigma), sigma
 
 
@@ -141,7 +152,9 @@ class Stepper:
         self.backbone = model.adapted or model.backbone
         self.cache = self.backbone.new_cache()
         self.side_cache = model.side.new_cache()
-        self.pending: list[Tensor] = []  # wire-rounded taps the device has not seen, [B, t, R, H]
+        # wire-rounded taps the device has not seen, [B, t, R, H]; a chunk with B = 1 is shared by
+        # every row (a beam search's prompt) and crosses the wire once
+        self.pending: list[Tensor] = []
         self.books = Books()
 
     @torch.no_grad()
@@ -151,6 +164,7 @@ class Stepper:
         B, T = input_ids.shape
         start = time.perf_counter()
         if model.setting not in SIDE_SETTINGS:
+            books.steps += 1
             out = self.backbone(input_ids, cache=self.cache, logits="last")
             books.t_cloud += time.perf_counter() - start
             device = torch.full((B,), model.adapted is not None)
@@ -159,34 +173,36 @@ class Stepper:
             return Step(out.logits[:, -1], device, None)
         out = self.backbone(input_ids, cache=self.cache, rungs=model.rungs, logits=None)
         f = out.hidden[:, -1:]
-        self.pending.append(model.wire(out.taps))
+        self.pending.append(model.wire(out.taps, model.side_dtype))
+        books.steps += 1
         p = None
         if model.setting in GATED_SETTINGS:
-            p = model.gate(self.backbone.final_norm(f))[:, 0]
+            p = model.gate_prob(f)[:, 0]
         sigma = model.sigma(p, f[:, 0])
         books.t_cloud += time.perf_counter() - start
         g = None
         if bool(sigma.any()):
-            g = self._ask_device()
+            g = self._ask_device(B).to(f.dtype)
         start = time.perf_counter()
         logits = model.combine(f[:, 0], g, sigma)
         books.t_cloud += time.perf_counter() - start
         return Step(logits, sigma, p)
 
-    def _ask_device(self) -> Tensor:
+    def _ask_device(self, rows: int) -> Tensor:
         """One device round trip: send every pending tap position, get g(x) for the last one."""
         model, books = self.model, self.books
-        taps = torch.cat(self.pending, dim=1)
+        positions = sum(t.shape[0] * t.shape[1] for t in self.pending)
+        taps = torch.cat([t.expand(rows, -1, -1, -1) for t in self.pending], dim=1)
         self.pending = []
         start = time.perf_counter()
         g = model.wire(model.side(taps, self.side_cache)[:, -1])
         books.t_device += time.perf_counter() - start
-        B, T, R, H = taps.shape
+        R, H = taps.shape[2:]
         value_bytes = torch.finfo(model.wire_dtype).bits // 8
         books.contacts += 1
-        books.tap_positions += B * T
-        books.bytes_to_device += B * T * R * H * value_bytes
-        books.bytes_from_device += B * H * value_bytes
+        books.tap_positions += positions
+        books.bytes_to_device += positions * R * H * value_bytes
+        books.bytes_from_device += rows * H * value_bytes
         return g
 
     def _account_layer_contacts(self, positions: int) -> None:
@@ -200,7 +216,7 @@ class Stepper:
         self.books.bytes_from_device += k * payload
 
     def reorder(self, index: Tensor) -> None:
-        """Select / repeat batch rows (beam search)."""
+        """Select / repeat batch rows (beam search); shared (B = 1) pending taps stay shared."""
         self.cache.reorder_cache(index)
         self.side_cache.reorder(index)
-        self.pending = [t[index] for t in self.pending]
+        self.pending = [t if t.shape[0] == 1 else t[index] for t in self.pending]

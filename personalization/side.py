@@ -1,10 +1,10 @@
 """The private side network `g` and the gate `σ` (the only learned parameters SPA adds).
 
 `SideNetwork` is a ladder side network (Sung et al., 2022): each rung's tap is normalised,
-projected down to the side width and mixed into the side stream by a learned scalar ladder gate
-μ = sigmoid(α) (α = 0, so μ starts at 0.5); small causal transformer blocks with their own KV cache
-process the stream; an up-projection back to H, initialised to zero, makes an untrained side
-network a no-op (`f(x) + g(x) = f(x)`).
+projected down to the side width and mixed into the side stream (from the second rung on) by a
+learned scalar ladder gate μ = sigmoid(α) (α = 0, so μ starts at 0.5); small causal
+transformer blocks with their own KV cache process the stream; an up-projection back to H,
+initialised to zero, makes an untrained side network a no-op (`f(x) + g(x) = f(x)`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,6 @@ class SideCache:
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search reordering / expansion)."""
         self.kv = [None if e is None else (e[0][index], e[1][index]) for e in self.kv]
-
-    def crop(self, length: int) -> None:
-        """Keep the first `length` positions (rollback of rejected speculative tokens)."""
-        self.kv = [
-            None if e is None else (e[0][:, :, :length], e[1][:, :, :length]) for e in self.kv
-        ]
 
 
 class SideBlock(nn.Module):
@@ -81,7 +75,7 @@ class SideNetwork(nn.Module):
         H, D, R = config.hidden_size, config.width, len(config.rungs)
         self.tap_norms = nn.ModuleList(nn.RMSNorm(H) for _ in range(R))
         self.downs = nn.ModuleList(nn.Linear(H, D, bias=False) for _ in range(R))
-        self.ladder = nn.Parameter(torch.zeros(R))  # μ_i = sigmoid(α_i) = 0.5 at start
+        self.ladder = nn.Parameter(torch.zeros(R - 1))  # μ_i = sigmoid(α_i) = 0.5 at start
         self.blocks = nn.ModuleList(SideBlock(D, config.heads, config.mlp_ratio) for _ in range(R))
         self.out_norm = nn.RMSNorm(D)
         self.up = nn.Linear(D, H, bias=False)
@@ -101,7 +95,7 @@ class SideNetwork(nn.Module):
         s = None
         for i, block in enumerate(self.blocks):
             z = self.downs[i](self.tap_norms[i](taps[:, :, i]))
-            s = z if s is None else mix[i] * z + (1 - mix[i]) * s
+            s = z if s is None else mix[i - 1] * z + (1 - mix[i - 1]) * s
             s, kv = block(s, None if cache is None else cache.kv[i])
             if cache is not None:
                 cache.kv[i] = kv

@@ -40,3 +40,9 @@ def test_missing_backbone_is_a_clean_error(tmp_path):
     assert result.exit_code == 2
     assert "does not exist" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_directory_that_is_not_a_model_is_a_clean_error(tmp_path):
+    result = runner.invoke(cli, ["generate", "hi", "-b", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a loadable Hugging Face causal LM directory" in result.output

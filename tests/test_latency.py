@@ -16,7 +16,7 @@ def test_t_net_is_round_trips_plus_transfer():
 
 def test_t_total_is_the_sum_of_parts():
     assert t_total(0.5, 2.0, 0.25) == 2.75
-    books = Books(tokens=10, contacts=4, t_cloud=2.0, t_device=0.5, t_net=0.25)
+    books = Books(tokens=10, steps=10, contacts=4, t_cloud=2.0, t_device=0.5, t_net=0.25)
     assert books.t_total == 2.75 and books.m == 0.4
     assert books.summary()["M"] == 0.4 and books.summary()["t_total"] == 2.75
     assert Books().m == 0.0

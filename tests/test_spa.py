@@ -291,3 +291,76 @@ def test_untrained_spa_reproduces_base_on_smollm2(smollm2: Backbone):
     spa = generate(SPAModel(smollm2, SPAConfig("spa", threshold=0.0)), prompt, decode)
     assert _ids(spa) == base
     assert spa.books.m == 1.0 and spa.books.tap_positions == len(prompt) + 9
+
+
+@pytest.mark.parametrize("setting", ["spa", "choice", "full", "lst"])
+def test_beam_hypotheses_match_recomputation_with_a_trained_side_network(
+    tiny: Backbone, setting: str
+):
+    """Every finished beam's score and branch labels follow from a full recomputation — which
+    only holds if caches and pending taps are reordered with the beams."""
+    model = _randomize(SPAModel(tiny, SPAConfig(setting)), seed=3)
+    prompt = _prompt(tiny)
+    if setting in ("spa", "choice"):
+        split = _threshold_splitting_the_gate(model, torch.tensor([prompt + list(range(60, 70))]))
+        model.config = SPAConfig(setting, threshold=split)
+    decode = DecodeConfig("beam", max_new_tokens=10, num_beams=4)
+    generation = generate(model, prompt, decode)
+    list(generation)
+    assert len(generation.hypotheses) == 4
+    for hyp in generation.hypotheses:
+        ids = torch.tensor([prompt + list(hyp.ids)])
+        logits, sigma = model.sequence_logits(ids)
+        n = len(prompt) - 1
+        logprobs = torch.log_softmax(logits[0, n:-1].float(), -1)
+        score = logprobs.gather(1, ids[0, n + 1 :, None]).sum() / len(hyp.ids)
+        assert hyp.score == pytest.approx(float(score), abs=1e-4)
+        branches = ["device" if s else "cloud" for s in sigma[0, n:-1].tolist()]
+        assert [label[0] for label in hyp.labels] == branches
+
+
+def test_beam_search_sends_the_shared_prompt_once(tiny_llama: Backbone):
+    model = _randomize(SPAModel(tiny_llama, SPAConfig("full")))
+    prompt = _prompt(tiny_llama)
+    generation = generate(model, prompt, DecodeConfig("beam", max_new_tokens=6, num_beams=3))
+    list(generation)
+    books = generation.books
+    assert books.m == 1.0  # one round trip per search step serves all beams
+    assert books.tap_positions == len(prompt) + 3 * (books.steps - 1)
+
+
+def test_non_float32_backbone_works_with_a_side_network():
+    from personalization.tiny import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama", vocab_size=259).to(torch.bfloat16)
+    backbone = Backbone(model, byte_tokenizer(), name="tiny-bf16")
+    decode = DecodeConfig(max_new_tokens=6)
+    prompt = _prompt(backbone)
+    base = _ids(generate(SPAModel(backbone, SPAConfig("base")), prompt, decode))
+    assert (
+        _ids(generate(SPAModel(backbone, SPAConfig("spa", threshold=0.0)), prompt, decode)) == base
+    )
+
+
+def test_a_generation_streams_once(tiny_llama: Backbone):
+    generation = generate(SPAModel(tiny_llama), _prompt(tiny_llama), DecodeConfig(max_new_tokens=2))
+    list(generation)
+    with pytest.raises(RuntimeError, match="streams once"):
+        list(generation)
+
+
+@pytest.mark.parametrize("setting", ["lora", "adapter"])
+def test_baseline_adapters_belong_to_the_model(tiny_llama: Backbone, setting: str):
+    model = SPAModel(tiny_llama, SPAConfig(setting))
+    trainable = [
+        n for n, p in model.named_parameters() if p.requires_grad and n.startswith("baseline.")
+    ]
+    assert trainable and all(("lora_" in n) or ("spa_adapters" in n) for n in trainable)
+    assert (
+        sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+        == model.trainable_parameters()
+    )
+    assert any(k.startswith("baseline.") for k in model.state_dict())
+    assert not any(
+        p.requires_grad for p in tiny_llama.model.parameters()
+    )  # the shared f stays frozen
