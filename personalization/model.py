@@ -65,6 +65,11 @@ class SPAModel(nn.Module):
     def wire_dtype(self) -> torch.dtype:
         return getattr(torch, self.config.wire_dtype)
 
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes per value on the wire."""
+        return torch.finfo(self.wire_dtype).bits // 8
+
     def wire(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """What survives a trip over the wire: rounded to the wire dtype, then cast to `dtype`
         (default: back to x's own) for the receiver to compute on."""
@@ -162,9 +167,9 @@ class Stepper:
         """Feed new positions [B, T] (a prompt, or one token per row) and get the next logits."""
         model, books = self.model, self.books
         B, T = input_ids.shape
+        books.steps += 1
         start = time.perf_counter()
         if model.setting not in SIDE_SETTINGS:
-            books.steps += 1
             out = self.backbone(input_ids, cache=self.cache, logits="last")
             books.t_cloud += time.perf_counter() - start
             device = torch.full((B,), model.adapted is not None)
@@ -174,7 +179,6 @@ class Stepper:
         out = self.backbone(input_ids, cache=self.cache, rungs=model.rungs, logits=None)
         f = out.hidden[:, -1:]
         self.pending.append(model.wire(out.taps, model.side_dtype))
-        books.steps += 1
         p = None
         if model.setting in GATED_SETTINGS:
             p = model.gate_prob(f)[:, 0]
@@ -198,19 +202,17 @@ class Stepper:
         g = model.wire(model.side(taps, self.side_cache)[:, -1])
         books.t_device += time.perf_counter() - start
         R, H = taps.shape[2:]
-        value_bytes = torch.finfo(model.wire_dtype).bits // 8
         books.contacts += 1
         books.tap_positions += positions
-        books.bytes_to_device += positions * R * H * value_bytes
-        books.bytes_from_device += rows * H * value_bytes
+        books.bytes_to_device += positions * R * H * model.wire_bytes
+        books.bytes_from_device += rows * H * model.wire_bytes
         return g
 
     def _account_layer_contacts(self, positions: int) -> None:
         """lora/adapter: each layer's adapter lives on the device: k round trips per layer, each
         carrying the layer's hidden states there and the adapter's output back."""
         k = CONTACTS_PER_LAYER[self.model.setting] * self.backbone.num_layers
-        value_bytes = torch.finfo(self.model.wire_dtype).bits // 8
-        payload = positions * self.backbone.hidden_size * value_bytes
+        payload = positions * self.backbone.hidden_size * self.model.wire_bytes
         self.books.contacts += k
         self.books.bytes_to_device += k * payload
         self.books.bytes_from_device += k * payload
