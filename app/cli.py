@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -111,6 +112,176 @@ def generate(
         dim=True,
         err=True,
     )
+
+
+DataPath = Annotated[
+    Path,
+    typer.Argument(
+        help="A data file in ../shared/data/ (xsum.jsonl, personachat.jsonl, ...); the dataset "
+        "is named by the file's stem unless --dataset says otherwise.",
+        show_default=False,
+    ),
+]
+Dataset = Annotated[str | None, typer.Option(help="Dataset kind, if not the file's stem.")]
+Seed = Annotated[int, typer.Option(help="Seed of the data split and of training.")]
+TrainSize = Annotated[
+    int | None, typer.Option(help="Training records (users for personachat, beauty). Default all.")
+]
+ValidSize = Annotated[int, typer.Option(help="Validation records / users (calibration).")]
+TestSize = Annotated[int, typer.Option(help="Test records / users.")]
+MaxPrompt = Annotated[int, typer.Option(help="Prompts are cut to this many tokens.")]
+CacheRoot = Annotated[
+    Path | None,
+    typer.Option(help="Feature cache root. Default: $SPA_CACHE_DIR.", show_default=False),
+]
+
+
+def _data(backbone, path, dataset, seed, train_size, valid_size, test_size, max_prompt_tokens):
+    from personalization.data import DataError
+    from personalization.experiment import DataConfig, prepare_data
+
+    try:
+        cfg = DataConfig(
+            str(path), dataset, seed, train_size, valid_size, test_size, max_prompt_tokens
+        )
+        return prepare_data(backbone, cfg)
+    except DataError as exc:
+        _fail(str(exc))
+
+
+@cli.command()
+def train(
+    data: DataPath,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.")],
+    setting: Annotated[str, typer.Option(help="lst, full, choice, spa, lora or adapter.")] = "spa",
+    backbone: Backbone = None,
+    dataset: Dataset = None,
+    train_size: TrainSize = None,
+    valid_size: ValidSize = 50,
+    test_size: TestSize = 100,
+    max_prompt_tokens: MaxPrompt = 512,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training data.")] = 15,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    target_usage: Annotated[
+        float, typer.Option(help="Calibrate the gate to send this share of tokens to the device.")
+    ] = 0.5,
+    reduction: Annotated[int, typer.Option(min=1, help="Side width = H / reduction.")] = 8,
+    seed: Seed = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from --out if it exists.")] = False,
+    cache: CacheRoot = None,
+) -> None:
+    """Train a setting from cached backbone features, calibrate its gate, save a checkpoint."""
+    from personalization.checkpoint import CheckpointError
+    from personalization.config import SETTINGS, SideConfig
+    from personalization.experiment import fit
+    from personalization.train import TrainConfig
+
+    if setting not in SETTINGS or setting == "base":
+        _fail(f"cannot train setting {setting!r}: choose lst, full, choice, spa, lora or adapter")
+    try:
+        cfg = TrainConfig(epochs, batch_size, lr, seed=seed, target_usage=target_usage)
+    except ValueError as exc:
+        _fail(str(exc))
+    model = _load(backbone)
+    try:
+        side = SideConfig(model.hidden_size, model.num_layers, reduction=reduction)
+    except ValueError as exc:
+        _fail(str(exc))
+    sizes = (train_size, valid_size, test_size)
+    prepared = _data(model, data, dataset, seed, *sizes, max_prompt_tokens)
+    typer.echo(
+        f"{prepared.splits.dataset}: {len(prepared.train)} train, {len(prepared.valid)} valid, "
+        f"{len(prepared.test)} test examples"
+    )
+    try:
+        result = fit(model, prepared, setting, cfg, out, side=side, resume=resume, cache_root=cache)
+    except (CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(result.model.parameter_report())
+    for row in result.epochs:
+        valid = row.get("valid", {})
+        typer.echo(
+            f"epoch {row['epoch']}: train lm {row['train']['lm']:.4f} "
+            f"gate {row['train']['gate']:.4f}"
+            f" | valid lm {valid.get('lm', float('nan')):.4f}"
+        )
+    if result.calibration:
+        c = result.calibration
+        typer.echo(
+            f"gate calibrated to usage {c.target_usage:.2f}: threshold {c.threshold:.4f}, "
+            f"measured on validation generations {c.usage:.3f}"
+        )
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    typer.echo(f"backbone passes: {result.backbone_passes} ({timing})")
+    typer.echo(f"checkpoint: {out}")
+
+
+@cli.command("eval")
+def evaluate(
+    data: DataPath,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A trained checkpoint; omit with --setting base.")
+    ] = None,
+    setting: Annotated[str | None, typer.Option(help="'base' to score the backbone alone.")] = None,
+    backbone: Backbone = None,
+    dataset: Dataset = None,
+    valid_size: ValidSize = 50,
+    test_size: TestSize = 100,
+    max_prompt_tokens: MaxPrompt = 512,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Generation budget. Default: the dataset's.")
+    ] = None,
+    profile: Annotated[str, typer.Option(help="Network profile for the latency model.")] = "lte",
+    target_usage: Annotated[
+        float | None,
+        typer.Option(help="Re-calibrate the gate on the validation split to this usage first."),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
+    seed: Seed = 0,
+    cache: CacheRoot = None,
+) -> None:
+    """Generate for the test split; report Rouge-L, gate usage, M, bytes and latency per token."""
+    from personalization.checkpoint import CheckpointError, load_checkpoint
+    from personalization.evaluate import table
+    from personalization.experiment import assess
+    from personalization.latency import profile as network
+    from personalization.model import SPAModel
+
+    if (checkpoint is None) == (setting is None):
+        _fail("give either --checkpoint or --setting base")
+    if setting is not None and setting != "base":
+        _fail(f"setting {setting!r} needs a trained --checkpoint; only 'base' runs without one")
+    try:
+        net = network(profile)
+    except ValueError as exc:
+        _fail(str(exc))
+    model_backbone = _load(backbone)
+    sizes = (None, valid_size, test_size)
+    prepared = _data(model_backbone, data, dataset, seed, *sizes, max_prompt_tokens)
+    if checkpoint is not None:
+        try:
+            model, _, _ = load_checkpoint(checkpoint, model_backbone)
+        except CheckpointError as exc:
+            _fail(str(exc))
+    else:
+        model = SPAModel(model_backbone)
+        model.config = type(model.config)(setting="base")
+    try:
+        report, calibration = assess(
+            model, prepared, net, target_usage=target_usage, cache_root=cache,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+    except ValueError as exc:
+        _fail(str(exc))
+    if calibration:
+        typer.echo(
+            f"re-calibrated to usage {calibration.target_usage:.2f}: threshold "
+            f"{calibration.threshold:.4f} (validation generations: {calibration.usage:.3f})"
+        )
+    typer.echo(table([report]))
+    if json_out:
+        json_out.write_text(report.to_json() + "\n")
 
 
 def _fail(message: str) -> None:

@@ -10,6 +10,7 @@ logits at load time, so an architecture we cannot decompose fails loudly instead
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -82,6 +83,15 @@ class Backbone:
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights (shapes + a sample of the LM head), whatever the name or path:
+        what cached features and checkpoints are keyed by."""
+        w = self.lm_head.weight
+        sample = w[:: max(1, w.shape[0] // 64), :16].detach().float().cpu().numpy().tobytes()
+        shape = f"{self.num_layers}x{self.hidden_size}x{self.vocab_size}".encode()
+        return hashlib.sha256(shape + sample).hexdigest()[:16]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,6 +192,19 @@ class Backbone:
         return BackboneOutput(hidden=hidden, taps=taps, logits=out_logits, cache=cache)
 
     __call__ = forward
+
+    def trunk(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """f(x) [B, T, H] with autograd on: for baselines whose trainable parameters sit inside
+        the backbone (`lora`, `adapter`); SPA itself never back-propagates through it."""
+        captured: dict[int, Tensor] = {}
+        hook = self.final_norm.register_forward_pre_hook(
+            _capture(captured, self.num_layers), with_kwargs=True
+        )
+        try:
+            self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            hook.remove()
+        return captured[self.num_layers]
 
     def _verify(self) -> None:
         """Check that head(f(x)) reproduces the model's own logits on a short input."""

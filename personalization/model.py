@@ -31,7 +31,7 @@ from personalization.config import (
     SPAConfig,
 )
 from personalization.latency import Books
-from personalization.side import Gate, SideNetwork, count_parameters
+from personalization.side import Gate, SideNetwork
 
 
 class SPAModel(nn.Module):
@@ -83,13 +83,18 @@ class SPAModel(nn.Module):
         """p(device) from the backbone's final hidden state f(x)."""
         return self.gate(self.backbone.final_norm(f).to(self.side_dtype))
 
-    def trainable_parameters(self) -> int:
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The parameters this setting trains (and a checkpoint stores), by state-dict name."""
         if self.adapted is not None:
-            return sum(p.numel() for p in self.adapted.model.parameters() if p.requires_grad)
-        if self.setting in SIDE_SETTINGS:
-            gate = count_parameters(self.gate) if self.setting in GATED_SETTINGS else 0
-            return count_parameters(self.side) + gate
-        return 0
+            named = self.named_parameters()
+            return {n: p for n, p in named if p.requires_grad and n.startswith("baseline.")}
+        parts = ("side", "gate") if self.setting in GATED_SETTINGS else ("side",)
+        if self.setting not in SIDE_SETTINGS:
+            return {}
+        return {n: p for n, p in self.named_parameters() if n.split(".")[0] in parts}
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable().values())
 
     def parameter_report(self) -> str:
         n = self.trainable_parameters()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -12,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_commands():
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for command in ("prepare", "generate", "demo"):
+    for command in ("prepare", "generate", "train", "eval", "demo"):
         assert command in result.output
 
 
@@ -46,3 +48,76 @@ def test_directory_that_is_not_a_model_is_a_clean_error(tmp_path):
     result = runner.invoke(cli, ["generate", "hi", "-b", str(tmp_path)])
     assert result.exit_code == 2
     assert "not a loadable Hugging Face causal LM directory" in result.output
+
+
+def _xsum_file(tmp_path):
+    rows = [
+        {"id": str(i), "document": f"story number {i} about cats", "summary": "~zq sig~"}
+        for i in range(30)
+    ]
+    path = tmp_path / "xsum.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_then_eval(tmp_path):
+    data, ckpt, cache = _xsum_file(tmp_path), tmp_path / "spa.safetensors", tmp_path / "cache"
+    args = ["train", str(data), "-o", str(ckpt), "-b", "tiny-llama", "--valid-size", "4",
+            "--test-size", "4", "--epochs", "2", "--cache", str(cache)]  # fmt: skip
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "backbone passes: 26" in first.output and "gate calibrated to usage 0.50" in first.output
+    second = runner.invoke(cli, args)
+    assert "backbone passes: 0" in second.output  # the feature cache answered everything
+    out = tmp_path / "report.json"
+    result = runner.invoke(
+        cli,
+        ["eval", str(data), "--checkpoint", str(ckpt), "-b", "tiny-llama", "--valid-size", "4",
+         "--test-size", "4", "--profile", "3g", "--json", str(out), "--cache", str(cache)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["setting"] == "spa" and report["examples"] == 4 and report["profile"] == "3g"
+    assert 0 <= report["usage"] <= 1 and report["t_total_ms"] > 0
+    assert "| spa | xsum | 4 |" in result.output
+
+
+def test_eval_refuses_a_checkpoint_of_another_backbone(tmp_path):
+    data, ckpt = _xsum_file(tmp_path), tmp_path / "full.safetensors"
+    trained = runner.invoke(
+        cli,
+        ["train", str(data), "-o", str(ckpt), "-b", "tiny-llama", "--setting", "full",
+         "--valid-size", "4", "--test-size", "4", "--epochs", "1", "--cache", str(tmp_path)],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(
+        cli,
+        ["eval", str(data), "--checkpoint", str(ckpt), "-b", "tiny-gpt2", "--test-size", "4",
+         "--valid-size", "4"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "was trained on backbone 'tiny-llama'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_base_eval_and_input_errors(tmp_path):
+    data = _xsum_file(tmp_path)
+    base = runner.invoke(
+        cli,
+        ["eval", str(data), "--setting", "base", "-b", "tiny-llama", "--test-size", "3",
+         "--valid-size", "2", "--max-new-tokens", "4"],
+    )  # fmt: skip
+    assert base.exit_code == 0, base.output
+    assert "| base | xsum | 3 |" in base.output
+    for args, message in [
+        (["eval", str(data), "-b", "tiny-llama"], "either --checkpoint or --setting base"),
+        (["eval", str(tmp_path / "none.jsonl"), "--setting", "base", "-b", "tiny-llama"],
+         "no such data file"),
+        (["train", str(data), "-o", "x", "--setting", "base", "-b", "tiny-llama"],
+         "cannot train setting 'base'"),
+        (["eval", str(data), "--setting", "base", "-b", "tiny-llama", "--profile", "moon"],
+         "unknown network profile"),
+    ]:  # fmt: skip
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output

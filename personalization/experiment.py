@@ -1,0 +1,174 @@
+"""One training or evaluation run end to end: data file → examples → cached features → trained,
+calibrated, checkpointed model → metrics. What `spa train` and `spa eval` call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from personalization.backbone import Backbone
+from personalization.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
+from personalization.data import Example, Splits, keep_for, load_splits, records_hash, to_examples
+from personalization.evaluate import EvalReport, evaluate
+from personalization.features import FeatureCache, make_cache
+from personalization.latency import NetworkProfile
+from personalization.model import SPAModel
+from personalization.train import Calibration, TrainConfig, calibrate, make_optimizer, train
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str
+    dataset: str | None = None  # default: the file's stem
+    seed: int = 0
+    train_size: int | None = None  # records, or users for personachat / beauty; None = all
+    valid_size: int = 50
+    test_size: int = 100
+    max_prompt_tokens: int = 512
+    max_target_tokens: int = 64
+
+
+@dataclass
+class Prepared:
+    splits: Splits
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    data_hash: str
+
+
+def prepare_data(backbone: Backbone, cfg: DataConfig) -> Prepared:
+    splits = load_splits(
+        cfg.path, cfg.dataset, seed=cfg.seed, train=cfg.train_size, valid=cfg.valid_size,
+        test=cfg.test_size,
+    )  # fmt: skip
+    kw = dict(
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_target_tokens=cfg.max_target_tokens,
+        keep=keep_for(splits.dataset),
+    )
+    return Prepared(
+        splits,
+        to_examples(backbone, splits.train, **kw),
+        to_examples(backbone, splits.valid, **kw),
+        to_examples(backbone, splits.test, **kw),
+        records_hash(splits.train),
+    )
+
+
+@dataclass
+class FitResult:
+    model: SPAModel
+    epochs: list[dict]
+    calibration: Calibration | None
+    backbone_passes: int  # examples the feature cache had to compute
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def fit(
+    backbone: Backbone,
+    data: Prepared,
+    setting: str,
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    side: SideConfig | None = None,
+    resume: bool = False,
+    cache_root: str | Path | None = None,
+    calibration_prompts: int = 30,
+    progress: bool = True,
+) -> FitResult:
+    """Train `setting` on `data.train`, calibrate its gate on `data.valid`, save to `out`
+    (after every epoch, so an interrupted run resumes with `resume=True`)."""
+    seconds: dict[str, float] = {}
+    start_epoch, optimizer = 0, None
+    if resume and Path(out).is_file():
+        model, info, optim = load_checkpoint(out, backbone)
+        if info.spa.setting != setting:
+            raise ValueError(f"{out} holds setting {info.spa.setting!r}, not {setting!r}")
+        start_epoch = info.epoch
+        optimizer = make_optimizer(model, cfg)
+        if optim:
+            optimizer.load_state_dict(optim)
+    else:
+        model = SPAModel(backbone, SPAConfig(setting=setting), side)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    cache: FeatureCache | None = None
+    passes = 0
+    t = time.perf_counter()
+    if model.adapted is None:
+        cache = make_cache(backbone, model.rungs, model.config.wire_dtype, cache_root)
+        passes = cache.ensure(data.train + data.valid, progress=progress)
+        train_data, valid_data = _Lazy(cache, data.train), _Lazy(cache, data.valid)
+    else:
+        train_data, valid_data = data.train, data.valid
+    seconds["features"] = time.perf_counter() - t
+
+    meta = dict(data_hash=data.data_hash, train=asdict(cfg))
+
+    def checkpoint(epoch: int, opt) -> None:
+        save_checkpoint(out, model, describe(model, epoch=epoch, **meta), opt)
+
+    t = time.perf_counter()
+    result = train(
+        model, train_data, cfg, valid=valid_data, optimizer=optimizer,
+        start_epoch=start_epoch, on_epoch=checkpoint, progress=progress,
+    )  # fmt: skip
+    seconds["train"] = time.perf_counter() - t
+    calibration = None
+    if model.setting in GATED_SETTINGS:
+        t = time.perf_counter()
+        calibration = calibrate(
+            model, valid_data, cfg.target_usage,
+            prompts=[e.prompt for e in data.valid[:calibration_prompts]],
+            decode=DecodeConfig(max_new_tokens=data.splits.max_new_tokens), progress=progress,
+        )  # fmt: skip
+        seconds["calibrate"] = time.perf_counter() - t
+        meta["calibration"] = calibration.as_dict()
+        save_checkpoint(out, model, describe(model, epoch=cfg.epochs, **meta), optimizer)
+    return FitResult(model, result.epochs, calibration, passes, seconds)
+
+
+def assess(
+    model: SPAModel,
+    data: Prepared,
+    profile: NetworkProfile,
+    *,
+    target_usage: float | None = None,
+    cache_root: str | Path | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> tuple[EvalReport, Calibration | None]:
+    """Evaluate on the test split, first re-calibrating the gate to `target_usage` if given."""
+    calibration = None
+    decode = DecodeConfig(max_new_tokens=max_new_tokens or data.splits.max_new_tokens)
+    if target_usage is not None and model.setting in GATED_SETTINGS:
+        cache = make_cache(model.backbone, model.rungs, model.config.wire_dtype, cache_root)
+        calibration = calibrate(
+            model, _Lazy(cache, data.valid), target_usage,
+            prompts=[e.prompt for e in data.valid], decode=decode, progress=progress,
+        )  # fmt: skip
+    references = [r.output for r in data.splits.test]
+    report = evaluate(
+        model, data.test, references, dataset=data.splits.dataset, profile=profile,
+        decode=decode, progress=progress,
+    )  # fmt: skip
+    return report, calibration
+
+
+class _Lazy:
+    """A sequence of cached features, read from disk when indexed (bounded memory)."""
+
+    def __init__(self, cache: FeatureCache, examples: list[Example]):
+        cache.ensure(examples, progress=False)
+        self.cache, self.examples = cache, examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.cache.get(self.examples[i])
