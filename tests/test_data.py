@@ -105,6 +105,7 @@ def test_bad_files_get_clear_errors(tmp_path):
     (tmp_path / "xsum.jsonl").write_text('{"id": 1, "document": "d", "summary": "s"}\nnot json\n')
     with pytest.raises(DataError, match=r"xsum.jsonl:2: not a JSON line"):
         load_splits(tmp_path / "xsum.jsonl")
+    (tmp_path / "novels.jsonl").write_text("{}\n")
     with pytest.raises(DataError, match="unknown dataset 'novels'"):
         load_splits(tmp_path / "novels.jsonl")
     (tmp_path / "sciq.jsonl").write_text('{"id": "1", "question": "q"}\n' * 5)
