@@ -114,6 +114,25 @@ def generate(
     )
 
 
+@cli.command()
+def settings(backbone: Backbone = None) -> None:
+    """Every setting side by side: trainable parameters and device contacts per token."""
+    from personalization.baselines import CONTACTS_PER_LAYER
+    from personalization.config import SETTINGS, SPAConfig
+    from personalization.model import SPAModel
+
+    model = _load(backbone)
+    contacts = {"base": "0", "lst": "1", "full": "1", "choice": "σ", "spa": "σ"}
+    contacts |= {k: str(v * model.num_layers) for k, v in CONTACTS_PER_LAYER.items()}
+    typer.echo(f"backbone {model.name}: {model.num_parameters:,} parameters, L={model.num_layers}")
+    typer.echo(f"{'setting':<8} {'trainable':>12} {'% backbone':>11} {'contacts/token':>15}")
+    for setting in SETTINGS:
+        n = SPAModel(model, SPAConfig(setting=setting)).trainable_parameters()
+        share = 100 * n / model.num_parameters
+        typer.echo(f"{setting:<8} {n:>12,} {share:>10.3f}% {contacts[setting]:>15}")
+    typer.echo("σ: only where the gate asks (the calibrated usage; at most 1)")
+
+
 DataPath = Annotated[
     Path,
     typer.Argument(
@@ -303,3 +322,4 @@ def main() -> None:
 def demo_main() -> None:
     """The `spa-demo` script: `spa demo` with its options."""
     typer.run(demo)
+

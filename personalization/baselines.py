@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
@@ -37,9 +38,13 @@ class BottleneckAdapter(nn.Module):
 
 def lora_backbone(backbone: Backbone, rank: int = 8) -> Backbone:
     """A copy of the backbone with peft LoRA on its attention projections (peft's defaults)."""
-    model = get_peft_model(
-        copy.deepcopy(backbone.model), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
-    )
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated for v6
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        model = get_peft_model(
+            copy.deepcopy(backbone.model), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
+        )
     adapted = Backbone(model.base_model.model, backbone.tokenizer, name=f"{backbone.name}+lora")
     for name, p in adapted.model.named_parameters():
         p.requires_grad_("lora_" in name)

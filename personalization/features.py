@@ -4,7 +4,7 @@ Because the backbone is frozen, everything SPA's training needs from it is a fix
 example: the taps at the side network's rungs for every position, and — only at the positions that
 predict the target — the final hidden state `f(x)` and the backbone's own log-probability of the
 target token (the baseline the gate's labels compare against). `FeatureCache` stores one
-safetensors file per example (fp16, memory-mapped on read) under a directory keyed by the
+safetensors file per example (fp16 taps and hidden states) under a directory keyed by the
 backbone's weights, the rung set and the tap precision; files are named by the example's content,
 so later epochs and later runs — and overlapping datasets — never rerun the backbone.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +149,3 @@ def make_cache(
     backbone: Backbone, rungs: Sequence[int], dtype: str = "float16", root: str | Path | None = None
 ) -> FeatureCache:
     return FeatureCache(BackboneFeatures(backbone, rungs, dtype), root)
-
-
-FeatureFn = Callable[[Sequence[Example]], list[Features]]

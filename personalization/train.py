@@ -238,7 +238,8 @@ def calibrate(
 
     Teacher-forced validation targets give the first estimate; each round then generates for the
     validation `prompts` and re-takes the quantile over the probabilities seen while generating —
-    the distribution the gate actually meets at inference (its own tokens, not the references)."""
+    the distribution the gate actually meets at inference (its own tokens, not the references).
+    The usage reported is measured by one more generation pass at the final threshold."""
     if model.setting not in GATED_SETTINGS:
         raise ValueError(f"setting {model.setting!r} has no gate to calibrate")
     decode = decode or DecodeConfig(max_new_tokens=32)

@@ -50,6 +50,14 @@ def test_directory_that_is_not_a_model_is_a_clean_error(tmp_path):
     assert "not a loadable Hugging Face causal LM directory" in result.output
 
 
+def test_settings_side_by_side():
+    result = runner.invoke(cli, ["settings", "-b", "tiny-llama"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()[2:-1]}
+    assert set(rows) == {"base", "lst", "full", "choice", "spa", "lora", "adapter"}
+    assert rows["base"][0] == "0" and rows["lora"][2] == "2" and rows["adapter"][2] == "4"
+
+
 def _xsum_file(tmp_path):
     rows = [
         {"id": str(i), "document": f"story number {i} about cats", "summary": "~zq sig~"}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Reproduces the README's results table: trains and evaluates the SPA settings on XSum and
+# PersonaChat with the embedded SmolLM2 backbone, writing one JSON report per run to $OUT.
+#   bash benchmarks/results.sh [DATA_DIR] [OUT]      (≈ 1.5 h on 2 CPU cores)
+# then: python benchmarks/results_table.py $OUT
+set -euo pipefail
+DATA=${1:-../shared/data}
+OUT=${2:-results}
+SETTINGS=${SETTINGS:-"spa full lst choice"}
+mkdir -p "$OUT"
+common=(--max-prompt-tokens 384 --valid-size 50 --test-size 100)
+for ds in xsum personachat; do
+  spa eval "$DATA/$ds.jsonl" --setting base "${common[@]}" --json "$OUT/$ds-base.json"
+  for s in $SETTINGS; do
+    spa train "$DATA/$ds.jsonl" --setting "$s" --train-size 500 --epochs 5 "${common[@]}" \
+      -o "$OUT/$ds-$s.safetensors" | tee "$OUT/$ds-$s.train.log"
+    spa eval "$DATA/$ds.jsonl" --checkpoint "$OUT/$ds-$s.safetensors" "${common[@]}" \
+      --json "$OUT/$ds-$s.json"
+  done
+done
+# the communication budget: one trained gate, re-calibrated to three usage targets
+for u in 0.3 0.5 0.7; do
+  spa eval "$DATA/personachat.jsonl" --checkpoint "$OUT/personachat-spa.safetensors" \
+    "${common[@]}" --target-usage "$u" --json "$OUT/personachat-spa-usage-$u.json"
+done

@@ -1,0 +1,34 @@
+"""Print the README's results table from the JSON reports `benchmarks/results.sh` wrote.
+
+python benchmarks/results_table.py results/
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from _hardware import hardware
+
+ORDER = ("base", "lst", "full", "choice", "spa", "lora", "adapter")
+
+
+def main(folder: str = "results") -> None:
+    reports = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    if not reports:
+        sys.exit(f"no JSON reports in {folder}")
+    print(f"hardware: {hardware()}\n")
+    print("| dataset | setting | Rouge-L | usage | M | bytes / token | trainable % | "
+          "T_total ms / token |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(reports, key=lambda r: (r["dataset"], ORDER.index(r["setting"]), r["usage"])):
+        print(
+            f"| {r['dataset']} | {r['setting']} | {r['rouge_l']:.2f} | {r['usage']:.2f} | "
+            f"{r['m']:.2f} | {r['bytes_per_token']:,.0f} | {r['trainable_pct']:.3f} | "
+            f"{r['t_total_ms']:.1f} ({r['profile']}) |"
+        )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
