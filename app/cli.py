@@ -323,3 +323,60 @@ def demo_main() -> None:
     """The `spa-demo` script: `spa demo` with its options."""
     typer.run(demo)
 
+
+@cli.command()
+def cloud(
+    host: Annotated[
+        str | None, typer.Option(help="Interface to listen on. Default: 127.0.0.1.")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port. Default: 8000.")] = None,
+    backbone: Backbone = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="SQLAlchemy URL of the records. Default: SQLite in $SPA_CACHE_DIR."),
+    ] = None,
+    max_sessions: Annotated[
+        int | None, typer.Option(help="Sessions open at once (more get 429). Default: 16.")
+    ] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="Default: 1024.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: 256.")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="Default: 1 MiB.")] = None,
+    session_ttl_s: Annotated[
+        float | None, typer.Option(help="Idle sessions expire after this. Default: 300.")
+    ] = None,
+    tap_dtype: Annotated[
+        str | None, typer.Option(help="float16 (default), bfloat16 or float32.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level.")] = None,
+) -> None:
+    """Serve the frozen backbone as the SPA cloud API (FastAPI + uvicorn).
+
+    Every flag can also be set as SPA_CLOUD_<FLAG> in the environment; flags win.
+    """
+    from pydantic import ValidationError
+    from sqlalchemy.engine import make_url
+
+    from cloud_api.server import serve
+    from cloud_api.settings import CloudSettings
+
+    given = {
+        "host": host, "port": port, "backbone": backbone, "database_url": database_url,
+        "max_sessions": max_sessions, "max_prompt_tokens": max_prompt_tokens,
+        "max_new_tokens": max_new_tokens, "max_body_bytes": max_body_bytes,
+        "session_ttl_s": session_ttl_s, "tap_dtype": tap_dtype, "log_level": log_level,
+    }  # fmt: skip
+    try:
+        settings = CloudSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    records = make_url(settings.database_url).render_as_string(hide_password=True)
+    typer.echo(
+        f"spa cloud: backbone {settings.backbone or '(default)'} on "
+        f"http://{settings.host}:{settings.port} (records: {records})"
+    )
+    serve(settings)
+
+
+def cloud_main() -> None:
+    """The `spa-cloud` script: `spa cloud` with its options."""
+    typer.run(cloud)

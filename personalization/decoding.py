@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from personalization.config import DecodeConfig
 from personalization.latency import Books
-from personalization.model import SPAModel, Step, Stepper
+from personalization.model import Device, SPAModel, Step, Stepper
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Token:
 
     id: int
     text: str  # the text this token adds to the output (may be "" mid-way through a character)
-    branch: str = "cloud"  # "cloud", "device" or "fallback"
+    branch: str = "cloud"  # "cloud", "device" or "fallback" (device asked, deadline missed)
     gate_prob: float | None = None
 
 
@@ -63,13 +63,19 @@ class Hypothesis:
 class Generation:
     """A streaming generation; iterate once. `books` and `tokens` fill in as tokens arrive."""
 
-    def __init__(self, model: SPAModel, prompt_ids: Sequence[int], config: DecodeConfig):
+    def __init__(
+        self,
+        model: SPAModel,
+        prompt_ids: Sequence[int],
+        config: DecodeConfig,
+        device: Device | None = None,
+    ):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         self.model = model
         self.prompt = list(prompt_ids)
         self.config = config
-        self.stepper = Stepper(model)
+        self.stepper = Stepper(model, device)
         self.tokens: list[Token] = []
         self.hypotheses: list[Hypothesis] = []  # beam search: the finished beams, best first
         self._detok = Detokenizer(model.backbone.tokenizer)
@@ -165,15 +171,21 @@ class Generation:
 
 
 def generate(
-    model: SPAModel, prompt_ids: Sequence[int], config: DecodeConfig | None = None
+    model: SPAModel,
+    prompt_ids: Sequence[int],
+    config: DecodeConfig | None = None,
+    device: Device | None = None,
 ) -> Generation:
-    """Stream tokens from `model` for one prompt (see `Generation`)."""
-    return Generation(model, prompt_ids, config or DecodeConfig())
+    """Stream tokens from `model` for one prompt (see `Generation`); `device` answers side
+    requests in place of the in-process side network (a remote device, in the cloud API)."""
+    return Generation(model, prompt_ids, config or DecodeConfig(), device)
 
 
 def _label(step: Step, row: int) -> tuple[str, float | None]:
     prob = None if step.p_device is None else float(step.p_device[row])
-    return ("device" if bool(step.device[row]) else "cloud"), prob
+    if not bool(step.device[row]):
+        return "cloud", prob
+    return ("fallback" if step.fallback else "device"), prob
 
 
 def _expand(x: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ batch — exactly the message a remote device would receive.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -152,13 +153,24 @@ class Step:
     logits: Tensor  # [B, V]
     device: Tensor  # [B] bool: the device's g(x) shaped this token
     p_device: Tensor | None  # [B] gate probabilities (gated settings)
+    fallback: bool = False  # the device was asked but missed its deadline: the token is f's own
+
+
+#: A device reached some other way (over HTTP): wire-rounded taps [B, t, R, H] of every position
+#: it has not seen → g(x) [B, H] for the last one, or None when it missed its deadline.
+Device = Callable[[Tensor], Tensor | None]
 
 
 class Stepper:
-    """Incremental SPA decoding state: backbone cache, side cache, taps not yet sent, books."""
+    """Incremental SPA decoding state: backbone cache, side cache, taps not yet sent, books.
 
-    def __init__(self, model: SPAModel):
+    `device` replaces the in-process side network (a cloud session asks a remote one); by default
+    `model.side` runs here on its own cache, exactly as a remote device would.
+    """
+
+    def __init__(self, model: SPAModel, device: Device | None = None):
         self.model = model
+        self.device = device or self._side_network
         self.backbone = model.adapted or model.backbone
         self.cache = self.backbone.new_cache()
         self.side_cache = model.side.new_cache()
@@ -191,21 +203,37 @@ class Stepper:
         books.t_cloud += time.perf_counter() - start
         g = None
         if bool(sigma.any()):
-            g = self._ask_device(B).to(f.dtype)
+            g = self._ask_device(B)
+            if g is None:  # the device missed its deadline: f's own token, marked fallback
+                start = time.perf_counter()
+                logits = model.backbone.head(f[:, 0])
+                books.t_cloud += time.perf_counter() - start
+                return Step(logits, sigma, p, fallback=True)
+            g = g.to(f.dtype)
         start = time.perf_counter()
         logits = model.combine(f[:, 0], g, sigma)
         books.t_cloud += time.perf_counter() - start
         return Step(logits, sigma, p)
 
-    def _ask_device(self, rows: int) -> Tensor:
-        """One device round trip: send every pending tap position, get g(x) for the last one."""
+    def _side_network(self, taps: Tensor) -> Tensor:
+        """The in-process device: g(x) of the last position, rounded as if it crossed the wire."""
+        return self.model.wire(self.model.side(taps, self.side_cache)[:, -1])
+
+    def _ask_device(self, rows: int) -> Tensor | None:
+        """One device round trip: send every pending tap position, get g(x) for the last one.
+
+        When the device does not answer (None), the taps stay pending, so the next round trip
+        still carries every position the device has not seen.
+        """
         model, books = self.model, self.books
         positions = sum(t.shape[0] * t.shape[1] for t in self.pending)
         taps = torch.cat([t.expand(rows, -1, -1, -1) for t in self.pending], dim=1)
-        self.pending = []
         start = time.perf_counter()
-        g = model.wire(model.side(taps, self.side_cache)[:, -1])
+        g = self.device(taps)
         books.t_device += time.perf_counter() - start
+        if g is None:
+            return None
+        self.pending = []
         R, H = taps.shape[2:]
         books.contacts += 1
         books.tap_positions += positions

@@ -1,0 +1,331 @@
+"""The FastAPI application: routes of the /v1 API, health checks, limits, error handling.
+
+`create_app(settings)` builds it; `cloud_api.server` serves it with uvicorn. Routes that compute
+are plain `def` (FastAPI runs them in its thread pool) or hand the work to a session's own
+thread, so the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import asdict
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from cloud_api import __version__, auth, errors, training, wire
+from cloud_api.db import DeviceRow
+from cloud_api.errors import ApiError
+from cloud_api.schemas import (
+    AnswerIn,
+    AnswerOut,
+    DeviceIn,
+    DeviceOut,
+    FeaturesIn,
+    Info,
+    SessionIn,
+    SessionOut,
+    SessionRecord,
+)
+from cloud_api.sessions import END
+from cloud_api.settings import CloudSettings, WireDtype
+from cloud_api.state import Cloud
+from personalization.backbone import Backbone
+
+NDJSON = "application/x-ndjson"
+BINARY = "application/octet-stream"
+Device = Annotated[DeviceRow, Depends(auth.current_device)]
+SessionId = Annotated[str, Path(max_length=64, description="From POST /v1/sessions.")]
+
+DESCRIPTION = """The frozen backbone of SPA (Side Plugin Adaption) as a streaming service.
+
+Register with `POST /v1/devices` and send the token as `Authorization: Bearer <token>`.
+A session streams NDJSON events (`start`, `token`, `side_request`, `done`); answer each
+`side_request` with g(x) before its deadline, or the token falls back to the backbone's own.
+Binary encodings: taps and g(x) are raw little-endian values of the tap dtype (fp16 by default);
+features and the head are safetensors. See README.md, "Cloud API".
+"""
+
+_ANSWER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "g(x): H raw little-endian values in the session's tap dtype, or JSON.",
+        "content": {
+            BINARY: {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": AnswerIn.model_json_schema()},
+        },
+    }
+}
+_BINARY_RESPONSE = {200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}}
+_ERRORS = {
+    code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
+    for code, text in {
+        401: "missing or unknown bearer token",
+        404: "no such session (or not this device's)",
+        413: "request too large",
+        422: "invalid request",
+        503: "the backbone is still loading",
+    }.items()
+}
+
+
+def create_app(settings: CloudSettings | None = None, backbone: Backbone | None = None) -> FastAPI:
+    """The application; `backbone` skips loading (tests and embedding), else it loads at startup."""
+    settings = settings or CloudSettings()
+    cloud = Cloud(settings, backbone)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        cloud.records.close_stale("the server restarted while the session was live")
+        cloud.load_in_background()
+        sweeper = asyncio.create_task(_sweep(cloud))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            cloud.close()
+
+    app = FastAPI(
+        title="spa-demo cloud API",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=_ERRORS,
+    )
+    app.state.cloud = cloud
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(_health)
+    app.include_router(_v1)
+    return app
+
+
+async def _sweep(cloud: Cloud) -> None:
+    """Expire idle sessions every few seconds (in a thread: ending a session writes records)."""
+    while True:
+        await asyncio.sleep(cloud.settings.sweep_interval_s)
+        await anyio.to_thread.run_sync(cloud.registry.sweep)
+
+
+def _cloud(request: Request) -> Cloud:
+    return request.app.state.cloud
+
+
+# ---- health ------------------------------------------------------------------------------------
+_health = APIRouter(tags=["health"])
+
+
+@_health.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process answers (whether or not the backbone is loaded)."""
+    return {"status": "ok"}
+
+
+@_health.get("/readyz", responses={503: {"description": "loading, or failed to load"}})
+def readyz(request: Request) -> JSONResponse:
+    """Ready once the backbone is loaded."""
+    cloud = _cloud(request)
+    if cloud.backbone is not None:
+        return JSONResponse({"status": "ready", "backbone": cloud.backbone.name})
+    if cloud.load_error:
+        return JSONResponse({"status": "failed", "detail": cloud.load_error}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+
+
+# ---- /v1 -----------------------------------------------------------------------------------------
+_v1 = APIRouter(prefix="/v1")
+
+
+@_v1.post("/devices", status_code=201, tags=["devices"])
+def register(request: Request, body: DeviceIn | None = None) -> DeviceOut:
+    """Register a device; the bearer token in the answer is shown once."""
+    body = body or DeviceIn()
+    token = auth.new_token()
+    row = _cloud(request).records.add_device(
+        auth.new_device_id(), body.name, auth.hash_token(token)
+    )
+    return DeviceOut(device_id=row.id, name=row.name, token=token)
+
+
+@_v1.get("/info", tags=["info"])
+def info(request: Request, _device: Device) -> Info:
+    """Backbone, L, H, vocabulary, rungs, tap precision, limits, version."""
+    return _cloud(request).info()
+
+
+@_v1.get("/head", tags=["training"], response_class=Response, responses=_BINARY_RESPONSE)
+def head(request: Request, _device: Device, dtype: WireDtype = "float16") -> Response:
+    """The frozen final norm + LM head (safetensors): the device trains g through them."""
+    return Response(_cloud(request).head(dtype), media_type=BINARY)
+
+
+@_v1.post("/features", tags=["training"], response_class=Response, responses=_BINARY_RESPONSE)
+def features(request: Request, body: FeaturesIn, _device: Device) -> Response:
+    """Taps and per-token backbone signals for training examples (safetensors; see README)."""
+    cloud = _cloud(request)
+    payload = training.features(cloud.require_backbone(), body, cloud.settings, cloud.compute)
+    return Response(payload, media_type=BINARY)
+
+
+@_v1.post("/sessions", status_code=201, tags=["sessions"])
+def open_session(request: Request, body: SessionIn, device: Device) -> SessionOut:
+    """Open a generation session; it starts when the device opens its event stream."""
+    session = _cloud(request).open_session(device.id, body)
+    base = f"/v1/sessions/{session.id}"
+    return SessionOut(
+        session_id=session.id,
+        status=session.status,
+        events_url=f"{base}/events",
+        answer_url=base + "/side-requests/{request_id}/answer",
+        cancel_url=f"{base}/cancel",
+        prompt_tokens=len(session.prompt_ids),
+        setting=session.model.setting,
+        strict=session.strict,
+        rungs=list(session.model.rungs),
+        hidden_size=session.hidden_size,
+        tap_dtype=session.tap_dtype,
+        deadline_s=session.deadline_s,
+        seed=session.decode.seed,
+    )
+
+
+@_v1.get("/sessions", tags=["sessions"])
+def list_sessions(
+    request: Request, device: Device, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[SessionRecord]:
+    """This device's sessions, newest first."""
+    rows = _cloud(request).records.sessions_of(device.id, limit)
+    return [_record(request, SessionRecord.model_validate(row)) for row in rows]
+
+
+@_v1.get("/sessions/{session_id}", tags=["sessions"])
+def get_session(request: Request, session_id: SessionId, device: Device) -> SessionRecord:
+    """One session: settings, status and totals (live while it runs)."""
+    row = _cloud(request).records.get_session(session_id)
+    if row is None or row.device_id != device.id:
+        raise ApiError(404, f"no session {session_id} for this device")
+    return _record(request, SessionRecord.model_validate(row))
+
+
+def _record(request: Request, record: SessionRecord) -> SessionRecord:
+    live = _cloud(request).registry.get(record.session_id)
+    if live is None:
+        return record
+    return record.model_copy(update={"status": live.status} | asdict(live.totals))
+
+
+@_v1.get(
+    "/sessions/{session_id}/events",
+    tags=["sessions"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {NDJSON: {"schema": {"type": "string"}}}}},
+)
+async def events(request: Request, session_id: SessionId, device: Device) -> StreamingResponse:
+    """The session's events as NDJSON: start, token, side_request, done. Generation runs while
+    this stream is open; closing it cancels the session."""
+    session = _cloud(request).owned_session(session_id, device.id)
+    queue = session.open_stream(asyncio.get_running_loop())
+
+    async def lines():
+        try:
+            while (line := await queue.get()) is not END:
+                yield line
+        finally:
+            session.cancel("cancelled", "the device closed the event stream")
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
+@_v1.post(
+    "/sessions/{session_id}/side-requests/{request_id}/answer",
+    tags=["sessions"],
+    openapi_extra=_ANSWER_BODY,
+)
+async def answer(
+    request: Request,
+    session_id: SessionId,
+    request_id: Annotated[int, Path(ge=1, le=2**31)],
+    device: Device,
+    x_spa_dtype: Annotated[WireDtype | None, Header(description="dtype of a binary g")] = None,
+) -> AnswerOut:
+    """The device's g(x) for one side request: binary (application/octet-stream, H raw values)
+    or JSON {"g": base64, "dtype": ...}."""
+    session = _cloud(request).owned_session(session_id, device.id)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if kind == BINARY:
+        data, dtype = body, x_spa_dtype or session.tap_dtype
+    elif kind == "application/json":
+        try:
+            parsed = AnswerIn.model_validate_json(body)
+        except ValidationError as exc:
+            status, message = errors.validation_message(list(exc.errors()))
+            raise ApiError(status, message) from None
+        try:
+            data, dtype = wire.b64decode(parsed.g, what="g"), parsed.dtype
+        except wire.WireError as exc:
+            raise ApiError(422, str(exc)) from None
+    else:
+        raise ApiError(415, f"send g as {BINARY} (raw {session.tap_dtype}) or application/json")
+    session.answer(request_id, data, dtype)
+    return AnswerOut(session_id=session.id, request_id=request_id, accepted=True)
+
+
+@_v1.post("/sessions/{session_id}/cancel", tags=["sessions"])
+def cancel(request: Request, session_id: SessionId, device: Device) -> SessionRecord:
+    """Stop a session; its stream ends with a `done` event whose status is `cancelled`."""
+    cloud = _cloud(request)
+    cloud.owned_session(session_id, device.id).cancel()
+    return get_session(request, session_id, device)
+
+
+# ---- limits ------------------------------------------------------------------------------------
+class BodyLimit:
+    """413 for a request body over the limit, counted as it arrives (chunked bodies too)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _reply(scope, send, 400, "the Content-Length header is not a number")
+            if int(declared) > self.max_bytes:
+                return await _reply(scope, send, 413, self._too_large(int(declared)))
+        buffered, total = [], 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            total += len(message.get("body", b""))
+            if total > self.max_bytes:
+                return await _reply(scope, send, 413, self._too_large(total))
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return buffered.pop(0) if buffered else await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"the request body has {size} bytes; the limit is {self.max_bytes} "
+            "(SPA_CLOUD_MAX_BODY_BYTES)"
+        )
+
+
+async def _reply(scope, send, status: int, message: str) -> None:
+    async def nothing():  # the response never reads the request
+        return {"type": "http.disconnect"}
+
+    await errors.error(status, message)(scope, nothing, send)

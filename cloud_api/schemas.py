@@ -1,0 +1,203 @@
+"""Request and response bodies of the /v1 API (what /openapi.json documents)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cloud_api.settings import WireDtype
+from personalization.config import GATED_SETTINGS
+
+#: the settings a remote session serves; lora / adapter live inside the backbone's layers, so
+#: they stay in-process baselines whose communication cost is computed, not measured
+SESSION_SETTINGS = ("base", "lst", "full", "choice", "spa")
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+#: a prompt or target: text the cloud tokenises, or token ids
+Prompt = Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+#: every setting is named (lora / adapter only to be refused with a reason)
+Setting = Literal["base", "lst", "full", "choice", "spa", "lora", "adapter"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- devices -------------------------------------------------------------------------------------
+class DeviceIn(Strict):
+    name: str = Field("device", min_length=1, max_length=100)
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    name: str
+    token: str = Field(description="Bearer token; shown once, the server keeps only its hash.")
+
+
+# ---- info ----------------------------------------------------------------------------------------
+class Info(BaseModel):
+    version: str
+    api_version: str
+    backbone: str
+    fingerprint: str
+    num_layers: int = Field(description="L")
+    hidden_size: int = Field(description="H")
+    vocab_size: int
+    eos_token_ids: list[int]
+    chat_template: bool
+    rungs_offered: list[int] = Field(description="Every rung 1..L can be tapped.")
+    default_rungs: list[int]
+    tap_dtype: str = Field(description="Default precision of taps, g(x) and features.")
+    tap_dtypes: list[str]
+    tap_encoding: str
+    settings: list[str]
+    strategies: list[str]
+    limits: dict[str, float | int]
+
+
+# ---- sessions ------------------------------------------------------------------------------------
+class GateIn(Strict):
+    """The device's gate σ = Linear(H, 2): 2·H + 2 numbers, the only learned parameters that
+    leave the device. Either nested lists of floats, or base64 of little-endian float32."""
+
+    weight: list[list[Finite]] | str = Field(description="[2, H] floats, or base64 fp32 (2·H)")
+    bias: list[Finite] | str = Field(description="[2] floats, or base64 fp32 (2)")
+
+
+class DecodingIn(Strict):
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Default: 64, or the server's limit where that is lower."
+    )
+    temperature: Finite = Field(1.0, gt=0)
+    top_p: Finite = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; drawn if absent.")
+    num_beams: int = Field(1, ge=1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _no_beams(cls, value: str) -> str:
+        if value == "beam":
+            raise ValueError(
+                "beam search is not supported over HTTP yet; use greedy or sample "
+                "(beam search runs in-process: personalization.decoding)"
+            )
+        return value
+
+
+class SessionIn(Strict):
+    """Open a generation session (DESIGN.md, "The generation protocol")."""
+
+    prompt: Prompt = Field(description="Text (tokenised by the cloud) or token ids.")
+    chat: bool = Field(True, description="Wrap a text prompt in the backbone's chat template.")
+    system: str | None = Field(None, description="System message of a text prompt.")
+    setting: Setting = Field("spa", description="base, lst, full, choice or spa")
+    threshold: Finite = Field(0.5, description="σ = 1 where the gate's p(device) ≥ threshold")
+    gate: GateIn | None = Field(None, description="Needed by choice and spa unless strict.")
+    strict: bool = Field(
+        False, description="Keep the gate on the device: it is asked every token (M = 1)."
+    )
+    rungs: list[int] | None = Field(None, description="Rungs the side network reads; default L/4.")
+    tap_dtype: WireDtype | None = Field(None, description="Precision of taps and g(x).")
+    deadline_s: Finite | None = Field(None, gt=0, description="How long to wait for g(x).")
+    decoding: DecodingIn = Field(default_factory=DecodingIn)
+
+    @field_validator("setting")
+    @classmethod
+    def _served(cls, value: str) -> str:
+        if value in ("lora", "adapter"):
+            raise ValueError(
+                f"{value} puts device adapters inside every backbone layer (L or 2L round trips "
+                "per token); it is an in-process baseline, not served over HTTP"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SessionIn:
+        if self.setting in GATED_SETTINGS and self.gate is None and not self.strict:
+            raise ValueError(
+                f"setting {self.setting} needs the device's gate weights (gate) or strict mode "
+                "(strict: true, the device is asked every token)"
+            )
+        return self
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    status: str
+    events_url: str = Field(description="GET: the NDJSON event stream; generation starts there.")
+    answer_url: str = Field(description="POST g(x) here; {request_id} from the side_request.")
+    cancel_url: str
+    prompt_tokens: int
+    setting: str
+    strict: bool
+    rungs: list[int]
+    hidden_size: int
+    tap_dtype: str
+    deadline_s: float
+    seed: int | None
+
+
+class SessionRecord(BaseModel):
+    """A session as recorded: settings, status and totals."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    session_id: str = Field(validation_alias="id")
+    status: str
+    reason: str
+    setting: str
+    strategy: str
+    strict: bool
+    threshold: float
+    rungs: str
+    tap_dtype: str
+    deadline_s: float
+    prompt_tokens: int
+    max_new_tokens: int
+    created_at: datetime
+    finished_at: datetime | None
+    tokens: int
+    device_tokens: int
+    device_contacts: int
+    fallbacks: int
+    tap_positions: int
+    bytes_to_device: int
+    bytes_from_device: int
+    cloud_s: float
+    device_wait_s: float
+    wall_s: float
+
+
+class AnswerIn(Strict):
+    """g(x) for the side request's last position, as base64 of raw little-endian values (the
+    binary alternative: the raw bytes as application/octet-stream)."""
+
+    g: str = Field(description="base64 of H values in `dtype`")
+    dtype: WireDtype = "float16"
+
+
+class AnswerOut(BaseModel):
+    session_id: str
+    request_id: int
+    accepted: bool
+
+
+# ---- features ------------------------------------------------------------------------------------
+class ExampleIn(Strict):
+    """One training example, each part as token ids or as text the cloud tokenises (a text
+    prompt with the chat template, a text target followed by EOS, as
+    personalization.data.to_example does; ids are used exactly as given)."""
+
+    prompt: Prompt
+    target: Prompt
+    chat: bool = Field(True, description="Wrap a text prompt in the backbone's chat template.")
+
+
+class FeaturesIn(Strict):
+    examples: list[ExampleIn] = Field(min_length=1)
+    rungs: list[int] | None = Field(None, description="Default: the default rungs (about L/4).")
+    dtype: WireDtype | None = Field(None, description="Precision of taps and final; default fp16.")

@@ -1,0 +1,370 @@
+"""Generation sessions: the cloud half of DESIGN.md's protocol, one state machine per session.
+
+    created ──(device opens the event stream)──▶ running ──▶ finished | cancelled | expired | failed
+       └──────────────(cancel, idle past the TTL)──────────▶ cancelled | expired
+
+A running session decodes in its own thread with `personalization.decoding.generate`, so the
+tokens are exactly those of in-process decoding; only the device differs: `Session._ask` (the
+`Device` the stepper calls when σ = 1) publishes a `side_request` event with the pending taps and
+waits for the device's g(x) up to the deadline. A missed deadline returns None: the stepper emits
+f's own token as `fallback` and keeps the taps pending, so the next side request again starts at
+the first position the device has not confirmed (`start`); a device that computed a late answer
+crops its side-network cache back to `start`.
+
+Backbone compute is serialised by one process-wide lock (the backbone's hooks and 2 CPU cores
+do not take concurrent passes well); a session hands the lock back while it waits for its
+device, so a slow device never holds up anyone else, and the event loop never computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from torch import Tensor
+
+from cloud_api import wire
+from cloud_api.db import LIVE, Records, now
+from cloud_api.errors import ApiError
+from personalization.config import DecodeConfig
+from personalization.decoding import generate
+from personalization.model import SPAModel
+
+log = logging.getLogger("cloud_api.sessions")
+
+END = None  # queue sentinel: the stream is over
+
+
+@dataclass
+class Totals:
+    """What a session cost so far (stored with the session when it ends)."""
+
+    tokens: int = 0
+    device_tokens: int = 0  # tokens shaped by the device's g(x)
+    device_contacts: int = 0  # side requests sent
+    fallbacks: int = 0  # side requests whose deadline passed (the token fell back to f)
+    tap_positions: int = 0  # positions whose taps were sent (re-sent ones count again)
+    bytes_to_device: int = 0  # NDJSON bytes of the side_request events
+    bytes_from_device: int = 0  # bodies of the answers
+    cloud_s: float = 0.0  # backbone, gate and head compute
+    device_wait_s: float = 0.0  # from a side request to its answer (or deadline)
+    wall_s: float = 0.0  # stream opened → done
+
+    @property
+    def m(self) -> float:
+        """M: device round trips per generated token."""
+        return self.device_contacts / self.tokens if self.tokens else 0.0
+
+
+class SideRequest:
+    """One ask for g(x): waiting → answered | expired | cancelled (under the session's lock)."""
+
+    def __init__(self, request_id: int, start: int, positions: int):
+        self.id, self.start, self.positions = request_id, start, positions
+        self.state = "waiting"
+        self.g: Tensor | None = None
+        self.done = threading.Event()
+
+
+class Session:
+    """One device's generation (see the module docstring for the life cycle)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        device_id: str,
+        model: SPAModel,
+        prompt_ids: list[int],
+        decode: DecodeConfig,
+        deadline_s: float,
+        strict: bool,
+        compute: threading.Lock,
+        records: Records,
+        on_end: Callable[[Session], None],
+    ):
+        self.id, self.device_id = session_id, device_id
+        self.model, self.prompt_ids, self.decode = model, prompt_ids, decode
+        self.deadline_s, self.strict = deadline_s, strict
+        self.tap_dtype = model.config.wire_dtype
+        self.hidden_size = model.backbone.hidden_size
+        self.compute, self.records, self.on_end = compute, records, on_end
+        self.status = "created"
+        self.totals = Totals()
+        self.last_active = time.monotonic()
+        self._lock = threading.Lock()
+        self._requests: dict[int, SideRequest] = {}
+        self._acked = 0  # tap positions the device has confirmed by answering
+        self._stop: tuple[str, str] | None = None  # (status, reason) asked for by cancel / TTL
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._step = _StepCost()
+
+    # ---- called from the API ---------------------------------------------------------------
+    def open_stream(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+        """Start generating; events go to the returned queue (lines of NDJSON, then END)."""
+        with self._lock:
+            if self.status != "created":
+                raise ApiError(
+                    409, f"session {self.id} is {self.status}: its events stream only once"
+                )
+            self.status = "running"
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._thread = threading.Thread(
+                target=self._run, name=f"session-{self.id}", daemon=True
+            )
+        self._thread.start()
+        return self._queue
+
+    def answer(self, request_id: int, data: bytes, dtype: str) -> None:
+        """Accept the device's g(x) for a side request (raw bytes in `dtype`), or refuse it."""
+        with self._lock:
+            if self.status not in LIVE:
+                raise ApiError(409, f"session {self.id} is {self.status}; it takes no answers")
+            request = self._requests.get(request_id)
+            if request is None:
+                raise ApiError(
+                    404, f"side request {request_id} was never made in session {self.id}"
+                )
+            if request.state == "answered":
+                raise ApiError(409, f"side request {request_id} was already answered")
+            if request.state == "expired":
+                raise ApiError(
+                    409,
+                    f"side request {request_id} expired: its deadline ({self.deadline_s:g} s) "
+                    f"passed and the token fell back to the backbone; the next side request "
+                    f"re-sends the taps from position {request.start}",
+                )
+            if request.state != "waiting":
+                raise ApiError(409, f"side request {request_id} was {request.state}")
+            if dtype != self.tap_dtype:
+                raise ApiError(
+                    422, f"g must be {self.tap_dtype} (the session's tap dtype), got {dtype}"
+                )
+            try:
+                g = wire.decode(data, dtype, (1, self.hidden_size), what="g(x)")
+            except wire.WireError as exc:
+                raise ApiError(422, str(exc)) from None
+            request.state, request.g = "answered", g
+            self.totals.bytes_from_device += len(data)
+            self._step.bytes_from_device += len(data)
+            self.last_active = time.monotonic()
+            request.done.set()
+
+    def cancel(self, status: str = "cancelled", reason: str = "cancelled by the device") -> bool:
+        """Stop the session (False if it had already ended); a waiting side request is dropped."""
+        with self._lock:
+            if self.status not in LIVE or self._stop is not None:
+                return False
+            self._stop = (status, reason)
+            for request in self._requests.values():
+                if request.state == "waiting":
+                    request.state = "cancelled"
+                    request.done.set()
+            running = self._thread is not None
+        if not running:  # never streamed: nothing else will end it
+            self._end(status, reason)
+        return True
+
+    def idle_s(self) -> float:
+        return time.monotonic() - self.last_active
+
+    # ---- the decoding thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        started = time.perf_counter()
+        status, reason = "finished", ""
+        try:
+            self.records.update_session(self.id, status="running")
+            generation = generate(self.model, self.prompt_ids, self.decode, device=self._ask)
+            books, tokens = generation.books, iter(generation)
+            self._emit(self._start_event())
+            for index in range(self.decode.max_new_tokens):
+                with self.compute:
+                    if self._stop:
+                        break
+                    self._step = _StepCost()
+                    cloud_before = books.t_cloud
+                    token = next(tokens, None)
+                if self._stop or token is None:
+                    break
+                step = self._step
+                step.cloud_s = books.t_cloud - cloud_before
+                self._account(token.branch, step)
+                self._emit(self._token_event(index, token, step))
+        except Exception as exc:  # a bug must end this session cleanly, not the server
+            log.exception("session %s failed", self.id)
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
+        if self._stop:
+            status, reason = self._stop
+        self.totals.wall_s = time.perf_counter() - started
+        self._end(status, reason)
+
+    def _ask(self, taps: Tensor) -> Tensor | None:
+        """The `Device` of this session: publish a side request, wait for g(x) or the deadline."""
+        _, positions, rungs, hidden = taps.shape
+        with self._lock:
+            if self._stop:
+                return None
+            request = SideRequest(len(self._requests) + 1, self._acked, positions)
+            self._requests[request.id] = request
+        payload = wire.encode(taps[0], self.tap_dtype)
+        sent = self._emit(
+            {
+                "event": "side_request",
+                "request_id": request.id,
+                "start": request.start,
+                "positions": positions,
+                "shape": [positions, rungs, hidden],
+                "dtype": self.tap_dtype,
+                "encoding": wire.TAP_ENCODING,
+                "deadline_s": self.deadline_s,
+                "taps": wire.b64encode(payload),
+            }
+        )
+        self.totals.device_contacts += 1
+        self.totals.tap_positions += positions
+        self.totals.bytes_to_device += sent
+        self._step.bytes_to_device += sent
+        self._step.request_id = request.id
+        waited = time.perf_counter()
+        self.compute.release()  # let other sessions compute while this device thinks
+        try:
+            request.done.wait(self.deadline_s)
+        finally:
+            self.compute.acquire()
+        wait_s = time.perf_counter() - waited
+        self.totals.device_wait_s += wait_s
+        self._step.device_wait_s += wait_s
+        with self._lock:
+            if request.state == "waiting":
+                request.state = "expired"
+            if request.state != "answered":
+                self.totals.fallbacks += request.state == "expired"
+                return None
+            self._acked = request.start + positions
+        return request.g
+
+    def _account(self, branch: str, step: _StepCost) -> None:
+        self.totals.tokens += 1
+        self.totals.device_tokens += branch == "device"
+        self.totals.cloud_s += step.cloud_s
+
+    def _start_event(self) -> dict:
+        return {
+            "event": "start",
+            "session_id": self.id,
+            "prompt_tokens": len(self.prompt_ids),
+            "setting": self.model.setting,
+            "strict": self.strict,
+            "rungs": list(self.model.rungs),
+            "hidden_size": self.hidden_size,
+            "tap_dtype": self.tap_dtype,
+            "deadline_s": self.deadline_s,
+        }
+
+    def _token_event(self, index: int, token, step: _StepCost) -> dict:
+        return {
+            "event": "token",
+            "index": index,
+            "id": token.id,
+            "text": token.text,
+            "branch": token.branch,
+            "gate_prob": None if self.strict else token.gate_prob,
+            "request_id": step.request_id,
+            "cloud_ms": round(1e3 * step.cloud_s, 3),
+            "device_wait_ms": round(1e3 * step.device_wait_s, 3),
+            "bytes_to_device": step.bytes_to_device,
+            "bytes_from_device": step.bytes_from_device,
+        }
+
+    def _end(self, status: str, reason: str) -> None:
+        """Record the outcome, leave the registry, then close the stream (once): a device that
+        has read `done` finds the record final and the session's slot free."""
+        with self._lock:
+            if self.status not in LIVE:
+                return
+            self.status = status
+        totals = asdict(self.totals)
+        try:
+            self.records.update_session(
+                self.id, status=status, reason=reason[:200], finished_at=now(), **totals
+            )
+        except Exception:  # the database must not take the stream down with it
+            log.exception("could not record session %s", self.id)
+        self.on_end(self)
+        done = {"event": "done", "status": status, "reason": reason, "M": self.totals.m}
+        self._emit(done | {"totals": totals})
+        self._put(END)
+
+    # ---- events ----------------------------------------------------------------------------------
+    def _emit(self, event: dict) -> int:
+        """Queue one NDJSON line for the device; returns its size in bytes."""
+        line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        self._put(line)
+        self.last_active = time.monotonic()
+        return len(line)
+
+    def _put(self, item: bytes | None) -> None:
+        if self._loop is None or self._queue is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: the server is shutting down
+            self._stop = self._stop or ("cancelled", "server shutting down")
+
+
+@dataclass
+class _StepCost:
+    """What producing one token cost (the token event's timings and bytes)."""
+
+    cloud_s: float = 0.0
+    device_wait_s: float = 0.0
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+    request_id: int | None = None
+
+
+class Registry:
+    """The live sessions of this process: the concurrency cap and the idle sweep."""
+
+    def __init__(self, max_sessions: int, ttl_s: float):
+        self.max_sessions, self.ttl_s = max_sessions, ttl_s
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: Session) -> None:
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise ApiError(
+                    429,
+                    f"{len(self._sessions)} sessions are open, the limit is {self.max_sessions} "
+                    "(SPA_CLOUD_MAX_SESSIONS); retry when one ends",
+                    headers={"Retry-After": "1"},
+                )
+            self._sessions[session.id] = session
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def remove(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.id, None)
+
+    def sweep(self) -> int:
+        """Expire sessions idle for longer than the TTL; returns how many."""
+        idle = [s for s in list(self._sessions.values()) if s.idle_s() > self.ttl_s]
+        reason = f"idle for more than {self.ttl_s:g} s (SPA_CLOUD_SESSION_TTL_S)"
+        return sum(s.cancel("expired", reason) for s in idle)
+
+    def cancel_all(self, reason: str) -> None:
+        for session in list(self._sessions.values()):
+            session.cancel("cancelled", reason)

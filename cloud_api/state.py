@@ -1,0 +1,217 @@
+"""The process-wide state of the cloud: backbone (loaded in the background), records, sessions.
+
+One `Cloud` per application. The backbone loads in a thread at startup so that /healthz answers
+at once and /readyz says when the model is there; anything that needs it before then gets a 503
+with Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import uuid
+
+import torch
+
+from cloud_api import API_VERSION, __version__, training, wire
+from cloud_api.db import Records, SessionRow
+from cloud_api.errors import ApiError
+from cloud_api.schemas import SESSION_SETTINGS, GateIn, Info, SessionIn
+from cloud_api.sessions import Registry, Session
+from cloud_api.settings import CloudSettings
+from personalization.backbone import Backbone, load_backbone
+from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
+from personalization.model import SPAModel
+
+log = logging.getLogger("cloud_api")
+
+
+class Cloud:
+    """Settings, the frozen backbone, the records and the live sessions of one server."""
+
+    def __init__(self, settings: CloudSettings, backbone: Backbone | None = None):
+        self.settings = settings
+        self.records = Records(settings.database_url)
+        self.registry = Registry(settings.max_sessions, settings.session_ttl_s)
+        self.compute = threading.Lock()  # one backbone pass at a time (see sessions.py)
+        self.backbone = backbone
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+        self._heads: dict[str, bytes] = {}
+        if backbone is not None:
+            self.loaded.set()
+
+    # ---- the backbone ----------------------------------------------------------------------------
+    def load_in_background(self) -> None:
+        if self.loaded.is_set():
+            return
+        threading.Thread(target=self._load, name="backbone-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.backbone = load_backbone(self.settings.backbone)
+            log.info("backbone %s ready", self.backbone.name)
+        except Exception as exc:  # reported by /readyz; the server stays up to say so
+            log.exception("backbone %s failed to load", self.settings.backbone)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.loaded.set()
+
+    def require_backbone(self) -> Backbone:
+        if self.backbone is not None:
+            return self.backbone
+        if self.load_error:
+            raise ApiError(503, f"the backbone failed to load: {self.load_error}")
+        raise ApiError(503, "the backbone is still loading; retry shortly", {"Retry-After": "2"})
+
+    def info(self) -> Info:
+        f = self.require_backbone()
+        return Info(
+            version=__version__,
+            api_version=API_VERSION,
+            backbone=f.name,
+            fingerprint=f.fingerprint,
+            num_layers=f.num_layers,
+            hidden_size=f.hidden_size,
+            vocab_size=f.vocab_size,
+            eos_token_ids=sorted(f.eos_token_ids),
+            chat_template=bool(f.chat_template),
+            rungs_offered=list(range(1, f.num_layers + 1)),
+            default_rungs=list(training.check_rungs(None, f.num_layers)),
+            tap_dtype=self.settings.tap_dtype,
+            tap_dtypes=list(wire.DTYPES),
+            tap_encoding=wire.TAP_ENCODING,
+            settings=list(SESSION_SETTINGS),
+            strategies=["greedy", "sample"],
+            limits=self.settings.limits(),
+        )
+
+    def head(self, dtype: str) -> bytes:
+        """The frozen head, encoded once per dtype."""
+        f = self.require_backbone()
+        if dtype not in self._heads:
+            self._heads[dtype] = training.head(f, dtype)
+        return self._heads[dtype]
+
+    # ---- sessions --------------------------------------------------------------------------------
+    def open_session(self, device_id: str, body: SessionIn) -> Session:
+        """Validate a session request against the backbone and the limits, then register it."""
+        f, limits = self.require_backbone(), self.settings
+        if isinstance(body.prompt, list):
+            training.check_ids(body.prompt, f.vocab_size, "prompt")
+            prompt = list(body.prompt)
+        else:
+            prompt = f.encode_prompt(body.prompt, system=body.system, chat=body.chat)
+        if len(prompt) > limits.max_prompt_tokens:
+            raise ApiError(
+                413,
+                f"the prompt has {len(prompt)} tokens; the limit is {limits.max_prompt_tokens} "
+                "(SPA_CLOUD_MAX_PROMPT_TOKENS)",
+            )
+        decoding = body.decoding
+        max_new_tokens = decoding.max_new_tokens or min(64, limits.max_new_tokens)
+        if max_new_tokens > limits.max_new_tokens:
+            raise ApiError(
+                422,
+                f"decoding.max_new_tokens {max_new_tokens} is over the limit "
+                f"{limits.max_new_tokens} (SPA_CLOUD_MAX_NEW_TOKENS)",
+            )
+        deadline = body.deadline_s or min(limits.default_deadline_s, limits.max_deadline_s)
+        if deadline > limits.max_deadline_s:
+            raise ApiError(
+                422,
+                f"deadline_s {deadline:g} is over the limit {limits.max_deadline_s:g} "
+                "(SPA_CLOUD_MAX_DEADLINE_S)",
+            )
+        rungs = training.check_rungs(body.rungs, f.num_layers)
+        dtype = body.tap_dtype or limits.tap_dtype
+        gated = body.setting in GATED_SETTINGS
+        # strict: the gate stays on the device, which is asked every token (σ = 1, M = 1)
+        threshold = 0.0 if gated and body.strict else body.threshold
+        seed = decoding.seed
+        if decoding.strategy == "sample" and seed is None:
+            seed = secrets.randbelow(2**31)  # reported, so the device can replay the run
+        # the cloud never runs g: a width-1 side network only carries the rungs and the dtype
+        side = SideConfig(f.hidden_size, f.num_layers, rungs=rungs, reduction=f.hidden_size)
+        model = SPAModel(f, SPAConfig(body.setting, threshold, wire_dtype=dtype), side)
+        if gated and not body.strict and body.gate is not None:
+            weight, bias = _gate_tensors(body.gate, f.hidden_size)
+            with torch.no_grad():
+                model.gate.linear.weight.copy_(weight)
+                model.gate.linear.bias.copy_(bias)
+        decode = DecodeConfig(
+            decoding.strategy, max_new_tokens, decoding.temperature, decoding.top_p, seed
+        )
+        session = Session(
+            session_id=uuid.uuid4().hex,
+            device_id=device_id,
+            model=model,
+            prompt_ids=prompt,
+            decode=decode,
+            deadline_s=deadline,
+            strict=body.strict and gated,
+            compute=self.compute,
+            records=self.records,
+            on_end=self.registry.remove,
+        )
+        self.registry.add(session)  # 429 beyond the cap
+        try:
+            self.records.add_session(
+                SessionRow(
+                    id=session.id,
+                    device_id=device_id,
+                    setting=body.setting,
+                    strategy=decoding.strategy,
+                    strict=session.strict,
+                    threshold=threshold,
+                    rungs=",".join(map(str, rungs)),
+                    tap_dtype=dtype,
+                    deadline_s=deadline,
+                    prompt_tokens=len(prompt),
+                    max_new_tokens=max_new_tokens,
+                )
+            )
+        except Exception:
+            self.registry.remove(session)
+            raise
+        return session
+
+    def owned_session(self, session_id: str, device_id: str) -> Session:
+        """A live session of this device; another device's is as invisible as a missing one."""
+        session = self.registry.get(session_id)
+        if session is not None and session.device_id == device_id:
+            return session
+        row = self.records.get_session(session_id)
+        if row is not None and row.device_id == device_id:
+            raise ApiError(409, f"session {session_id} has ended ({row.status})")
+        raise ApiError(404, f"no session {session_id} for this device")
+
+    def close(self) -> None:
+        self.registry.cancel_all("the server is shutting down")
+        self.records.close()
+
+
+def _gate_tensors(gate: GateIn, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's weight [2, H] and bias [2] from lists or base64 fp32, checked."""
+
+    def read(value: list | str, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        if isinstance(value, str):
+            try:
+                data = wire.b64decode(value, what=what)
+                return wire.decode(data, "float32", shape, what=what)
+            except wire.WireError as exc:
+                raise ApiError(422, str(exc)) from None
+        try:
+            x = torch.tensor(value, dtype=torch.float32)
+        except (ValueError, TypeError):
+            raise ApiError(
+                422, f"{what} must have shape {list(shape)}, got a ragged list"
+            ) from None
+        if tuple(x.shape) != shape:
+            raise ApiError(422, f"{what} must have shape {list(shape)}, got {list(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ApiError(422, f"{what}: contains values too large for float32")
+        return x
+
+    return read(gate.weight, (2, hidden), "gate.weight"), read(gate.bias, (2,), "gate.bias")

@@ -1,0 +1,125 @@
+"""What a device needs from the cloud to train its side network: features and the frozen head.
+
+Features are exactly `personalization.features.Features` per example — taps [T, R, H] at the
+requested rungs for every input position; and at the Tt positions that predict the target: f(x)
+`final` [Tt, H], the backbone's `base_logprob` [Tt] of the target token and the `labels` [Tt] —
+so a device's `FeatureCache` can store them as if its own backbone had computed them. The
+response is one safetensors payload: tensors `<i>.taps`, `<i>.final`, `<i>.base_logprob`,
+`<i>.labels` for example i, and metadata (format, count, rungs, dtype, backbone, fingerprint,
+source_id — the key `personalization.features.source_id` gives the same features locally).
+
+The head is the backbone's final norm and LM head (`final_norm.*`, `lm_head.*`), so the device
+can train g through head(f + σ·g) without ever holding the backbone's layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from cloud_api import wire
+from cloud_api.errors import ApiError
+from cloud_api.schemas import ExampleIn, FeaturesIn
+from cloud_api.settings import CloudSettings
+from personalization.backbone import Backbone
+from personalization.config import default_rungs
+from personalization.data import Example
+from personalization.features import backbone_features, source_id
+
+FEATURES_FORMAT = "spa-features/1"
+HEAD_FORMAT = "spa-head/1"
+
+
+def check_rungs(rungs: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
+    """The rungs asked for (default about L/4), or a 422 saying what is wrong with them."""
+    if not rungs:
+        return default_rungs(num_layers)
+    if any(not 1 <= k <= num_layers for k in rungs):
+        raise ApiError(422, f"rungs {list(rungs)} must lie in 1..{num_layers} (L)")
+    if list(rungs) != sorted(set(rungs)):
+        raise ApiError(422, f"rungs {list(rungs)} must be strictly increasing")
+    return tuple(rungs)
+
+
+def check_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
+    bad = [i for i in ids if i >= vocab_size]
+    if bad:
+        raise ApiError(
+            422, f"{what}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
+        )
+
+
+def to_example(backbone: Backbone, item: ExampleIn, index: int) -> Example:
+    """Token ids as given, or texts tokenised as `personalization.data.to_example` does."""
+    if isinstance(item.prompt, list):
+        check_ids(item.prompt, backbone.vocab_size, f"examples.{index}.prompt")
+        prompt = list(item.prompt)
+    else:
+        prompt = backbone.encode_prompt(item.prompt, chat=item.chat)
+    if isinstance(item.target, list):
+        check_ids(item.target, backbone.vocab_size, f"examples.{index}.target")
+        target = list(item.target)
+    else:
+        eos = backbone.tokenizer.eos_token_id
+        eos = min(backbone.eos_token_ids) if eos is None else eos
+        target = backbone.tokenizer(item.target, add_special_tokens=False)["input_ids"]
+        target = [*target, int(eos)]
+    if not prompt:
+        raise ApiError(422, f"examples.{index}.prompt: tokenises to no tokens")
+    return Example(tuple(prompt), tuple(target))
+
+
+def features(
+    backbone: Backbone, body: FeaturesIn, settings: CloudSettings, compute: threading.Lock
+) -> bytes:
+    """One backbone pass per example; the encoded payload described in the module docstring."""
+    if len(body.examples) > settings.features_max_batch:
+        raise ApiError(
+            413,
+            f"{len(body.examples)} examples in one request; the limit is "
+            f"{settings.features_max_batch} (SPA_CLOUD_FEATURES_MAX_BATCH)",
+        )
+    rungs = check_rungs(body.rungs, backbone.num_layers)
+    dtype = body.dtype or settings.tap_dtype
+    examples = [to_example(backbone, item, i) for i, item in enumerate(body.examples)]
+    for i, example in enumerate(examples):
+        if len(example.ids) > settings.features_max_tokens:
+            raise ApiError(
+                413,
+                f"example {i} has {len(example.ids)} tokens (prompt + target); the limit is "
+                f"{settings.features_max_tokens} (SPA_CLOUD_FEATURES_MAX_TOKENS)",
+            )
+    with compute:
+        computed = [backbone_features(backbone, e, rungs, wire.DTYPES[dtype]) for e in examples]
+    tensors = {f"{i}.{k}": v for i, f in enumerate(computed) for k, v in f.to_dict().items()}
+    return wire.pack(
+        tensors,
+        {
+            "format": FEATURES_FORMAT,
+            "count": str(len(computed)),
+            "rungs": ",".join(map(str, rungs)),
+            "dtype": dtype,
+            "backbone": backbone.name,
+            "fingerprint": backbone.fingerprint,
+            "source_id": source_id(backbone.fingerprint, rungs, dtype),
+        },
+    )
+
+
+def head(backbone: Backbone, dtype: str) -> bytes:
+    """The frozen final norm and LM head as safetensors (what head(f + σ·g) needs)."""
+    norm = backbone.final_norm
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None)
+    tensors = {f"final_norm.{k}": v for k, v in norm.state_dict().items()}
+    tensors |= {f"lm_head.{k}": v for k, v in backbone.lm_head.state_dict().items()}
+    return wire.pack(
+        {k: v.detach().to(wire.DTYPES[dtype]) for k, v in tensors.items()},
+        {
+            "format": HEAD_FORMAT,
+            "norm": type(norm).__name__,
+            "eps": str(eps),
+            "dtype": dtype,
+            "backbone": backbone.name,
+            "fingerprint": backbone.fingerprint,
+        },
+    )

@@ -1,0 +1,85 @@
+"""The binary encodings that cross the wire.
+
+* Taps and g(x): raw values of the wire dtype (float16 by default), little-endian, C order, no
+  header — the shape and dtype travel in the JSON event that carries them (base64 inside an NDJSON
+  line) or are fixed by the session (an answer is exactly H values). The most compact form: bytes
+  on the wire are what the latency model charges for.
+* Features and the frozen head: safetensors bytes (a JSON header naming every tensor's dtype and
+  shape, then the raw data), readable by `safetensors.torch.load` on the device.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sys
+from collections.abc import Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import Tensor
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+TAP_ENCODING = "raw-le"  # the name events give the raw encoding above
+
+assert sys.byteorder == "little", "the raw encoding assumes a little-endian host"
+
+
+class WireError(ValueError):
+    """Bytes that do not decode to what the protocol says they must be (a 4xx, not a crash)."""
+
+
+def itemsize(dtype: str) -> int:
+    return torch.finfo(DTYPES[dtype]).bits // 8
+
+
+def encode(x: Tensor, dtype: str) -> bytes:
+    """A tensor as raw little-endian values of `dtype`."""
+    return x.detach().to(DTYPES[dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def decode(data: bytes, dtype: str, shape: Sequence[int], *, what: str = "tensor") -> Tensor:
+    """Raw bytes back to a tensor of `shape`; refuses a wrong length and NaN/Inf values."""
+    if dtype not in DTYPES:
+        raise WireError(f"{what}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    count = 1
+    for n in shape:
+        count *= n
+    expected = count * itemsize(dtype)
+    if len(data) != expected:
+        raise WireError(
+            f"{what}: expected {count} {dtype} values of shape {list(shape)} ({expected} bytes), "
+            f"got {len(data)} bytes"
+        )
+    x = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(DTYPES[dtype]).reshape(*shape)
+    if not bool(torch.isfinite(x).all()):
+        raise WireError(f"{what}: contains NaN or infinite values")
+    return x
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str, *, what: str = "value") -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError(f"{what}: not valid base64") from None
+
+
+def pack(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes (every tensor contiguous, metadata as strings)."""
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def unpack(data: bytes) -> dict[str, Tensor]:
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise WireError(f"not a safetensors payload: {exc}") from None
