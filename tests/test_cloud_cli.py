@@ -39,7 +39,11 @@ def test_spa_cloud_serves_until_terminated(tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        assert ready is not None and ready.json() == {"status": "ready", "backbone": "tiny-llama"}
+        if ready is None or ready.status_code != 200:  # say why: the server's own output
+            process.send_signal(signal.SIGTERM)
+            output = process.communicate(timeout=30)[0].decode()
+            raise AssertionError(f"spa cloud never became ready (exit {process.poll()}):\n{output}")
+        assert ready.json() == {"status": "ready", "backbone": "tiny-llama"}
         token = httpx.post(f"{url}/v1/devices", json={}).json()["token"]
         info = httpx.get(f"{url}/v1/info", headers={"Authorization": f"Bearer {token}"}).json()
         assert info["limits"]["max_sessions"] == 3  # from the environment
