@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside the commands, so `spa --help` 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -278,9 +279,11 @@ def evaluate(
     model_backbone = _load(backbone)
     sizes = (None, valid_size, test_size)
     prepared = _data(model_backbone, data, dataset, seed, *sizes, max_prompt_tokens)
+    target = None
     if checkpoint is not None:
         try:
-            model, _, _ = load_checkpoint(checkpoint, model_backbone)
+            model, info, _ = load_checkpoint(checkpoint, model_backbone)
+            target = info.calibration.get("target_usage")
         except CheckpointError as exc:
             _fail(str(exc))
     else:
@@ -294,10 +297,12 @@ def evaluate(
     except ValueError as exc:
         _fail(str(exc))
     if calibration:
+        target = calibration.target_usage
         typer.echo(
             f"re-calibrated to usage {calibration.target_usage:.2f}: threshold "
             f"{calibration.threshold:.4f} (validation generations: {calibration.usage:.3f})"
         )
+    report = dataclasses.replace(report, target_usage=target)
     typer.echo(table([report]))
     if json_out:
         json_out.write_text(report.to_json() + "\n")

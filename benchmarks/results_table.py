@@ -19,12 +19,13 @@ def main(folder: str = "results") -> None:
     if not reports:
         sys.exit(f"no JSON reports in {folder}")
     print(f"hardware: {hardware()}\n")
-    print("| dataset | setting | Rouge-L | usage | M | bytes / token | trainable % | "
+    print("| dataset | setting | Rouge-L | usage (threshold) | M | bytes / token | trainable % | "
           "T_total ms / token |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for r in sorted(reports, key=lambda r: (r["dataset"], ORDER.index(r["setting"]), r["usage"])):
+        gate = "" if r.get("threshold") is None else f" ({r['threshold']:.3f})"
         print(
-            f"| {r['dataset']} | {r['setting']} | {r['rouge_l']:.2f} | {r['usage']:.2f} | "
+            f"| {r['dataset']} | {r['setting']} | {r['rouge_l']:.2f} | {r['usage']:.2f}{gate} | "
             f"{r['m']:.2f} | {r['bytes_per_token']:,.0f} | {r['trainable_pct']:.3f} | "
             f"{r['t_total_ms']:.1f} ({r['profile']}) |"
         )

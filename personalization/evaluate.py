@@ -38,6 +38,7 @@ class EvalReport:
     t_net_ms: float  # latency model for `profile`
     t_total_ms: float
     threshold: float | None = None
+    target_usage: float | None = None  # the budget the threshold was calibrated to
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

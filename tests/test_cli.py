@@ -87,6 +87,7 @@ def test_train_then_eval(tmp_path):
     report = json.loads(out.read_text())
     assert report["setting"] == "spa" and report["examples"] == 4 and report["profile"] == "3g"
     assert 0 <= report["usage"] <= 1 and report["t_total_ms"] > 0
+    assert report["target_usage"] == 0.5  # the budget the checkpoint's gate was calibrated to
     assert "| spa | xsum | 4 |" in result.output
 
 
