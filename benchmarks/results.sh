@@ -18,7 +18,9 @@ for ds in xsum personachat; do
       --json "$OUT/$ds-$s.json"
   done
 done
-# the communication budget: one trained gate, re-calibrated to three usage targets
+# the communication budget: one trained gate, re-calibrated to other usage targets
+spa eval "$DATA/xsum.jsonl" --checkpoint "$OUT/xsum-spa.safetensors" "${common[@]}" \
+  --target-usage 0.4 --json "$OUT/xsum-spa-usage-0.4.json"
 for u in 0.3 0.5 0.7; do
   spa eval "$DATA/personachat.jsonl" --checkpoint "$OUT/personachat-spa.safetensors" \
     "${common[@]}" --target-usage "$u" --json "$OUT/personachat-spa-usage-$u.json"
