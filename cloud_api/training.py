@@ -23,7 +23,7 @@ from cloud_api.schemas import ExampleIn, FeaturesIn
 from cloud_api.settings import CloudSettings
 from personalization.backbone import Backbone
 from personalization.config import default_rungs
-from personalization.data import Example
+from personalization.data import Example, encode_target
 from personalization.features import backbone_features, source_id
 
 FEATURES_FORMAT = "spa-features/1"
@@ -60,10 +60,7 @@ def to_example(backbone: Backbone, item: ExampleIn, index: int) -> Example:
         check_ids(item.target, backbone.vocab_size, f"examples.{index}.target")
         target = list(item.target)
     else:
-        eos = backbone.tokenizer.eos_token_id
-        eos = min(backbone.eos_token_ids) if eos is None else eos
-        target = backbone.tokenizer(item.target, add_special_tokens=False)["input_ids"]
-        target = [*target, int(eos)]
+        target = encode_target(backbone, item.target)
     if not prompt:
         raise ApiError(422, f"examples.{index}.prompt: tokenises to no tokens")
     return Example(tuple(prompt), tuple(target))

@@ -10,6 +10,7 @@ logits at load time, so an architecture we cannot decompose fails loudly instead
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -84,7 +85,7 @@ class Backbone:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Identity of the weights (shapes + a sample of the LM head), whatever the name or path:
         what cached features and checkpoints are keyed by."""

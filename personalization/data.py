@@ -47,6 +47,7 @@ class Splits:
     valid: list[Record]
     test: list[Record]
     max_new_tokens: int  # a generation budget that fits the dataset's references
+    keep: str  # which end of an over-long input `to_example` keeps
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ def beauty_record(user: str, history: list[str], target: str, recent: int = 10) 
 class _Spec:
     convert: Callable[[dict], Record] | None  # record-level sets
     max_new_tokens: int
+    keep: str = "start"  # which end of an over-long input to keep: documents their beginning,
+    # dialogues and purchase lists their most recent end
 
 
 DATASETS: dict[str, _Spec] = {
@@ -162,8 +165,8 @@ DATASETS: dict[str, _Spec] = {
     "cnndm": _Spec(_cnndm, 96),
     "sciq": _Spec(_sciq, 16),
     "coqa": _Spec(_coqa, 24),
-    "personachat": _Spec(None, 32),
-    "beauty": _Spec(None, 48),
+    "personachat": _Spec(None, 32, keep="end"),
+    "beauty": _Spec(None, 48, keep="end"),
 }
 
 
@@ -206,7 +209,7 @@ def load_splits(
             _beauty(rows_, part)
             for rows_, part in ((train_rows, "train"), (valid_rows, "valid"), (test_rows, "test"))
         ]
-    return Splits(name, *parts, max_new_tokens=spec.max_new_tokens)
+    return Splits(name, *parts, max_new_tokens=spec.max_new_tokens, keep=spec.keep)
 
 
 def _beauty(rows: list[dict], part: str) -> list[Record]:
@@ -247,17 +250,12 @@ def to_example(
             raise DataError(f"max_prompt_tokens {max_prompt_tokens} leaves no room for the input")
         cut = ids[:budget] if keep == "start" else ids[-budget:]
         text = tok.decode(cut, skip_special_tokens=True)
-    target = tok(record.output, add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
-    return Example(tuple(prompt), (*target, _eos(backbone)))
+    target = encode_target(backbone, record.output)
+    return Example(tuple(prompt), (*target[:-1][: max_target_tokens - 1], target[-1]))
 
 
 def to_examples(backbone: Backbone, records: Iterable[Record], **kwargs) -> list[Example]:
     return [to_example(backbone, r, **kwargs) for r in records]
-
-
-def keep_for(dataset: str) -> str:
-    """Documents keep their beginning; dialogues and purchase lists their most recent end."""
-    return "end" if dataset in ("personachat", "beauty") else "start"
 
 
 def records_hash(records: Iterable[Record]) -> str:
@@ -271,8 +269,9 @@ def _prompt_text(record: Record, text: str) -> str:
     return f"{record.instruction}\n\n{text}" if text else record.instruction
 
 
-def _eos(backbone: Backbone) -> int:
+def encode_target(backbone: Backbone, text: str) -> list[int]:
+    """A target's token ids, ending in the EOS the model must learn to stop with."""
     eos = backbone.tokenizer.eos_token_id
     if eos is None:
         eos = min(backbone.eos_token_ids)
-    return int(eos)
+    return [*backbone.tokenizer(text, add_special_tokens=False)["input_ids"], int(eos)]

@@ -10,7 +10,7 @@ from pathlib import Path
 from personalization.backbone import Backbone
 from personalization.checkpoint import describe, load_checkpoint, save_checkpoint
 from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
-from personalization.data import Example, Splits, keep_for, load_splits, records_hash, to_examples
+from personalization.data import Example, Splits, load_splits, records_hash, to_examples
 from personalization.evaluate import EvalReport, evaluate
 from personalization.features import FeatureCache, make_cache
 from personalization.latency import NetworkProfile
@@ -47,7 +47,7 @@ def prepare_data(backbone: Backbone, cfg: DataConfig) -> Prepared:
     kw = dict(
         max_prompt_tokens=cfg.max_prompt_tokens,
         max_target_tokens=cfg.max_target_tokens,
-        keep=keep_for(splits.dataset),
+        keep=splits.keep,
     )
     return Prepared(
         splits,
@@ -146,6 +146,7 @@ def assess(
     decode = DecodeConfig(max_new_tokens=max_new_tokens or data.splits.max_new_tokens)
     if target_usage is not None and model.setting in GATED_SETTINGS:
         cache = make_cache(model.backbone, model.rungs, model.config.wire_dtype, cache_root)
+        cache.ensure(data.valid, progress=progress)
         calibration = calibrate(
             model, _Lazy(cache, data.valid), target_usage,
             prompts=[e.prompt for e in data.valid], decode=decode, progress=progress,
@@ -159,10 +160,10 @@ def assess(
 
 
 class _Lazy:
-    """A sequence of cached features, read from disk when indexed (bounded memory)."""
+    """A sequence of cached features, read from disk when indexed (bounded memory); the caller
+    has `ensure`d them."""
 
     def __init__(self, cache: FeatureCache, examples: list[Example]):
-        cache.ensure(examples, progress=False)
         self.cache, self.examples = cache, examples
 
     def __len__(self) -> int:

@@ -254,10 +254,10 @@ def calibrate(
         model.config = replace(model.config, threshold=threshold)
         return threshold
 
-    threshold = use(threshold_for(gate_probs(model, valid), target_usage))
+    forced = gate_probs(model, valid)
+    threshold = use(threshold_for(forced, target_usage))
     if not prompts:
-        usage = float((gate_probs(model, valid) >= threshold).float().mean())
-        return Calibration(target_usage, threshold, usage)
+        return Calibration(target_usage, threshold, float((forced >= threshold).float().mean()))
     for r in range(rounds):
         probs = generated_probs(f"calibrating {r + 1}/{rounds}")
         threshold = use(threshold_for(probs, target_usage))
