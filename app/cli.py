@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from app.device_cli import device
+
 cli = typer.Typer(
     name="spa",
     help="SPA (Side Plugin Adaption): a frozen cloud backbone + a private on-device side network.",
@@ -20,6 +22,8 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+cli.add_typer(device, name="device")
 
 Backbone = Annotated[
     str | None,

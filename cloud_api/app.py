@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from cloud_api import __version__, auth, errors, training, wire
+from cloud_api import __version__, auth, errors, training
 from cloud_api.db import DeviceRow
 from cloud_api.errors import ApiError
 from cloud_api.schemas import (
@@ -30,10 +30,13 @@ from cloud_api.schemas import (
     SessionIn,
     SessionOut,
     SessionRecord,
+    TokenizeIn,
+    TokenizeOut,
 )
 from cloud_api.sessions import END
 from cloud_api.settings import CloudSettings, WireDtype
 from cloud_api.state import Cloud
+from personalization import wire
 from personalization.backbone import Backbone
 
 NDJSON = "application/x-ndjson"
@@ -161,6 +164,13 @@ def info(request: Request, _device: Device) -> Info:
 def head(request: Request, _device: Device, dtype: WireDtype = "float16") -> Response:
     """The frozen final norm + LM head (safetensors): the device trains g through them."""
     return Response(_cloud(request).head(dtype), media_type=BINARY)
+
+
+@_v1.post("/tokenize", tags=["training"])
+def tokenize(request: Request, body: TokenizeIn, _device: Device) -> TokenizeOut:
+    """Training records → token ids, prepared exactly as in-process training prepares them, so
+    a device can key its feature cache by content before asking for features."""
+    return training.tokenize(_cloud(request).require_backbone(), body)
 
 
 @_v1.post("/features", tags=["training"], response_class=Response, responses=_BINARY_RESPONSE)

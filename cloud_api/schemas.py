@@ -56,6 +56,10 @@ class Info(BaseModel):
     settings: list[str]
     strategies: list[str]
     limits: dict[str, float | int]
+    parameters: dict[str, int] = Field(
+        description="Parameter counts: the backbone's, and what the in-layer baselines lora and "
+        "adapter (rank 8) would train — for a device's what-if table."
+    )
 
 
 # ---- sessions ------------------------------------------------------------------------------------
@@ -195,6 +199,34 @@ class ExampleIn(Strict):
     prompt: Prompt
     target: Prompt
     chat: bool = Field(True, description="Wrap a text prompt in the backbone's chat template.")
+
+
+class RecordIn(Strict):
+    """A training record as `personalization.data.Record`: the prompt is the instruction (and
+    the input below it, cut to fit), the target is the output followed by EOS."""
+
+    instruction: str = Field(min_length=1)
+    input: str = ""
+    output: str = Field(min_length=1)
+
+
+class TokenizeIn(Strict):
+    """Records → token ids exactly as in-process training prepares them (chat template,
+    over-long inputs cut keeping their `start` or `end`, targets ending in EOS)."""
+
+    records: list[RecordIn] = Field(min_length=1, max_length=1000)
+    max_prompt_tokens: int = Field(512, ge=8)
+    max_target_tokens: int = Field(64, ge=1)
+    keep: Literal["start", "end"] = "start"
+
+
+class TokenizedExample(BaseModel):
+    prompt: list[int]
+    target: list[int]
+
+
+class TokenizeOut(BaseModel):
+    examples: list[TokenizedExample]
 
 
 class FeaturesIn(Strict):

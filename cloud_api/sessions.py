@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor
 
-from cloud_api import wire
 from cloud_api.db import LIVE, Records, now
 from cloud_api.errors import ApiError
+from personalization import wire
 from personalization.config import DecodeConfig
 from personalization.decoding import generate
 from personalization.model import SPAModel

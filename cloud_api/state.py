@@ -14,13 +14,15 @@ import uuid
 
 import torch
 
-from cloud_api import API_VERSION, __version__, training, wire
+from cloud_api import API_VERSION, __version__, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
 from cloud_api.schemas import SESSION_SETTINGS, GateIn, Info, SessionIn
 from cloud_api.sessions import Registry, Session
 from cloud_api.settings import CloudSettings
+from personalization import wire
 from personalization.backbone import Backbone, load_backbone
+from personalization.baselines import baseline_parameters
 from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
 from personalization.model import SPAModel
 
@@ -85,6 +87,11 @@ class Cloud:
             settings=list(SESSION_SETTINGS),
             strategies=["greedy", "sample"],
             limits=self.settings.limits(),
+            parameters={
+                "backbone": f.num_parameters,
+                "lora": baseline_parameters(f, "lora"),
+                "adapter": baseline_parameters(f, "adapter"),
+            },
         )
 
     def head(self, dtype: str) -> bytes:

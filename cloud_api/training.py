@@ -17,13 +17,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from cloud_api import wire
 from cloud_api.errors import ApiError
-from cloud_api.schemas import ExampleIn, FeaturesIn
+from cloud_api.schemas import ExampleIn, FeaturesIn, TokenizedExample, TokenizeIn, TokenizeOut
 from cloud_api.settings import CloudSettings
+from personalization import wire
 from personalization.backbone import Backbone
 from personalization.config import default_rungs
-from personalization.data import Example, encode_target
+from personalization.data import DataError, Example, Record, encode_target
+from personalization.data import to_example as record_example
 from personalization.features import backbone_features, source_id
 
 FEATURES_FORMAT = "spa-features/1"
@@ -64,6 +65,22 @@ def to_example(backbone: Backbone, item: ExampleIn, index: int) -> Example:
     if not prompt:
         raise ApiError(422, f"examples.{index}.prompt: tokenises to no tokens")
     return Example(tuple(prompt), tuple(target))
+
+
+def tokenize(backbone: Backbone, body: TokenizeIn) -> TokenizeOut:
+    """Records → (prompt, target) ids, as `personalization.data.to_example` makes them."""
+    out = []
+    for i, r in enumerate(body.records):
+        record = Record(r.instruction, r.input, r.output)
+        try:
+            example = record_example(
+                backbone, record, max_prompt_tokens=body.max_prompt_tokens,
+                max_target_tokens=body.max_target_tokens, keep=body.keep,
+            )  # fmt: skip
+        except DataError as exc:
+            raise ApiError(422, f"records.{i}: {exc}") from None
+        out.append(TokenizedExample(prompt=list(example.prompt), target=list(example.target)))
+    return TokenizeOut(examples=out)
 
 
 def features(

@@ -13,6 +13,7 @@ import re
 import warnings
 
 from peft import LoraConfig, get_peft_model
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 
 from personalization.backbone import Backbone
@@ -89,3 +90,19 @@ def _apply(adapter: BottleneckAdapter):
         return adapter(output)
 
     return hook
+
+
+def baseline_parameters(backbone: Backbone, setting: str, rank: int = 8) -> int:
+    """Parameters `lora` / `adapter` would train on `backbone`, counted from its module shapes
+    (no adapted copy is built) — what the what-if table's "% params" column needs."""
+    if setting == "adapter":
+        H, b = backbone.hidden_size, max(1, backbone.hidden_size // rank)
+        return 2 * backbone.num_layers * (2 * H * b + b + H)
+    if setting != "lora":
+        raise ValueError(f"{setting!r} is not an in-layer baseline (lora or adapter)")
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[backbone.config.model_type]
+    total = 0
+    for name, module in backbone.model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            total += rank * sum(module.weight.shape)  # A: r × in, B: out × r
+    return total

@@ -101,7 +101,7 @@ def fit(
     if model.adapted is None:
         cache = make_cache(backbone, model.rungs, model.config.wire_dtype, cache_root)
         passes = cache.ensure(data.train + data.valid, progress=progress)
-        train_data, valid_data = _Lazy(cache, data.train), _Lazy(cache, data.valid)
+        train_data, valid_data = cache.lazy(data.train), cache.lazy(data.valid)
     else:
         train_data, valid_data = data.train, data.valid
     seconds["features"] = time.perf_counter() - t
@@ -148,7 +148,7 @@ def assess(
         cache = make_cache(model.backbone, model.rungs, model.config.wire_dtype, cache_root)
         cache.ensure(data.valid, progress=progress)
         calibration = calibrate(
-            model, _Lazy(cache, data.valid), target_usage,
+            model, cache.lazy(data.valid), target_usage,
             prompts=[e.prompt for e in data.valid], decode=decode, progress=progress,
         )  # fmt: skip
     references = [r.output for r in data.splits.test]
@@ -157,19 +157,3 @@ def assess(
         decode=decode, progress=progress,
     )  # fmt: skip
     return report, calibration
-
-
-class _Lazy:
-    """A sequence of cached features, read from disk when indexed (bounded memory); the caller
-    has `ensure`d them."""
-
-    def __init__(self, cache: FeatureCache, examples: list[Example]):
-        self.cache, self.examples = cache, examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.cache.get(self.examples[i])

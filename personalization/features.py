@@ -138,11 +138,34 @@ class FeatureCache:
         self.computed += len(missing)
         return len(missing)
 
+    def lazy(self, examples: Sequence[Example]) -> LazyFeatures:
+        """The examples' features, read from disk when indexed (bounded memory); call
+        `ensure` first."""
+        return LazyFeatures(self, list(examples))
+
     def load(self, examples: Sequence[Example]) -> list[Features]:
         """Features for every example (computing what is missing first)."""
         self.ensure(examples)
         loaded = [self.get(e) for e in examples]
         return [f for f in loaded if f is not None]
+
+
+class LazyFeatures(Sequence):
+    """A sequence of cached features, each read from its file when indexed."""
+
+    def __init__(self, cache: FeatureCache, examples: list[Example]):
+        self.cache, self.examples = cache, examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        features = self.cache.get(self.examples[i])
+        if features is None:
+            raise KeyError(f"example {i} is not in the feature cache (call ensure first)")
+        return features
 
 
 def make_cache(

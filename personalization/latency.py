@@ -84,3 +84,89 @@ def t_net(contacts: float, bytes_down: float, bytes_up: float, net: NetworkProfi
 def t_total(t_device: float, t_cloud: float, t_net_s: float) -> float:
     """Eq. 4."""
     return t_device + t_cloud + t_net_s
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one generation measured, per generated token / per position / per contact."""
+
+    t_cloud: float  # backbone compute per generated token (s)
+    t_side: float  # side-network compute per tap position (s)
+    tau: float  # round-trip time per device contact (s): the measured one, or the profile's
+    usage: float  # share of tokens the gate sends to the device (choice, spa)
+    num_layers: int  # L
+    hidden_size: int  # H
+    rungs: int  # R, taps per position
+    wire_bytes: int  # bytes per value on the wire
+    backbone_parameters: int
+    parameters: dict[str, int]  # trainable parameters per setting
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """One row of the paper's Table 2: the cost of a setting per generated token."""
+
+    setting: str
+    parameters_pct: float
+    m: float  # transmissions (device round trips) per token
+    inference_ms: float  # T_cloud + T_device
+    network_ms: float  # T_net = M·τ + bytes / bandwidth
+    total_ms: float
+
+
+#: per setting: contacts per token as a function of (L, usage), and whether taps travel
+_CONTACTS = {
+    "lora": lambda L, u: L,
+    "adapter": lambda L, u: 2 * L,
+    "lst": lambda L, u: 1.0,
+    "full": lambda L, u: 1.0,
+    "choice": lambda L, u: u,
+    "spa": lambda L, u: u,
+}
+
+
+def what_if(m: Measured, net: NetworkProfile) -> list[WhatIf]:
+    """T_total per token of every device setting under `net`, from measured compute and τ.
+
+    Side settings send every position's R taps once (catch-up included) and get one H-vector
+    back per contact; lora / adapter send one H-vector to the device and back per contact. Side
+    compute is the measured time per position; the in-layer baselines' device compute is scaled
+    from it by their parameter count (FLOPs per token ∝ parameters)."""
+    rows = []
+    per_value = m.hidden_size * m.wire_bytes
+    side_params = max(1, m.parameters.get("lst", 1))
+    for setting, contacts in _CONTACTS.items():
+        k = contacts(m.num_layers, m.usage)
+        if setting in ("lora", "adapter"):
+            down = up = k * per_value
+            t_device = m.t_side * m.parameters[setting] / side_params
+        else:
+            down, up = m.rungs * per_value, k * per_value
+            t_device = m.t_side
+        network = k * m.tau + net.transfer_s(down, up)
+        inference = m.t_cloud + t_device
+        rows.append(
+            WhatIf(
+                setting,
+                100 * m.parameters[setting] / m.backbone_parameters,
+                k,
+                1e3 * inference,
+                1e3 * network,
+                1e3 * (inference + network),
+            )
+        )
+    return rows
+
+
+def what_if_table(rows: list[WhatIf]) -> str:
+    """The rows as Markdown, in the paper's column order."""
+    lines = [
+        "| setting | % params | inference ms | network ms | total latency ms | transmissions |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.setting} | {r.parameters_pct:.3f} | {r.inference_ms:.1f} | "
+            f"{r.network_ms:.1f} | {r.total_ms:.1f} | {r.m:.2f} |"
+        )
+    return "\n".join(lines)

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from cloud_api import wire
 from cloud_api.db import Records, SessionRow
 from cloud_api.settings import CloudSettings
+from personalization import wire
 
 
 @pytest.mark.parametrize("dtype", list(wire.DTYPES))

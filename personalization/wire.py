@@ -1,4 +1,4 @@
-"""The binary encodings that cross the wire.
+"""The binary encodings that cross the wire between cloud and device (both sides use this).
 
 * Taps and g(x): raw values of the wire dtype (float16 by default), little-endian, C order, no
   header — the shape and dtype travel in the JSON event that carries them (base64 inside an NDJSON
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import struct
 import sys
 from collections.abc import Sequence
 
@@ -83,3 +85,15 @@ def unpack(data: bytes) -> dict[str, Tensor]:
         return load(data)
     except (SafetensorError, ValueError) as exc:
         raise WireError(f"not a safetensors payload: {exc}") from None
+
+
+def unpack_with_metadata(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and the string metadata of a safetensors payload (its JSON header's
+    `__metadata__`, which `safetensors.torch.load` drops)."""
+    tensors = unpack(data)
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (struct.error, ValueError) as exc:
+        raise WireError(f"unreadable safetensors header: {exc}") from None
+    return tensors, meta

@@ -1,0 +1,315 @@
+"""`spa device …`: the user's device from the command line — init, history, train, generate,
+status. Every failure a person can fix (cloud down, empty history, untrained device, bad file)
+ends with one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+device = typer.Typer(
+    help="The private device: local history, side-network training against the remote "
+    "backbone, generation through the cloud with live accounting.",
+    no_args_is_help=True,
+)
+history = typer.Typer(help="The local history the side network learns from.", no_args_is_help=True)
+device.add_typer(history, name="history")
+
+Dir = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        envvar="SPA_DEVICE_DIR",
+        help="The device directory. Default: $SPA_DEVICE_DIR, else <cache>/device.",
+        show_default=False,
+    ),
+]
+CloudUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--cloud-url", help="Talk to this cloud instead of the one the device registered with."
+    ),
+]
+Profile = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        help="Emulate a network: datacenter, fiber, cable, lte, 4g, 3g (RTT and bandwidth added "
+        "to every request).",
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _agent(root: Path | None, cloud_url: str | None = None, profile: str | None = None) -> Iterator:
+    """The device at `root`, with every DeviceError turned into a one-line error."""
+    from device_agent.agent import DeviceAgent, default_dir
+    from device_agent.errors import DeviceError
+    from personalization.latency import profile as named_profile
+
+    try:
+        net = named_profile(profile) if profile else None
+        with DeviceAgent(root or default_dir(), cloud_url=cloud_url, profile=net) as agent:
+            yield agent
+    except (DeviceError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@device.command()
+def init(
+    cloud_url: Annotated[
+        str, typer.Option("--cloud-url", help="The cloud API, e.g. http://127.0.0.1:8000")
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="A name the cloud records (default: hostname).")
+    ] = None,
+    dir: Dir = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="SQLAlchemy URL of the device database (default: SQLite in --dir)."),
+    ] = None,
+) -> None:
+    """Register with the cloud and create the device directory."""
+    from device_agent.agent import DeviceAgent, default_dir
+    from device_agent.errors import DeviceError
+
+    root = dir or default_dir()
+    try:
+        with DeviceAgent.init(root, cloud_url, name, database_url=database_url) as agent:
+            typer.echo(
+                f"device {agent.store.get('device_id')} registered with {cloud_url}; "
+                f"store at {root}"
+            )
+    except DeviceError as exc:
+        _fail(str(exc))
+
+
+# ---- history ------------------------------------------------------------------------------------
+@history.command("add")
+def history_add(
+    text: Annotated[
+        str | None, typer.Argument(help="Free text (a note in your own words).")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="A prompt you answered...")] = None,
+    response: Annotated[str | None, typer.Option(help="...and your answer to it.")] = None,
+    dir: Dir = None,
+) -> None:
+    """Add one item: free text, or --prompt with --response."""
+    from device_agent.errors import DeviceError
+    from device_agent.history import pair_item, text_item
+
+    if (text is None) == (prompt is None and response is None):
+        _fail("give either TEXT or --prompt with --response")
+    with _agent(dir) as agent:
+        try:
+            item = text_item(text) if text is not None else pair_item(prompt or "", response or "")
+        except DeviceError as exc:
+            _fail(str(exc))
+        (item_id,) = agent.store.add_items([item])
+        typer.echo(f"added history item {item_id}")
+
+
+@history.command("import")
+def history_import(
+    path: Annotated[
+        Path,
+        typer.Argument(help="JSONL of items, or personachat.jsonl / beauty.jsonl with --user."),
+    ],
+    user: Annotated[
+        str | None, typer.Option(help="Import this user's record (PersonaChat or Beauty).")
+    ] = None,
+    dir: Dir = None,
+) -> None:
+    """Import items: JSONL lines {"text"}, {"prompt","response"} or {"instruction","input",
+    "output"}; or one user of personachat.jsonl / beauty.jsonl (--user)."""
+    from device_agent.history import read_items, user_items
+
+    with _agent(dir) as agent:
+        try:
+            items = user_items(path, user) if user else read_items(path)
+        except Exception as exc:  # DeviceError, or a malformed file
+            _fail(str(exc))
+        ids = agent.store.add_items(items)
+        typer.echo(f"imported {len(ids)} history items from {path}")
+
+
+@history.command("list")
+def history_list(dir: Dir = None, json_out: Json = False) -> None:
+    """Show the history."""
+    with _agent(dir) as agent:
+        items = agent.store.items()
+        if json_out:
+            rows = [
+                {
+                    k: getattr(i, k)
+                    for k in ("id", "kind", "instruction", "input", "output", "source")
+                }
+                for i in items
+            ]
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        for i in items:
+            head = "" if i.kind == "text" else f"{_short(i.instruction)} → "
+            typer.echo(f"{i.id:>5}  {i.kind:<4}  {head}{_short(i.output)}")
+        typer.echo(f"{len(items)} items")
+
+
+@history.command("delete")
+def history_delete(
+    ids: Annotated[list[int], typer.Argument(help="Item ids.")], dir: Dir = None
+) -> None:
+    """Delete items by id."""
+    from device_agent.errors import DeviceError
+
+    with _agent(dir) as agent:
+        try:
+            n = agent.store.delete_items(ids)
+        except DeviceError as exc:
+            _fail(str(exc))
+        typer.echo(f"deleted {n} items")
+
+
+# ---- train, generate, status ---------------------------------------------------------------
+@device.command()
+def train(
+    setting: Annotated[str, typer.Option(help="lst, full, choice or spa.")] = "spa",
+    epochs: int = 15,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    target_usage: Annotated[
+        float, typer.Option(help="Share of tokens the gate may send to the device.")
+    ] = 0.5,
+    reduction: Annotated[int, typer.Option(help="Side width = H / reduction.")] = 8,
+    calibration_prompts: Annotated[
+        int, typer.Option(help="Held-out prompts generated to calibrate the gate.")
+    ] = 8,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the last unfinished run from its checkpoint.")
+    ] = False,
+    dir: Dir = None,
+    cloud_url: CloudUrl = None,
+) -> None:
+    """Train the side network on the history against the cloud's frozen backbone."""
+    from device_agent.trainer import DeviceTrainConfig
+    from personalization.train import TrainConfig
+
+    with _agent(dir, cloud_url) as agent:
+        cfg = DeviceTrainConfig(
+            setting=setting,
+            train=TrainConfig(
+                epochs=epochs, batch_size=batch_size, lr=lr, target_usage=target_usage
+            ),
+            reduction=reduction,
+            calibration_prompts=calibration_prompts,
+        )
+        run = agent.train(cfg, resume=resume, progress=True)
+        last = run.epochs[-1] if run.epochs else {}
+        typer.echo(
+            f"run {run.id} {run.status}: {run.examples} examples (+{run.valid_examples} held out), "
+            f"{run.feature_passes} fetched from the cloud, {run.epochs_done} epochs, "
+            f"train LM loss {last.get('train', {}).get('lm', float('nan')):.3f}"
+        )
+        if run.calibration:
+            c = run.calibration
+            typer.echo(
+                f"gate: threshold {c['threshold']:.3f} for usage {c['target_usage']} "
+                f"(measured {c['usage']:.2f})"
+            )
+        typer.echo(f"checkpoint: {agent.store.root / run.checkpoint}")
+
+
+COLOURS = {"cloud": None, "device": typer.colors.GREEN, "fallback": typer.colors.YELLOW}
+
+
+@device.command()
+def generate(
+    prompt: Annotated[
+        str, typer.Argument(help="The prompt (wrapped in the backbone's chat template).")
+    ],
+    setting: Annotated[
+        str | None, typer.Option(help="base, lst, full, choice or spa (default: the checkpoint's).")
+    ] = None,
+    max_new_tokens: int = 64,
+    strategy: Annotated[str, typer.Option(help="greedy or sample.")] = "greedy",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Gate threshold (default: the calibrated one).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Keep the gate on the device (asked every token).")
+    ] = False,
+    profile: Profile = None,
+    what_if: Annotated[
+        bool, typer.Option("--what-if", help="Also print paper Table 2 for every setting.")
+    ] = False,
+    dir: Dir = None,
+    cloud_url: CloudUrl = None,
+    json_out: Json = False,
+) -> None:
+    """Generate through the cloud; tokens coloured by branch (device green, fallback yellow)."""
+    from device_agent.errors import DeviceError
+    from personalization.config import DecodeConfig
+    from personalization.latency import profile as named_profile
+    from personalization.latency import what_if_table
+
+    with _agent(dir, cloud_url, profile) as agent:
+        try:
+            decode = DecodeConfig(strategy, max_new_tokens, temperature, top_p, seed)
+            generation = agent.generate(
+                prompt, setting=setting, decode=decode, strict=strict, threshold=threshold
+            )
+            for token in generation:
+                if not json_out:
+                    typer.secho(token.text, fg=COLOURS.get(token.branch), nl=False)
+        except (DeviceError, ValueError) as exc:
+            typer.echo("")
+            _fail(str(exc))
+        a = generation.accounts
+        rows = agent.what_if(generation, named_profile(profile or "lte")) if what_if else []
+        if json_out:
+            out = {"text": generation.text, "status": generation.status, "accounts": a.summary(),
+                   "tokens": [vars(t) for t in generation.tokens]}  # fmt: skip
+            if rows:
+                out["what_if"] = [vars(r) for r in rows]
+            typer.echo(json.dumps(out, indent=2))
+            return
+        typer.echo(
+            f"\n\n{a.tokens} tokens ({a.device_tokens} device, {a.fallbacks} fallback) · "
+            f"{a.tokens_per_s:.1f} tok/s · M {a.m:.2f} · {a.contacts} contacts · "
+            f"{a.bytes_down:,} B down / {a.bytes_up:,} B up\n"
+            f"T_cloud {1e3 * a.t_cloud:.1f} ms + T_device {1e3 * a.t_device:.1f} ms + "
+            f"T_net {1e3 * a.t_net:.1f} ms = T_total {1e3 * a.t_total:.1f} ms "
+            f"(wall {1e3 * a.wall_s:.1f} ms)"
+        )
+        if rows:
+            typer.echo(f"\nwhat if, under profile {profile or 'lte'}:\n{what_if_table(rows)}")
+
+
+@device.command()
+def status(dir: Dir = None, json_out: Json = False) -> None:
+    """The device: history size, training runs, current checkpoint."""
+    with _agent(dir) as agent:
+        facts = agent.status()
+        if json_out:
+            typer.echo(json.dumps(facts, indent=2))
+            return
+        for key, value in facts.items():
+            typer.echo(f"{key:>14}: {value}")
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -1,0 +1,236 @@
+"""The device's HTTP client for the cloud API — the only way the device reaches the backbone.
+
+Every call has a timeout. Idempotent calls (info, head, tokenize, features, reading a session's
+record) are retried with exponential backoff and jitter (tenacity) on connection errors, 5xx and
+429; opening a session and answering a side request are not (a repeat would act twice). Errors
+surface as `CloudUnreachable` / `CloudError` with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import httpx
+import torch
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from device_agent.errors import CloudError, CloudUnreachable
+from device_agent.netem import EmulatedLink
+from personalization import wire
+from personalization.data import Example, Record
+from personalization.features import Features
+from personalization.head import BackboneFacts
+from personalization.latency import NetworkProfile
+
+BINARY = "application/octet-stream"
+FEATURE_FIELDS = ("taps", "final", "base_logprob", "labels")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Timeouts (seconds) and retry policy of the device's calls."""
+
+    connect_s: float = 5.0
+    read_s: float = 120.0  # a features batch or an idle event stream may take this long
+    attempts: int = 4  # tries of an idempotent call before giving up
+    backoff_s: float = 0.25  # first wait; doubles (with jitter) up to backoff_max_s
+    backoff_max_s: float = 4.0
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, CloudError):
+        return exc.status >= 500 or exc.status == 429
+    return isinstance(exc, httpx.TransportError)
+
+
+def _idempotent(method: Callable) -> Callable:
+    """Retry `method` on transient failures with the client's policy, then translate errors."""
+
+    def call(self: CloudClient, *args, **kwargs):
+        cfg = self.config
+        retrying = retry(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(cfg.attempts),
+            wait=wait_exponential_jitter(initial=cfg.backoff_s, max=cfg.backoff_max_s),
+            reraise=True,
+        )
+        try:
+            return retrying(method)(self, *args, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+class CloudClient:
+    """One device's authenticated connection to the cloud API."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        profile: NetworkProfile | None = None,
+        config: ClientConfig | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.config = config or ClientConfig()
+        self.link = EmulatedLink(profile, transport)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        timeout = httpx.Timeout(self.config.read_s, connect=self.config.connect_s)
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=self.link
+        )
+        self._info: dict | None = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _unreachable(self, exc: Exception) -> CloudUnreachable:
+        return CloudUnreachable(
+            f"cannot reach the cloud at {self.url} ({type(exc).__name__}: {exc or 'no detail'}); "
+            "is it running (`spa cloud`), and is the URL right?"
+        )
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        response = self.http.request(method, path, **kwargs)
+        _raise_for(response)
+        return response
+
+    # ---- calls ---------------------------------------------------------------------------------
+    def register(self, name: str) -> tuple[str, str]:
+        """A new device id and bearer token (not retried: each call registers a device)."""
+        try:
+            body = self._send("POST", "/v1/devices", json={"name": name}).json()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        return body["device_id"], body["token"]
+
+    @_idempotent
+    def info(self) -> dict:
+        """The backbone's facts and the server's limits (cached for the client's lifetime)."""
+        if self._info is None:
+            self._info = self._send("GET", "/v1/info").json()
+        return self._info
+
+    def facts(self) -> BackboneFacts:
+        i = self.info()
+        return BackboneFacts(
+            i["backbone"], i["fingerprint"], i["num_layers"], i["hidden_size"], i["vocab_size"],
+            i["parameters"]["backbone"], frozenset(i["eos_token_ids"]),
+        )  # fmt: skip
+
+    @_idempotent
+    def head(self, dtype: str = "float32") -> bytes:
+        """The frozen final norm + LM head (safetensors bytes)."""
+        return self._send("GET", "/v1/head", params={"dtype": dtype}).content
+
+    @_idempotent
+    def tokenize(
+        self,
+        records: Sequence[Record],
+        *,
+        max_prompt_tokens: int,
+        max_target_tokens: int,
+        keep: str,
+    ) -> list[Example]:
+        """Records → examples, tokenised by the cloud exactly as in-process training does."""
+        body = {
+            "records": [
+                {"instruction": r.instruction, "input": r.input, "output": r.output}
+                for r in records
+            ],
+            "max_prompt_tokens": max_prompt_tokens,
+            "max_target_tokens": max_target_tokens,
+            "keep": keep,
+        }
+        out = self._send("POST", "/v1/tokenize", json=body).json()["examples"]
+        return [Example(tuple(e["prompt"]), tuple(e["target"])) for e in out]
+
+    @_idempotent
+    def features(
+        self, examples: Sequence[Example], rungs: Sequence[int], dtype: str
+    ) -> tuple[list[Features], dict[str, str]]:
+        """Taps and backbone signals for examples; also the payload's metadata."""
+        body = {
+            "examples": [{"prompt": list(e.prompt), "target": list(e.target)} for e in examples],
+            "rungs": list(rungs),
+            "dtype": dtype,
+        }
+        data = self._send("POST", "/v1/features", json=body).content
+        tensors, meta = wire.unpack_with_metadata(data)
+        out = [
+            Features(**{k: tensors[f"{i}.{k}"] for k in FEATURE_FIELDS})
+            for i in range(int(meta["count"]))
+        ]
+        return out, meta
+
+    def open_session(self, body: dict) -> dict:
+        try:
+            return self._send("POST", "/v1/sessions", json=body).json()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+    def events(self, session_id: str) -> Iterator[tuple[dict, int]]:
+        """The session's NDJSON events as they arrive, each with its size in bytes on the wire."""
+        try:
+            with self.http.stream("GET", f"/v1/sessions/{session_id}/events") as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for(response)
+                for line in response.iter_lines():
+                    if line:
+                        yield json.loads(line), len(line.encode()) + 1
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+    def answer(self, session_id: str, request_id: int, g: torch.Tensor, dtype: str) -> int:
+        """Post g(x) for a side request; returns the bytes sent. A late answer (409) is fine:
+        the cloud already moved on with a fallback token."""
+        raw = wire.encode(g, dtype)
+        url = f"/v1/sessions/{session_id}/side-requests/{request_id}/answer"
+        headers = {"Content-Type": BINARY, "X-SPA-Dtype": dtype}
+        try:
+            response = self.http.post(url, content=raw, headers=headers)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code != 409:
+            _raise_for(response)
+        return len(raw)
+
+    def cancel(self, session_id: str) -> None:
+        with contextlib.suppress(httpx.TransportError):  # gone: nothing left to cancel
+            self.http.post(f"/v1/sessions/{session_id}/cancel", timeout=5.0)
+
+    @_idempotent
+    def session_record(self, session_id: str) -> dict:
+        return self._send("GET", f"/v1/sessions/{session_id}").json()
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text or response.reason_phrase
+    if not isinstance(detail, str):
+        detail = json.dumps(detail)
+    raise CloudError(response.status_code, detail)

@@ -1,0 +1,266 @@
+"""Generation from the device's side: open a cloud session, answer its side requests with the
+private side network, and account for every token as it arrives.
+
+Per token: cloud compute (the cloud's own measurement, in the token event), device compute
+(measured here around the side network), network time = how long the cloud waited for the answer
+minus the device's compute (so it includes the emulated link, HTTP and serialisation), bytes down
+(the side-request lines as received) and up (the g(x) bodies sent), and device contacts.
+T_total = T_cloud + T_device + T_net, per token and in total.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from device_agent.client import CloudClient
+from device_agent.errors import CloudUnreachable, DeviceError
+from personalization import wire
+from personalization.config import GATED_SETTINGS, DecodeConfig
+from personalization.model import SPAModel
+
+
+@dataclass
+class TokenCost:
+    """One generated token and its share of the bill (seconds, bytes)."""
+
+    index: int
+    id: int
+    text: str
+    branch: str  # cloud | device | fallback
+    gate_prob: float | None
+    cloud_s: float = 0.0
+    device_s: float = 0.0
+    net_s: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    contacts: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.cloud_s + self.device_s + self.net_s
+
+
+@dataclass
+class Accounts:
+    """Running totals of a generation; `T_total` is exactly the sum of its parts."""
+
+    tokens: int = 0
+    device_tokens: int = 0
+    fallbacks: int = 0
+    contacts: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    t_cloud: float = 0.0
+    t_device: float = 0.0
+    t_net: float = 0.0
+    wall_s: float = 0.0  # stream opened → last event, measured on the device
+    positions: int = 0  # tap positions received
+
+    def add(self, token: TokenCost) -> None:
+        self.tokens += 1
+        self.device_tokens += token.branch == "device"
+        self.fallbacks += token.branch == "fallback"
+        self.contacts += token.contacts
+        self.bytes_down += token.bytes_down
+        self.bytes_up += token.bytes_up
+        self.t_cloud += token.cloud_s
+        self.t_device += token.device_s
+        self.t_net += token.net_s
+
+    @property
+    def m(self) -> float:
+        return self.contacts / self.tokens if self.tokens else 0.0
+
+    @property
+    def t_total(self) -> float:
+        return self.t_cloud + self.t_device + self.t_net
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def summary(self) -> dict:
+        return asdict(self) | {
+            "M": self.m,
+            "t_total": self.t_total,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+@dataclass
+class _Pending:
+    """Side requests answered since the last token event."""
+
+    device_s: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    contacts: int = 0
+    gate_prob: float | None = None  # strict mode: the device's own gate decided
+    sigma: bool = True
+
+
+@dataclass
+class RemoteGeneration:
+    """A streaming generation through the cloud; iterate once for `TokenCost`s."""
+
+    client: CloudClient
+    model: SPAModel | None  # the private side network and gate; None for `base`
+    prompt: str | list[int]
+    setting: str = "spa"
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    strict: bool = False  # keep the gate on the device: asked every token
+    chat: bool = True
+    deadline_s: float | None = None
+    on_end: Callable[[RemoteGeneration], None] | None = None
+    tokens: list[TokenCost] = field(default_factory=list)
+    accounts: Accounts = field(default_factory=Accounts)
+    session: dict = field(default_factory=dict)
+    status: str = "created"
+    error: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+    def body(self) -> dict:
+        """The session request: prompt, decoding, and — the only learned numbers that leave
+        the device — the gate's 2·H + 2 weights (not even those in strict mode)."""
+        if self.setting != "base" and self.model is None:
+            raise DeviceError(f"setting {self.setting} needs a trained side network")
+        if self.strict and (
+            self.setting != "spa" or self.model.rungs[-1] != self.model.backbone.num_layers
+        ):
+            raise DeviceError(
+                "strict mode needs setting spa and the last rung L among the taps: the device "
+                "then reads f(x) from the taps and applies its own gate (answering 0 when σ = 0)"
+            )
+        body: dict = {
+            "prompt": self.prompt,
+            "chat": self.chat,
+            "setting": self.setting,
+            "strict": self.strict,
+            "decoding": {
+                "strategy": self.decode.strategy,
+                "max_new_tokens": self.decode.max_new_tokens,
+                "temperature": self.decode.temperature,
+                "top_p": self.decode.top_p,
+                **({"seed": self.decode.seed} if self.decode.seed is not None else {}),
+            },
+        }
+        if self.deadline_s is not None:
+            body["deadline_s"] = self.deadline_s
+        if self.model is not None and self.setting != "base":
+            body["rungs"] = list(self.model.rungs)
+            body["tap_dtype"] = self.model.config.wire_dtype
+            if self.setting in GATED_SETTINGS:
+                body["threshold"] = self.model.config.threshold
+                if not self.strict:
+                    gate = self.model.gate.linear
+                    body["gate"] = {"weight": _b64(gate.weight), "bias": _b64(gate.bias)}
+        return body
+
+    def __iter__(self) -> Iterator[TokenCost]:
+        if self.status != "created":
+            raise RuntimeError("a RemoteGeneration streams once")
+        self.status = "running"
+        cache = self.model.side.new_cache() if self.model is not None else None
+        pending = _Pending()
+        started = time.perf_counter()
+        try:
+            self.session = self.client.open_session(self.body())
+            sid = self.session["session_id"]
+            for event, size in self.client.events(sid):
+                kind = event["event"]
+                if kind == "side_request":
+                    pending.bytes_down += size
+                    pending.contacts += 1
+                    t = time.perf_counter()
+                    g = self._side(event, cache, pending)
+                    pending.device_s += time.perf_counter() - t
+                    pending.bytes_up += self.client.answer(
+                        sid, event["request_id"], g, event["dtype"]
+                    )
+                elif kind == "token":
+                    token = self._token(event, pending)
+                    pending = _Pending()
+                    self.tokens.append(token)
+                    self.accounts.add(token)
+                    self.accounts.wall_s = time.perf_counter() - started
+                    yield token
+                elif kind == "done":
+                    self.status = event["status"]
+                    self.error = event.get("reason", "")
+            if self.status == "running":
+                raise CloudUnreachable("the cloud ended the event stream without a `done` event")
+        except CloudUnreachable as exc:
+            self.status, self.error = (
+                "failed",
+                (f"the connection to the cloud broke after {len(self.tokens)} tokens: {exc}"),
+            )
+            raise CloudUnreachable(self.error) from None
+        except BaseException as exc:  # an error or an interrupt: stop the cloud's work too
+            self.status = "failed" if isinstance(exc, Exception) else "cancelled"
+            self.error = self.error or str(exc)
+            if self.session:
+                self.client.cancel(self.session["session_id"])
+            raise
+        finally:
+            self.accounts.wall_s = time.perf_counter() - started
+            if self.on_end is not None:
+                self.on_end(self)
+        if self.status == "failed":
+            raise DeviceError(f"the cloud could not finish the generation: {self.error}")
+
+    @torch.no_grad()
+    def _side(self, event: dict, cache, pending: _Pending) -> torch.Tensor:
+        """g(x) for the request's last position; taps from `start` (catch-up included). In
+        strict mode the device's own gate decides, on f(x) = the last rung's tap: σ = 0 → 0."""
+        shape = event["shape"]
+        raw = base64.b64decode(event["taps"])
+        taps = wire.decode(raw, event["dtype"], shape, what="taps")
+        start = event["start"]
+        if cache.length > start:  # we answered an earlier request too late: forget it
+            cache.kv = [None if e is None else (e[0][:, :, :start], e[1][:, :, :start])
+                        for e in cache.kv]  # fmt: skip
+        if cache.length != start:
+            raise DeviceError(
+                f"side request starts at position {start}, the side network has seen {cache.length}"
+            )
+        self.accounts.positions += shape[0]
+        model = self.model
+        g = model.side(taps.to(model.side_dtype)[None], cache)[0, -1]
+        if self.strict:
+            p = float(model.gate_prob(taps[-1, -1].to(model.side_dtype)))
+            pending.gate_prob, pending.sigma = p, p >= model.config.threshold
+            if not pending.sigma:
+                return torch.zeros_like(g)  # f + 0·g: the backbone's own token
+        return g
+
+    @staticmethod
+    def _token(event: dict, pending: _Pending) -> TokenCost:
+        wait = event["device_wait_ms"] / 1000
+        branch = event["branch"]
+        if branch == "device" and not pending.sigma:
+            branch = "cloud"  # strict mode: asked, but the device's gate kept f's token
+        return TokenCost(
+            index=event["index"],
+            id=event["id"],
+            text=event["text"],
+            branch=branch,
+            gate_prob=event.get("gate_prob") if pending.gate_prob is None else pending.gate_prob,
+            cloud_s=event["cloud_ms"] / 1000,
+            device_s=pending.device_s,
+            net_s=max(0.0, wait - pending.device_s),
+            bytes_down=pending.bytes_down,
+            bytes_up=pending.bytes_up,
+            contacts=pending.contacts,
+        )
+
+
+def _b64(x: torch.Tensor) -> str:
+    return base64.b64encode(wire.encode(x, "float32")).decode("ascii")

@@ -1,0 +1,97 @@
+"""The user's local history: what it may hold, how it is imported, and how it becomes training
+records (`personalization.data.Record`: instruction, input, output).
+
+Items are prompt/response pairs (a reply the user wrote to a message, a purchase that followed
+earlier ones) or free text (a note the user wrote), which trains under a standing instruction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import DeviceError
+from personalization.data import (
+    DataError,
+    Record,
+    beauty_record,
+    personachat_records,
+    read_jsonl,
+)
+
+TEXT_INSTRUCTION = "Write a short note in your own words."
+
+
+def text_item(text: str, source: str = "") -> dict[str, Any]:
+    text = text.strip()
+    if not text:
+        raise DeviceError("a history item needs some text")
+    return {"kind": "text", "instruction": TEXT_INSTRUCTION, "output": text, "source": source}
+
+
+def pair_item(prompt: str, response: str, input: str = "", source: str = "") -> dict[str, Any]:
+    if not prompt.strip() or not response.strip():
+        raise DeviceError("a prompt/response item needs both a prompt and a response")
+    return {
+        "kind": "pair",
+        "instruction": prompt.strip(),
+        "input": input,
+        "output": response.strip(),
+        "source": source,
+    }
+
+
+def read_items(path: str | Path) -> list[dict[str, Any]]:
+    """A JSONL file of items: {"text"}, {"prompt", "response"} or the paper's
+    {"instruction", "input", "output"} per line."""
+    items = []
+    try:
+        for n, row in enumerate(read_jsonl(path), 1):
+            where = f"{path}:{n}"
+            if "text" in row:
+                items.append(text_item(str(row["text"]), where))
+            elif "prompt" in row and "response" in row:
+                items.append(pair_item(str(row["prompt"]), str(row["response"]), source=where))
+            elif "instruction" in row and "output" in row:
+                items.append(
+                    pair_item(row["instruction"], row["output"], row.get("input", ""), where)
+                )
+            else:
+                raise DeviceError(
+                    f"{where}: expected text, prompt + response, or instruction + output; "
+                    f"found {sorted(row)}"
+                )
+    except (DataError, OSError) as exc:
+        raise DeviceError(str(exc)) from None
+    if not items:
+        raise DeviceError(f"{path} holds no history items")
+    return items
+
+
+def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
+    """One user's history from `personachat.jsonl` (every reply, with its context) or
+    `beauty.jsonl` (each purchase after the first two, predicted from the ones before it; the
+    user's held-out `test` item stays out)."""
+    try:
+        row = next((r for r in read_jsonl(path) if str(r.get("user_id")) == user_id), None)
+    except (DataError, OSError) as exc:
+        raise DeviceError(str(exc)) from None
+    if row is None:
+        raise DeviceError(f"{path}: no user {user_id!r}")
+    source = f"{Path(path).name}:{user_id}"
+    if "turns" in row:
+        records = personachat_records(row)
+    elif "history" in row:
+        purchases = list(row["history"]) + list(row.get("valid", []))
+        records = [
+            beauty_record(user_id, purchases[:k], purchases[k]) for k in range(2, len(purchases))
+        ]
+    else:
+        raise DeviceError(f"{path}: user rows need `turns` (PersonaChat) or `history` (Beauty)")
+    return [pair_item(r.instruction, r.output, r.input, source) for r in records]
+
+
+def to_record(item: Any) -> Record:
+    """A stored item (row or dict) as a training record."""
+    get = item.get if isinstance(item, dict) else lambda k, d="": getattr(item, k, d)
+    return Record(get("instruction"), get("input", "") or "", get("output"))

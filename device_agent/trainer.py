@@ -1,0 +1,291 @@
+"""Training the private side network against the remote frozen backbone.
+
+history → records → token ids (the cloud's tokenizer, `/v1/tokenize`) → taps and backbone signals
+(`/v1/features`, cached on the device by content, so a second run or a resumed one fetches
+nothing) → `personalization.train` on a `FrozenHead` (the backbone's final norm + LM head from
+`/v1/head`: the device never holds the backbone's layers) → gate calibrated to a usage budget →
+checkpoint (atomic, every epoch, so a crash resumes from the last one).
+
+Calibration starts from the quantile of the gate's probabilities on the held-out items' targets
+and is then refined on the probabilities the cloud reports while actually generating for the
+held-out prompts with this gate (the distribution the gate meets at inference); the usage it
+reports is measured on those generated tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from device_agent.client import CloudClient
+from device_agent.errors import DeviceError
+from device_agent.generation import RemoteGeneration
+from device_agent.history import to_record
+from device_agent.store import Store, TrainingRun
+from personalization import wire
+from personalization.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.config import (
+    GATED_SETTINGS,
+    SIDE_SETTINGS,
+    DecodeConfig,
+    SideConfig,
+    SPAConfig,
+)
+from personalization.data import Example
+from personalization.features import FeatureCache, Features, FeatureSource, source_id
+from personalization.head import FrozenHead
+from personalization.model import SPAModel
+from personalization.train import TrainConfig, make_optimizer, threshold_for, train
+
+
+@dataclass(frozen=True)
+class DeviceTrainConfig:
+    """What a device trains and how (the optimisation itself: `train`)."""
+
+    setting: str = "spa"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15))
+    reduction: int = 8  # side width H / r
+    rungs: tuple[int, ...] = ()  # () = the backbone's default (about L/4)
+    wire_dtype: str = "float16"
+    valid_fraction: float = 0.2  # held-out share of the history (calibration, validation loss)
+    max_prompt_tokens: int = 384
+    max_target_tokens: int = 64
+    keep: str = "end"  # an over-long input keeps its most recent end
+    calibration_prompts: int = 8  # held-out prompts generated through the cloud to refine σ
+    calibration_tokens: int = 24
+
+    def __post_init__(self):
+        if self.setting not in SIDE_SETTINGS:
+            raise DeviceError(
+                f"a device trains a side network: setting one of {', '.join(SIDE_SETTINGS)}, "
+                f"not {self.setting!r}"
+            )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeviceTrainConfig:
+        return cls(**{**d, "train": TrainConfig(**d["train"]), "rungs": tuple(d["rungs"])})
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A training milestone, for a progress bar or a live loss curve."""
+
+    stage: str  # tokenize | features | epoch | calibrate | done
+    done: int
+    total: int
+    info: dict = field(default_factory=dict)
+
+
+class RemoteFeatures(FeatureSource):
+    """`Features` from the cloud's features endpoint, batched within the server's limit."""
+
+    def __init__(self, client: CloudClient, rungs: Sequence[int], dtype: str):
+        info = client.info()
+        self.client, self.rungs, self.dtype = client, tuple(rungs), dtype
+        self.batch = int(info["limits"]["features_max_batch"])
+        self.source_id = source_id(info["fingerprint"], self.rungs, dtype)
+
+    def __call__(self, examples: Sequence[Example]) -> list[Features]:
+        out: list[Features] = []
+        for i in range(0, len(examples), self.batch):
+            features, meta = self.client.features(
+                examples[i : i + self.batch], self.rungs, self.dtype
+            )
+            if meta.get("source_id") != self.source_id:  # the cloud's backbone changed under us
+                raise DeviceError(
+                    "the cloud's backbone changed during training (features from "
+                    f"{meta.get('source_id')}, expected {self.source_id}); train again"
+                )
+            out += features
+        return out
+
+
+def frozen_head(client: CloudClient, store: Store) -> FrozenHead:
+    """The backbone's head, fetched once per weight fingerprint and kept in the store."""
+    facts = client.facts()
+    path = store.path(f"head/{facts.fingerprint}.safetensors")
+    if not path.is_file():
+        _write_atomic(path, client.head("float32"))
+    tensors, meta = wire.unpack_with_metadata(path.read_bytes())
+    return FrozenHead(facts, tensors, meta.get("norm", ""), float(meta.get("eps") or 1e-5))
+
+
+def train_device(
+    store: Store,
+    client: CloudClient,
+    cfg: DeviceTrainConfig | None = None,
+    *,
+    resume: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    progress: bool = False,
+) -> TrainingRun:
+    """Train on the stored history; returns the finished run (see the module docstring).
+    `resume=True` continues the newest unfinished run from its last checkpoint."""
+    notify = on_progress or (lambda _p: None)
+    run = _unfinished(store) if resume else None
+    if resume and run is None:
+        raise DeviceError("no unfinished training run to resume")
+    cfg = DeviceTrainConfig.from_dict(run.config) if run else (cfg or DeviceTrainConfig())
+    items = store.items()
+    if not items:
+        raise DeviceError("the history is empty: add or import items first (`spa device history`)")
+    seconds: dict[str, float] = {}
+    head = frozen_head(client, store)
+
+    t = time.perf_counter()
+    notify(Progress("tokenize", 0, len(items)))
+    examples = client.tokenize(
+        [to_record(i) for i in items], max_prompt_tokens=cfg.max_prompt_tokens,
+        max_target_tokens=cfg.max_target_tokens, keep=cfg.keep,
+    )  # fmt: skip
+    train_ex, valid_ex = _split(examples, cfg.valid_fraction, cfg.train.seed)
+    notify(Progress("tokenize", len(items), len(items)))
+
+    if run is None:
+        run = store.start_run(cfg.setting, cfg.as_dict())
+        store.update_run(run.id, examples=len(train_ex), valid_examples=len(valid_ex))
+    ckpt = store.path(f"checkpoints/run-{run.id}.safetensors")
+    start_epoch, optim_state = 0, {}
+    if resume and ckpt.is_file():
+        model, info, optim_state = load_checkpoint(ckpt, head)
+        start_epoch = info.epoch
+    else:
+        side = SideConfig(head.hidden_size, head.num_layers, cfg.rungs, cfg.reduction)
+        model = SPAModel(head, SPAConfig(cfg.setting, wire_dtype=cfg.wire_dtype), side)
+    optimizer = make_optimizer(model, cfg.train)
+    if optim_state:
+        optimizer.load_state_dict(optim_state)
+    store.update_run(run.id, status="running", error="")
+
+    try:
+        cache = FeatureCache(RemoteFeatures(client, model.rungs, cfg.wire_dtype), store.root)
+        wanted = train_ex + valid_ex
+        notify(Progress("features", 0, len(wanted)))
+        passes = cache.ensure(wanted, progress=progress)
+        notify(Progress("features", len(wanted), len(wanted), {"fetched": passes}))
+        seconds["prepare"] = time.perf_counter() - t
+        train_f, valid_f = cache.lazy(train_ex), cache.lazy(valid_ex)
+        meta = dict(data_hash=_hash(examples), train=asdict(cfg.train))
+        epochs: list[dict] = list(store.run(run.id).epochs)[:start_epoch]
+
+        t = time.perf_counter()
+        for epoch in range(start_epoch, cfg.train.epochs):  # one epoch per call: live progress
+            result = train(
+                model, train_f, replace(cfg.train, epochs=epoch + 1), valid=valid_f,
+                optimizer=optimizer, start_epoch=epoch, progress=progress,
+            )  # fmt: skip
+            save_checkpoint(ckpt, model, describe(model, epoch=epoch + 1, **meta), optimizer)
+            epochs += result.epochs
+            store.update_run(
+                run.id, epochs_done=epoch + 1, epochs=epochs, feature_passes=passes,
+                checkpoint=str(ckpt.relative_to(store.root)),
+            )  # fmt: skip
+            notify(Progress("epoch", epoch + 1, cfg.train.epochs, result.epochs[-1]))
+        seconds["train"] = time.perf_counter() - t
+
+        calibration: dict = {}
+        if model.setting in GATED_SETTINGS:
+            t = time.perf_counter()
+            calibration = calibrate_remote(
+                model, client, valid_f or train_f, cfg, [e.prompt for e in valid_ex], notify
+            )
+            seconds["calibrate"] = time.perf_counter() - t
+            meta["calibration"] = calibration
+        save_checkpoint(ckpt, model, describe(model, epoch=cfg.train.epochs, **meta), optimizer)
+        data = ckpt.read_bytes()
+        store.update_run(
+            run.id, status="finished", calibration=calibration, seconds=seconds,
+            feature_passes=passes,
+        )  # fmt: skip
+        n = model.trainable_parameters()
+        store.add_checkpoint(
+            run.id, path=str(ckpt.relative_to(store.root)), setting=model.setting,
+            epoch=cfg.train.epochs, threshold=calibration.get("threshold"),
+            target_usage=calibration.get("target_usage"), usage=calibration.get("usage"),
+            parameters=n, parameters_pct=100 * n / head.num_parameters,
+            sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+        )  # fmt: skip
+    except BaseException as exc:
+        store.update_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    notify(Progress("done", 1, 1, {"run": run.id}))
+    return store.run(run.id)
+
+
+@torch.no_grad()
+def calibrate_remote(
+    model: SPAModel,
+    client: CloudClient,
+    valid: Sequence[Features],
+    cfg: DeviceTrainConfig,
+    prompts: Sequence[Sequence[int]],
+    notify: Callable[[Progress], None],
+) -> dict:
+    """Threshold for the usage budget (see the module docstring); sets it on `model`."""
+    target = cfg.train.target_usage
+    forced = torch.cat([model.gate_prob(f.final.to(model.side_dtype)) for f in valid])
+    threshold = threshold_for(forced, target)
+    model.config = replace(model.config, threshold=threshold)
+    usage = float((forced >= threshold).float().mean())
+    prompts = list(prompts)[: cfg.calibration_prompts]
+    seen: list[float] = []
+    decode = DecodeConfig(max_new_tokens=cfg.calibration_tokens)
+    for i, prompt in enumerate(prompts):
+        notify(Progress("calibrate", i, len(prompts)))
+        generation = RemoteGeneration(client, model, list(prompt), model.setting, decode)
+        seen += [t.gate_prob for t in generation if t.gate_prob is not None]
+    if seen:
+        probs = torch.tensor(seen)
+        threshold = threshold_for(probs, target)
+        model.config = replace(model.config, threshold=threshold)
+        usage = float((probs >= threshold).float().mean())
+    notify(Progress("calibrate", len(prompts), len(prompts), {"threshold": threshold}))
+    return {"target_usage": target, "threshold": threshold, "usage": usage, "tokens": len(seen)}
+
+
+def _unfinished(store: Store) -> TrainingRun | None:
+    runs = [r for r in store.runs() if r.status in ("running", "failed")]
+    return runs[-1] if runs else None
+
+
+def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded held-out split; fewer than 4 examples: all train, none held out."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_valid = round(fraction * len(examples)) if len(examples) >= 4 else 0
+    n_valid = max(1, n_valid) if len(examples) >= 4 and fraction > 0 else n_valid
+    valid = sorted(order[:n_valid])
+    keep = set(valid)
+    return [e for i, e in enumerate(examples) if i not in keep], [examples[i] for i in valid]
+
+
+def _hash(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr((e.prompt, e.target)).encode())
+    return h.hexdigest()[:16]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

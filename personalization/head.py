@@ -1,0 +1,75 @@
+"""The backbone's frozen final norm and LM head, without its layers — all a device needs.
+
+Training `g` (through `head(f + g)`) and the gate (on `final_norm(f)`) from cached features touches
+nothing of the backbone but these two modules, so a device that fetched them from the cloud can
+build an `SPAModel` on a `FrozenHead` and train with `personalization.train` unchanged, never
+holding the backbone's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · w, computed in float32 like Llama's (torch's RMSNorm rounds differently)."""
+
+    def __init__(self, weight: Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What the cloud says about its backbone (GET /v1/info)."""
+
+    name: str
+    fingerprint: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_parameters: int
+    eos_token_ids: frozenset[int]
+
+
+class FrozenHead:
+    """Stands in for `Backbone` wherever only `head()`, `final_norm` and its facts are used."""
+
+    def __init__(self, facts: BackboneFacts, tensors: dict[str, Tensor], norm: str, eps: float):
+        self.facts = facts
+        weight = tensors["final_norm.weight"].float()
+        if "final_norm.bias" in tensors:  # LayerNorm (GPT-2 family)
+            self.final_norm: nn.Module = nn.LayerNorm(weight.shape[0], eps=eps)
+            self.final_norm.load_state_dict({"weight": weight, "bias": tensors["final_norm.bias"]})
+        elif "rms" in norm.lower():
+            self.final_norm = RMSNorm(weight, eps)
+        else:
+            raise ValueError(f"cannot rebuild a final norm of type {norm!r} from its weights")
+        head = tensors["lm_head.weight"].float()
+        self.lm_head = nn.Linear(head.shape[1], head.shape[0], bias="lm_head.bias" in tensors)
+        self.lm_head.load_state_dict({k[len("lm_head.") :]: v.float() for k, v in tensors.items()
+                                      if k.startswith("lm_head.")})  # fmt: skip
+        for module in (self.final_norm, self.lm_head):
+            module.eval().requires_grad_(False)
+        if head.shape != (facts.vocab_size, facts.hidden_size):
+            raise ValueError(
+                f"the head has shape {tuple(head.shape)}, the backbone reports "
+                f"vocab {facts.vocab_size} × H {facts.hidden_size}"
+            )
+
+    def __getattr__(self, name: str):  # name, fingerprint, num_layers, hidden_size, ...
+        return getattr(self.__dict__["facts"], name)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits from a pre-norm hidden state, as `Backbone.head`."""
+        return self.lm_head(self.final_norm(hidden))
