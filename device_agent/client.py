@@ -19,7 +19,8 @@ from tenacity import (
     retry,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from device_agent.errors import CloudError, CloudUnreachable
@@ -59,7 +60,8 @@ def _idempotent(method: Callable) -> Callable:
         retrying = retry(
             retry=retry_if_exception(_transient),
             stop=stop_after_attempt(cfg.attempts),
-            wait=wait_exponential_jitter(initial=cfg.backoff_s, max=cfg.backoff_max_s),
+            wait=wait_exponential(multiplier=cfg.backoff_s, max=cfg.backoff_max_s)
+            + wait_random(0, cfg.backoff_s),
             reraise=True,
         )
         try:

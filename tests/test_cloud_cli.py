@@ -2,58 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
+from cloud_server import free_port, spawn, stop, wait_ready
 from typer.testing import CliRunner
 
 from app.cli import cli
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_spa_cloud_serves_until_terminated(tmp_path):
-    port = _free_port()
-    env = os.environ | {"SPA_CLOUD_MAX_SESSIONS": "3", "SPA_CACHE_DIR": str(tmp_path)}
-    command = [sys.executable, "-c", "from app.cli import main; main()", "cloud",
-               "--port", str(port), "--backbone", "tiny-llama", "--log-level", "warning",
-               "--database-url", f"sqlite:///{tmp_path / 'cloud.db'}"]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    port = free_port()
+    process = spawn(tmp_path, port, SPA_CLOUD_MAX_SESSIONS="3")
     try:
-        url, ready = f"http://127.0.0.1:{port}", None
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                ready = httpx.get(f"{url}/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        if ready is None or ready.status_code != 200:  # say why: the server's own output
-            process.send_signal(signal.SIGTERM)
-            output = process.communicate(timeout=30)[0].decode()
-            raise AssertionError(f"spa cloud never became ready (exit {process.poll()}):\n{output}")
+        url = f"http://127.0.0.1:{port}"
+        ready = wait_ready(process, url)
         assert ready.json() == {"status": "ready", "backbone": "tiny-llama"}
         token = httpx.post(f"{url}/v1/devices", json={}).json()["token"]
         info = httpx.get(f"{url}/v1/info", headers={"Authorization": f"Bearer {token}"}).json()
         assert info["limits"]["max_sessions"] == 3  # from the environment
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            output = process.communicate(timeout=30)[0].decode()
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0].decode()
+        output = stop(process)
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (exit status -15)
     assert process.returncode in (0, -signal.SIGTERM), output
     assert f"on http://127.0.0.1:{port}" in output

@@ -1,0 +1,403 @@
+"""The device agent against a real cloud server on 127.0.0.1 (tiny backbone): end to end, privacy,
+a cloud that dies mid-generation, a crash while checkpointing, network emulation, retries."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from cloud_server import free_port, running, spawn, stop, wait_ready
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+import personalization.checkpoint as checkpoint_module
+from device_agent.agent import DeviceAgent
+from device_agent.client import ClientConfig, CloudClient
+from device_agent.errors import CloudError, CloudUnreachable
+from device_agent.trainer import DeviceTrainConfig
+from personalization.config import DecodeConfig
+from personalization.latency import NetworkProfile
+from personalization.train import TrainConfig
+
+SIGNATURE = "~zq sig~"
+FAST = DeviceTrainConfig(train=TrainConfig(epochs=30, lr=3e-3, batch_size=8), calibration_prompts=2)
+
+
+def _history(n: int = 24) -> list[dict]:
+    """A user who signs every answer the same way — a pattern the random backbone never emits."""
+    return [
+        {"kind": "pair", "instruction": f"Tell me about topic {i}.", "output": SIGNATURE}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("cloud")) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def trained(cloud, tmp_path_factory):
+    """A device that imported a history (JSONL) and trained `spa` on it."""
+    root = tmp_path_factory.mktemp("device") / "dev"
+    history = root.parent / "history.jsonl"
+    history.write_text(
+        "".join(json.dumps({"prompt": i["instruction"], "response": i["output"]}) + "\n"
+                for i in _history())
+    )  # fmt: skip
+    from device_agent.history import read_items
+
+    with DeviceAgent.init(root, cloud, "e2e") as agent:
+        agent.store.add_items(read_items(history))
+        agent.train(FAST)
+    return root
+
+
+def _signature_tokens(tokens) -> list:
+    """The tokens whose text overlaps the first occurrence of the signature."""
+    text = "".join(t.text for t in tokens)
+    start = text.index(SIGNATURE)
+    out, pos = [], 0
+    for t in tokens:
+        if pos < start + len(SIGNATURE) and pos + len(t.text) > start:
+            out.append(t)
+        pos += len(t.text)
+    return out
+
+
+# ---- 1. end to end ---------------------------------------------------------------------------
+def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(trained, cloud):
+    with DeviceAgent(trained) as agent:
+        run = agent.store.runs()[-1]
+        assert run.status == "finished" and run.epochs_done == 30
+        assert run.feature_passes == len(_history())  # every example fetched once
+        generation = agent.generate(
+            "Tell me about topic 3.", decode=DecodeConfig(max_new_tokens=16)
+        )
+        tokens = list(generation)
+        assert generation.status == "finished"
+        assert SIGNATURE in generation.text
+        assert {t.branch for t in _signature_tokens(tokens)} == {"device"}
+
+        a = generation.accounts
+        assert a.tokens == len(tokens) and a.device_tokens >= len(_signature_tokens(tokens))
+        for part in ("cloud_s", "device_s", "net_s", "bytes_down", "bytes_up", "contacts"):
+            total = {"cloud_s": a.t_cloud, "device_s": a.t_device, "net_s": a.t_net,
+                     "bytes_down": a.bytes_down, "bytes_up": a.bytes_up,
+                     "contacts": a.contacts}[part]  # fmt: skip
+            assert sum(getattr(t, part) for t in tokens) == pytest.approx(total, abs=1e-9)
+        assert a.t_total == pytest.approx(a.t_cloud + a.t_device + a.t_net, abs=1e-12)
+        assert sum(t.total_s for t in tokens) == pytest.approx(a.t_total, abs=1e-9)
+        assert a.m == pytest.approx(a.contacts / a.tokens)
+
+        # the device's books agree with the cloud's own record of the session
+        record = agent.client.session_record(generation.session["session_id"])
+        assert record["device_contacts"] == a.contacts
+        assert record["bytes_to_device"] == a.bytes_down
+        assert record["bytes_from_device"] == a.bytes_up
+        assert record["tokens"] == a.tokens
+        assert record["cloud_s"] == pytest.approx(a.t_cloud, abs=1e-3 * a.tokens)
+
+        (log,) = agent.store.generations(limit=1)
+        assert log.text == generation.text and log.status == "finished"
+        assert log.totals["contacts"] == a.contacts and len(log.tokens) == a.tokens
+
+        # base: the backbone alone, never a contact
+        base = agent.generate("Tell me about topic 3.", setting="base",
+                              decode=DecodeConfig(max_new_tokens=16))  # fmt: skip
+        assert {t.branch for t in base} == {"cloud"}
+        assert SIGNATURE not in base.text and base.accounts.contacts == 0
+
+
+def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
+    with DeviceAgent(trained) as agent:
+        generation = agent.generate("Tell me about topic 5.", decode=DecodeConfig(max_new_tokens=8))
+        list(generation)
+        net = NetworkProfile("test", 0.1, 10e6, 10e6)
+        rows = {r.setting: r for r in agent.what_if(generation, net)}
+        L = agent.client.info()["num_layers"]
+        assert set(rows) == {"lora", "adapter", "lst", "full", "choice", "spa"}
+        assert (rows["lora"].m, rows["adapter"].m, rows["full"].m) == (L, 2 * L, 1.0)
+        assert rows["spa"].m == pytest.approx(generation.accounts.m)
+        for r in rows.values():
+            assert r.total_ms == pytest.approx(r.inference_ms + r.network_ms)
+        assert rows["adapter"].network_ms > rows["lora"].network_ms > rows["full"].network_ms
+
+
+# ---- 2. privacy --------------------------------------------------------------------------------
+class Recording(httpx.BaseTransport):
+    """A real HTTP transport that keeps a copy of every request body the device sends."""
+
+    def __init__(self):
+        self.inner, self.sent = httpx.HTTPTransport(), []
+
+    def handle_request(self, request):
+        self.sent.append(bytes(request.method.encode() + b" " + request.url.raw_path) +
+                         b"\n" + request.read())  # fmt: skip
+        return self.inner.handle_request(request)
+
+    def close(self):
+        self.inner.close()
+
+
+def _corpus(chunks: list[bytes]) -> bytes:
+    """Every byte sent, plus the decoded form of every base64 string inside JSON bodies."""
+    out = list(chunks)
+    for chunk in chunks:
+        for match in re.finditer(rb'"([A-Za-z0-9+/=]{16,})"', chunk):
+            with contextlib.suppress(ValueError):
+                out.append(base64.b64decode(match.group(1), validate=True))
+    return b"\x00".join(out)
+
+
+def _forms(p: torch.Tensor) -> dict[str, bytes]:
+    """A parameter tensor as it could be smuggled: fp32, fp16, bf16, int8 (absmax), as text."""
+    flat = p.detach().flatten().float()
+    scale = flat.abs().max().clamp_min(1e-12) / 127
+    return {
+        "fp32": flat.numpy().tobytes(),
+        "fp16": flat.half().numpy().tobytes(),
+        "bf16": flat.bfloat16().view(torch.int16).numpy().tobytes(),
+        "int8": (flat / scale).round().to(torch.int8).numpy().tobytes(),
+        "text": ",".join(f"{v:.6g}" for v in flat[:8].tolist()).encode(),
+    }
+
+
+def _leaks(corpus: bytes, p: torch.Tensor, window: int = 16) -> list[str]:
+    """Which forms of `p` appear in the corpus (any `window`-byte slice of their non-trivial
+    stretch: the first few values are enough to identify a trained tensor)."""
+    found = []
+    for form, data in _forms(p).items():
+        probe = data[:window] if form != "text" else data
+        if len(set(probe)) > 2 and probe in corpus:  # skip all-zero / constant probes
+            found.append(form)
+    return found
+
+
+def test_privacy_no_side_network_parameter_leaves_the_device(cloud, tmp_path):
+    recording = Recording()
+    root = tmp_path / "dev"
+    with DeviceAgent.init(root, cloud, "private", transport=recording) as agent:
+        agent.store.add_items(_history(16))
+        agent.train(FAST)
+        list(agent.generate("Tell me about topic 1.", decode=DecodeConfig(max_new_tokens=8)))
+        model = agent.model()
+        side = {n: p for n, p in model.side.named_parameters()}
+        gate = dict(model.gate.named_parameters())
+    open_gated = _corpus(recording.sent)
+
+    strict_recording = Recording()
+    with DeviceAgent(root, transport=strict_recording) as agent:
+        strict = agent.generate("Tell me about topic 1.", strict=True,
+                                decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
+        assert len(list(strict)) > 0 and strict.accounts.m == 1.0  # asked every token
+    strict_corpus = _corpus(strict_recording.sent)
+
+    checked = 0
+    for name, p in side.items():
+        if p.numel() >= 8 and p.detach().abs().max() > 0:
+            assert _leaks(open_gated, p) == [], f"side.{name} left the device"
+            assert _leaks(strict_corpus, p) == [], f"side.{name} left the device (strict)"
+            checked += 1
+    assert checked >= 5
+    # the detector works: the gate's weights (sent by design, fp32) are found; strict keeps them
+    assert "fp32" in _leaks(open_gated, gate["linear.weight"])
+    assert _leaks(strict_corpus, gate["linear.weight"]) == []
+    # what did go out: history text for features, prompts, g(x) answers — and no other tensor
+    answers = [c for c in recording.sent if b"/answer" in c.split(b"\n", 1)[0]]
+    H = model.side.config.hidden_size
+    assert answers and all(len(c.split(b"\n", 1)[1]) == 2 * H for c in answers)  # fp16 g(x)
+
+
+# ---- 3. the cloud dies mid-generation ------------------------------------------------------------
+def test_cloud_killed_mid_generation_clear_error_store_intact_then_recovers(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = spawn(tmp_path, port)
+    try:
+        wait_ready(process, url)
+        root = tmp_path / "dev"
+        config = ClientConfig(attempts=2, backoff_s=0.05, connect_s=2)
+        with DeviceAgent.init(root, url, "fragile", client_config=config) as agent:
+            agent.store.add_items(_history(12))
+            agent.train(DeviceTrainConfig(setting="full", train=TrainConfig(epochs=2)))
+            checkpoint = agent.store.current_checkpoint()
+            generation = agent.generate("Tell me about topic 2.", setting="full",
+                                        decode=DecodeConfig(max_new_tokens=40))  # fmt: skip
+            tokens = iter(generation)
+            next(tokens)  # `full` asks the device every token: the cloud waits on us
+            process.kill()
+            process.wait(timeout=30)
+            with pytest.raises(CloudUnreachable, match="connection to the cloud broke after 1 tok"):
+                list(tokens)
+            assert generation.status == "failed"
+            # the store is intact: history, run, checkpoint (loadable), and the failure logged
+            assert len(agent.store.items()) == 12
+            assert agent.store.current_checkpoint().sha256 == checkpoint.sha256
+            assert agent.model().setting == "full"
+            (log,) = agent.store.generations(limit=1)
+            assert log.status == "failed" and "broke after 1 tokens" in log.error
+            with pytest.raises(CloudUnreachable, match=f"cannot reach the cloud at {url}"):
+                list(agent.generate("again?", setting="full"))
+        process = spawn(tmp_path, port)  # the same database: the device is still registered
+        wait_ready(process, url)
+        with DeviceAgent(root, client_config=config) as agent:
+            again = agent.generate("Tell me about topic 2.", setting="full",
+                                   decode=DecodeConfig(max_new_tokens=6))  # fmt: skip
+            assert len(list(again)) > 0 and again.status == "finished"
+            assert [g.status for g in agent.store.generations()][:1] == ["finished"]
+    finally:
+        stop(process)
+
+
+# ---- 4. a crash while writing a checkpoint ---------------------------------------------------
+def test_crash_while_checkpointing_keeps_the_previous_checkpoint_and_resumes(
+    cloud, tmp_path, monkeypatch
+):
+    root = tmp_path / "dev"
+    with DeviceAgent.init(root, cloud, "crashy") as agent:
+        agent.store.add_items(_history(12))
+        cfg = DeviceTrainConfig(setting="full", train=TrainConfig(epochs=3))
+        agent.train(cfg)
+        good = agent.store.current_checkpoint()
+        before = agent.model().side.up.weight.detach().clone()
+
+        real_save, calls = checkpoint_module.save_file, []
+
+        def crash_on_second_save(tensors, path, metadata=None):
+            calls.append(path)
+            if len(calls) == 2:  # mid-write: half a file on disk, then the process "dies"
+                with open(path, "wb") as f:
+                    f.write(b"\x00" * 100)
+                raise KeyboardInterrupt("power cut")
+            real_save(tensors, path, metadata=metadata)
+
+        monkeypatch.setattr(checkpoint_module, "save_file", crash_on_second_save)
+        with pytest.raises(KeyboardInterrupt):
+            agent.train(DeviceTrainConfig(setting="full", train=TrainConfig(epochs=3, lr=5e-3)))
+        monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+
+        assert not list((root / "checkpoints").glob("*.tmp"))  # no debris
+        assert agent.store.current_checkpoint().id == good.id  # still the last good one
+        assert torch.equal(agent.model().side.up.weight, before)  # ...and it loads
+        crashed = agent.store.runs()[-1]
+        assert crashed.status == "failed" and crashed.epochs_done == 1
+        assert "power cut" in crashed.error
+
+        resumed = agent.train(resume=True)  # continues from the epoch-1 checkpoint
+        assert resumed.id == crashed.id and resumed.status == "finished"
+        assert resumed.epochs_done == 3 and len(resumed.epochs) == 3
+        assert agent.store.current_checkpoint().run_id == crashed.id
+
+
+# ---- 5. network emulation is real ------------------------------------------------------------
+def test_emulated_rtt_shows_in_measured_network_time(trained):
+    net = NetworkProfile("rtt100", rtt_s=0.100, down_bps=50e6, up_bps=20e6)
+    with DeviceAgent(trained, profile=net) as agent:
+        generation = agent.generate("Tell me about topic 7.", setting="full",
+                                    decode=DecodeConfig(max_new_tokens=10))  # fmt: skip
+        tokens = list(generation)
+        a = generation.accounts
+        assert a.contacts == len(tokens) and a.m == 1.0
+        expected = a.contacts * net.rtt_s + net.transfer_s(a.bytes_down, a.bytes_up)
+        assert a.t_net == pytest.approx(expected, rel=0.20), (a.t_net, expected)
+        assert agent.client.link.bytes_down >= a.bytes_down  # the link counted what crossed it
+
+
+def test_delay_line_charges_one_way_latency_once_per_burst():
+    """A streamed burst of chunks arrives one-way latency late, not latency × chunks."""
+    app = FastAPI()
+
+    @app.get("/burst")
+    def burst():
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(b"x" * 100 + b"\n" for _ in range(20))
+
+    with _serve(app) as url:
+        net = NetworkProfile("slow", rtt_s=0.2, down_bps=1e9, up_bps=1e9)
+        client = CloudClient(url, profile=net)
+        start = time.perf_counter()
+        body = client.http.get("/burst").content
+        elapsed = time.perf_counter() - start
+        client.close()
+    assert len(body) == 20 * 101
+    assert 0.2 <= elapsed < 0.2 * 3  # ~RTT (+ local overhead), nowhere near 20 × 0.1 s
+    assert client.link.bytes_down == len(body)
+
+
+# ---- 6. resilience -------------------------------------------------------------------------------
+class _Flaky:
+    """A real HTTP server whose /v1/info fails with 503 `failures` times, then answers."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, {"info": 0, "sessions": 0}
+        self.app = FastAPI()
+        self.app.get("/v1/info")(self.info)
+        self.app.post("/v1/sessions")(self.sessions)
+
+    def info(self):
+        self.calls["info"] += 1
+        if self.calls["info"] <= self.failures:
+            return JSONResponse({"detail": "warming up"}, status_code=503)
+        return {"backbone": "flaky"}
+
+    def sessions(self):
+        self.calls["sessions"] += 1
+        return JSONResponse({"detail": "overloaded"}, status_code=503)
+
+
+def test_idempotent_calls_retry_5xx_with_backoff_others_do_not():
+    flaky = _Flaky(failures=2)
+    with _serve(flaky.app) as url:
+        client = CloudClient(url, config=ClientConfig(attempts=4, backoff_s=0.01))
+        assert client.info() == {"backbone": "flaky"}
+        assert flaky.calls["info"] == 3  # two 503s, then success
+        with pytest.raises(CloudError, match="overloaded") as err:
+            client.open_session({"prompt": "hi"})
+        assert err.value.status == 503 and flaky.calls["sessions"] == 1  # never repeated
+        client.close()
+    flaky = _Flaky(failures=10)
+    with _serve(flaky.app) as url:
+        client = CloudClient(url, config=ClientConfig(attempts=3, backoff_s=0.01))
+        with pytest.raises(CloudError, match=r"\(503\): warming up"):
+            client.info()
+        assert flaky.calls["info"] == 3  # gave up after `attempts`
+        client.close()
+
+
+def test_unreachable_cloud_is_a_clear_error_after_retries():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    client = CloudClient(url, config=ClientConfig(attempts=2, backoff_s=0.01, connect_s=1))
+    with pytest.raises(CloudUnreachable, match=f"cannot reach the cloud at {url}.*spa cloud"):
+        client.info()
+    client.close()
+
+
+class _serve:
+    """Serve a FastAPI app with uvicorn on a free 127.0.0.1 port for the `with` block."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, port=free_port(), log_level="warning", ws="none")
+        )
+
+    def __enter__(self) -> str:
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            threading.Event().wait(0.02)
+        return f"http://127.0.0.1:{self.server.config.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
