@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from device_agent.client import ClientConfig, CloudClient
-from device_agent.errors import NotTrained, StoreError
+from device_agent.errors import DeviceError, NotTrained, StoreError
 from device_agent.generation import RemoteGeneration
 from device_agent.store import Store
 from device_agent.trainer import DeviceTrainConfig, Progress, frozen_head, train_device
@@ -24,6 +24,9 @@ from personalization.config import DecodeConfig
 from personalization.embedded import cache_dir
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
 from personalization.model import SPAModel
+
+#: what a device can ask the cloud for (lora / adapter live inside the backbone's layers)
+SESSION_SETTINGS = ("base", "lst", "full", "choice", "spa")
 
 
 def default_dir() -> Path:
@@ -97,11 +100,17 @@ class DeviceAgent:
         self._model = None
         return run
 
-    def model(self) -> SPAModel:
-        """The side network and gate of the newest checkpoint (on the frozen head)."""
-        checkpoint = self.store.current_checkpoint()
+    def model(self, setting: str | None = None) -> SPAModel:
+        """The side network (and gate) of the newest checkpoint — of `setting`, if given — on
+        the frozen head."""
+        checkpoint = self.store.current_checkpoint(setting)
         if checkpoint is None:
-            raise NotTrained("this device has no trained side network yet: run `spa device train`")
+            trained = ", ".join(sorted({c.setting for c in self.store.checkpoints()})) or "none"
+            which = f" --setting {setting}" if setting else ""
+            raise NotTrained(
+                f"this device has no trained side network{which.replace(' --', ' for ')} yet "
+                f"(trained: {trained}); run `spa device train{which}`"
+            )
         if self._model is None or self._model[0] != checkpoint.id:
             head = frozen_head(self.client, self.store)
             model, _info, _optim = load_checkpoint(self.store.path(checkpoint.path), head)
@@ -120,10 +129,14 @@ class DeviceAgent:
         deadline_s: float | None = None,
     ) -> RemoteGeneration:
         """A streaming generation (iterate it); logged in the store when it ends, however."""
+        if setting is not None and setting not in SESSION_SETTINGS:
+            raise DeviceError(
+                f"unknown setting {setting!r}; choose one of {', '.join(SESSION_SETTINGS)}"
+            )
         model = None
         if setting != "base":
-            model = self.model()
-            setting = setting or model.setting
+            model = self.model(setting)
+            setting = model.setting
             if threshold is not None:
                 model.config = replace(model.config, threshold=threshold)
         profile = self.client.link.profile

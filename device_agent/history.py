@@ -7,6 +7,7 @@ earlier ones) or free text (a note the user wrote), which trains under a standin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +44,47 @@ def pair_item(prompt: str, response: str, input: str = "", source: str = "") -> 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:
     """A JSONL file of items: {"text"}, {"prompt", "response"} or the paper's
-    {"instruction", "input", "output"} per line."""
-    items = []
+    {"instruction", "input", "output"} per line. Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeviceError(f"{path}: no such data file")
     try:
-        for n, row in enumerate(read_jsonl(path), 1):
-            where = f"{path}:{n}"
-            if "text" in row:
-                items.append(text_item(str(row["text"]), where))
-            elif "prompt" in row and "response" in row:
-                items.append(pair_item(str(row["prompt"]), str(row["response"]), source=where))
-            elif "instruction" in row and "output" in row:
-                items.append(
-                    pair_item(row["instruction"], row["output"], row.get("input", ""), where)
-                )
-            else:
-                raise DeviceError(
-                    f"{where}: expected text, prompt + response, or instruction + output; "
-                    f"found {sorted(row)}"
-                )
-    except (DataError, OSError) as exc:
-        raise DeviceError(str(exc)) from None
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeviceError(f"{path}: cannot read ({exc})") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            items.append(_item(json.loads(line), where))
+        except json.JSONDecodeError as exc:
+            raise DeviceError(f"{where}: not a JSON line ({exc.msg})") from None
+        except DeviceError as exc:
+            raise DeviceError(f"{where}: {exc}") from None
     if not items:
         raise DeviceError(f"{path} holds no history items")
     return items
+
+
+def _item(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DeviceError(f"expected a JSON object, found {type(row).__name__}")
+    if row.get("input") is None:  # the paper's files write an empty input as null
+        row = {k: v for k, v in row.items() if k != "input"}
+    for key in ("text", "prompt", "response", "instruction", "input", "output"):
+        if key in row and not isinstance(row[key], str):
+            raise DeviceError(f"{key!r} must be a string, found {type(row[key]).__name__}")
+    if "text" in row:
+        return text_item(row["text"], where)
+    if "prompt" in row and "response" in row:
+        return pair_item(row["prompt"], row["response"], source=where)
+    if "instruction" in row and "output" in row:
+        return pair_item(row["instruction"], row["output"], row.get("input", ""), where)
+    raise DeviceError(
+        f"expected text, prompt + response, or instruction + output; found {sorted(row)}"
+    )
 
 
 def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:

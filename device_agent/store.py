@@ -180,17 +180,22 @@ class Store:
     # ---- history ---------------------------------------------------------------------------
     def add_items(self, items: list[dict[str, Any]]) -> list[int]:
         """Add history items in one transaction (all or none); returns their ids."""
-        with self.transaction() as s:
-            rows = [HistoryItem(**item) for item in items]
-            s.add_all(rows)
-            s.flush()
-            return [r.id for r in rows]
+        try:
+            with self.transaction() as s:
+                rows = [HistoryItem(**item) for item in items]
+                s.add_all(rows)
+                s.flush()
+                return [r.id for r in rows]
+        except (SQLAlchemyError, TypeError) as exc:
+            raise StoreError(f"could not add the history items (none added): {exc}") from None
 
     def items(self) -> list[HistoryItem]:
         with self._sessions() as s:
             return list(s.scalars(sql_select(HistoryItem).order_by(HistoryItem.id)))
 
     def delete_items(self, ids: list[int]) -> int:
+        """Delete items by id (all or none); returns how many were deleted."""
+        ids = sorted(set(ids))
         with self.transaction() as s:
             rows = [s.get(HistoryItem, i) for i in ids]
             missing = [i for i, r in zip(ids, rows, strict=True) if r is None]
@@ -230,9 +235,16 @@ class Store:
             s.flush()
             return row
 
-    def current_checkpoint(self) -> Checkpoint | None:
+    def checkpoints(self) -> list[Checkpoint]:
+        with self._sessions() as s:
+            return list(s.scalars(sql_select(Checkpoint).order_by(Checkpoint.id)))
+
+    def current_checkpoint(self, setting: str | None = None) -> Checkpoint | None:
+        """The newest checkpoint (of `setting`, if given)."""
         with self._sessions() as s:
             query = sql_select(Checkpoint).order_by(Checkpoint.id.desc()).limit(1)
+            if setting is not None:
+                query = query.where(Checkpoint.setting == setting)
             return s.scalars(query).first()
 
     # ---- generation logs ---------------------------------------------------------------------

@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from device_agent.client import CloudClient
 from device_agent.errors import DeviceError
 from device_agent.generation import RemoteGeneration
 from device_agent.history import to_record
 from device_agent.store import Store, TrainingRun
-from personalization import wire
 from personalization.checkpoint import describe, load_checkpoint, save_checkpoint
 from personalization.config import (
     GATED_SETTINGS,
@@ -117,7 +117,9 @@ def frozen_head(client: CloudClient, store: Store) -> FrozenHead:
     path = store.path(f"head/{facts.fingerprint}.safetensors")
     if not path.is_file():
         _write_atomic(path, client.head("float32"))
-    tensors, meta = wire.unpack_with_metadata(path.read_bytes())
+    with safe_open(path, "pt") as f:  # memory-mapped: the head is the device's largest tensor
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     return FrozenHead(facts, tensors, meta.get("norm", ""), float(meta.get("eps") or 1e-5))
 
 
@@ -179,19 +181,21 @@ def train_device(
         meta = dict(data_hash=_hash(examples), train=asdict(cfg.train))
         epochs: list[dict] = list(store.run(run.id).epochs)[:start_epoch]
 
-        t = time.perf_counter()
-        for epoch in range(start_epoch, cfg.train.epochs):  # one epoch per call: live progress
-            result = train(
-                model, train_f, replace(cfg.train, epochs=epoch + 1), valid=valid_f,
-                optimizer=optimizer, start_epoch=epoch, progress=progress,
-            )  # fmt: skip
-            save_checkpoint(ckpt, model, describe(model, epoch=epoch + 1, **meta), optimizer)
-            epochs += result.epochs
+        def on_epoch(epoch: int, opt, losses: dict) -> None:
+            save_checkpoint(ckpt, model, describe(model, epoch=epoch, **meta), opt)
+            epochs.append(losses)
             store.update_run(
-                run.id, epochs_done=epoch + 1, epochs=epochs, feature_passes=passes,
+                run.id, epochs_done=epoch, epochs=epochs, feature_passes=passes,
                 checkpoint=str(ckpt.relative_to(store.root)),
             )  # fmt: skip
-            notify(Progress("epoch", epoch + 1, cfg.train.epochs, result.epochs[-1]))
+            notify(Progress("epoch", epoch, cfg.train.epochs, losses))
+
+        t = time.perf_counter()
+        if start_epoch < cfg.train.epochs:
+            train(
+                model, train_f, cfg.train, valid=valid_f, optimizer=optimizer,
+                start_epoch=start_epoch, on_epoch=on_epoch, progress=progress,
+            )  # fmt: skip
         seconds["train"] = time.perf_counter() - t
 
         calibration: dict = {}

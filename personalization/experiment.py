@@ -108,7 +108,7 @@ def fit(
 
     meta = dict(data_hash=data.data_hash, train=asdict(cfg))
 
-    def checkpoint(epoch: int, opt) -> None:
+    def checkpoint(epoch: int, opt, _losses: dict) -> None:
         save_checkpoint(out, model, describe(model, epoch=epoch, **meta), opt)
 
     t = time.perf_counter()

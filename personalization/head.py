@@ -55,10 +55,12 @@ class FrozenHead:
             self.final_norm = RMSNorm(weight, eps)
         else:
             raise ValueError(f"cannot rebuild a final norm of type {norm!r} from its weights")
-        head = tensors["lm_head.weight"].float()
-        self.lm_head = nn.Linear(head.shape[1], head.shape[0], bias="lm_head.bias" in tensors)
-        self.lm_head.load_state_dict({k[len("lm_head.") :]: v.float() for k, v in tensors.items()
-                                      if k.startswith("lm_head.")})  # fmt: skip
+        head = tensors["lm_head.weight"].float()  # the vocabulary × H matrix: never copied
+        bias = "lm_head.bias" in tensors
+        self.lm_head = nn.utils.skip_init(nn.Linear, head.shape[1], head.shape[0], bias=bias)
+        self.lm_head.weight = nn.Parameter(head, requires_grad=False)
+        if bias:
+            self.lm_head.bias = nn.Parameter(tensors["lm_head.bias"].float(), requires_grad=False)
         for module in (self.final_norm, self.lm_head):
             module.eval().requires_grad_(False)
         if head.shape != (facts.vocab_size, facts.hidden_size):

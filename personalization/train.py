@@ -149,11 +149,12 @@ def train(
     valid: Sequence = (),
     optimizer: torch.optim.Optimizer | None = None,
     start_epoch: int = 0,
-    on_epoch: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    on_epoch: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train `model`'s setting on `data` (`Features` for side settings, `Example`s for lora and
-    adapter) from `start_epoch` to `cfg.epochs`; `on_epoch(epoch, optimizer)` can checkpoint."""
+    adapter) from `start_epoch` to `cfg.epochs`; `on_epoch(epoch, optimizer, losses)` can
+    checkpoint and report progress."""
     if model.setting not in SIDE_SETTINGS and model.adapted is None:
         raise ValueError(f"setting {model.setting!r} has nothing to train")
     if not data:
@@ -187,7 +188,7 @@ def train(
             row["valid"] = vars(evaluate_loss(model, valid, cfg))
         result.epochs.append(row)
         if on_epoch is not None:
-            on_epoch(epoch + 1, optimizer)
+            on_epoch(epoch + 1, optimizer, row)
     return result
 
 

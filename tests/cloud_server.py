@@ -42,13 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(directory: Path, port: int, **env: str) -> subprocess.Popen:
+def spawn(directory: Path, port: int, backbone: str = "tiny-llama", **env: str) -> subprocess.Popen:
     """`spa cloud` as its own process (tiny backbone, SQLite in `directory`), for tests that
     must kill or signal the server; `wait_ready` before use, `stop` after."""
     command = [sys.executable, "-c", "from app.cli import main; main()", "cloud",
-               "--port", str(port), "--backbone", "tiny-llama", "--log-level", "warning",
+               "--port", str(port), "--backbone", backbone, "--log-level", "warning",
                "--database-url", f"sqlite:///{directory / 'cloud.db'}"]  # fmt: skip
-    env = os.environ | {"SPA_CACHE_DIR": str(directory)} | env
+    env = os.environ | env
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

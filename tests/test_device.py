@@ -303,7 +303,7 @@ def test_crash_while_checkpointing_keeps_the_previous_checkpoint_and_resumes(
 def test_emulated_rtt_shows_in_measured_network_time(trained):
     net = NetworkProfile("rtt100", rtt_s=0.100, down_bps=50e6, up_bps=20e6)
     with DeviceAgent(trained, profile=net) as agent:
-        generation = agent.generate("Tell me about topic 7.", setting="full",
+        generation = agent.generate("Tell me about topic 7.", strict=True,  # M = 1
                                     decode=DecodeConfig(max_new_tokens=10))  # fmt: skip
         tokens = list(generation)
         a = generation.accounts
