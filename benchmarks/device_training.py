@@ -57,8 +57,10 @@ def main() -> None:
         rss_start = peak_rss_mb()
         epochs: list[tuple[float, dict]] = []
         marks: dict[str, float] = {}
+        rss: dict[str, float] = {}  # peak RSS when each stage reported
 
         def on_progress(p: Progress) -> None:
+            rss[p.stage] = max(rss.get(p.stage, 0.0), peak_rss_mb())
             marks.setdefault(f"{p.stage}-start", time.perf_counter())
             marks[f"{p.stage}-end"] = time.perf_counter()
             if p.stage == "epoch":
@@ -93,6 +95,8 @@ def main() -> None:
             f"device peak RSS: {peak_rss_mb():.0f} MB (of which {rss_start:.0f} MB before "
             "training: interpreter and imports); the backbone lives in the cloud process"
         )
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
+        print(f"peak RSS by the end of each stage (MB): {stages}")
     finally:
         stop(cloud)
 

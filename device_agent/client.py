@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import torch
@@ -140,9 +143,27 @@ class CloudClient:
         )  # fmt: skip
 
     @_idempotent
-    def head(self, dtype: str = "float32") -> bytes:
-        """The frozen final norm + LM head (safetensors bytes)."""
-        return self._send("GET", "/v1/head", params={"dtype": dtype}).content
+    def head(self, path: Path, dtype: str = "float32") -> None:
+        """Download the frozen final norm + LM head (safetensors) to `path`, streamed to disk
+        (it is the device's largest download) and renamed into place only once complete."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with (
+                os.fdopen(fd, "wb") as f,
+                self.http.stream("GET", "/v1/head", params={"dtype": dtype}) as response,
+            ):
+                if response.is_error:
+                    response.read()
+                    _raise_for(response)
+                for chunk in response.iter_bytes(1 << 20):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     @_idempotent
     def tokenize(

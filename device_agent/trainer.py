@@ -15,13 +15,10 @@ reports is measured on those generated tokens.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -116,7 +113,7 @@ def frozen_head(client: CloudClient, store: Store) -> FrozenHead:
     facts = client.facts()
     path = store.path(f"head/{facts.fingerprint}.safetensors")
     if not path.is_file():
-        _write_atomic(path, client.head("float32"))
+        client.head(path, "float32")
     with safe_open(path, "pt") as f:  # memory-mapped: the head is the device's largest tensor
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
@@ -279,17 +276,3 @@ def _hash(examples: Sequence[Example]) -> str:
     for e in examples:
         h.update(repr((e.prompt, e.target)).encode())
     return h.hexdigest()[:16]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

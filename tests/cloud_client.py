@@ -1,4 +1,5 @@
-"""A device's side of the cloud protocol over HTTP, for tests (until `device_agent` lands).
+"""A bare device's side of the cloud protocol over HTTP, for the cloud API's own tests (late,
+ignored and malformed answers on purpose — what `device_agent` never does).
 
 It deliberately does not import `cloud_api`: like the real device, it knows the server only
 through HTTP and the documented encodings (taps and g(x): raw little-endian values of the tap
@@ -18,17 +19,12 @@ import httpx
 import torch
 from torch import Tensor
 
+from personalization import wire
 from personalization.side import SideCache, SideNetwork
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def from_raw(data: bytes, dtype: str, shape: list[int]) -> Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(DTYPES[dtype]).reshape(shape)
-
-
-def to_raw(x: Tensor, dtype: str) -> bytes:
-    return x.detach().to(DTYPES[dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+    return wire.decode(data, dtype, shape)
 
 
 class SideDevice:
@@ -115,7 +111,7 @@ class CloudClient:
         self, session_id: str, request_id: int, g: Tensor, dtype: str = "float16", *, as_json=False
     ) -> httpx.Response:
         url = f"/v1/sessions/{session_id}/side-requests/{request_id}/answer"
-        raw = to_raw(g, dtype)
+        raw = wire.encode(g, dtype)
         if as_json:
             return self.http.post(url, json={"g": base64.b64encode(raw).decode(), "dtype": dtype})
         headers = {"Content-Type": "application/octet-stream", "X-SPA-Dtype": dtype}
