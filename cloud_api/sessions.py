@@ -191,8 +191,8 @@ class Session:
                     self._step = _StepCost()
                     cloud_before = books.t_cloud
                     token = next(tokens, None)
-                if self._stop or token is None:
-                    break
+                if token is None:  # a token already computed is still emitted; a cancel
+                    break  # stops the session at the next token boundary (checked above)
                 step = self._step
                 step.cloud_s = books.t_cloud - cloud_before
                 self._account(token.branch, step)
