@@ -65,6 +65,29 @@ def prepare(backbone: Backbone = None) -> None:
     )
 
 
+DraftCheckpoint = Annotated[
+    Path | None,
+    typer.Option(
+        "--draft",
+        help="A draft checkpoint (speculative strategies). Default: the backbone's first "
+        "--draft-layers layers, untrained.",
+        show_default=False,
+    ),
+]
+DraftLayers = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Layers of an untrained draft. Default: 2 (1 on a 2-layer backbone).",
+        show_default=False,
+    ),
+]
+Gamma = Annotated[int, typer.Option(min=0, help="Steps drafted per verification.")]
+DraftBeams = Annotated[
+    int | None, typer.Option(min=1, help="Draft beams N ≥ K. Default: 2·K.", show_default=False)
+]
+
+
 @cli.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to ask.")],
@@ -72,7 +95,10 @@ def generate(
     setting: Annotated[
         str, typer.Option(help="base, lst, full, choice, spa, lora or adapter.")
     ] = "base",
-    strategy: Annotated[str, typer.Option(help="greedy, sample or beam.")] = "greedy",
+    strategy: Annotated[
+        str,
+        typer.Option(help="greedy, sample, beam, speculative-strict or speculative-relaxed."),
+    ] = "greedy",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Stop after this many tokens.")] = 64,
     num_beams: Annotated[int, typer.Option(min=1, help="Beams (strategy beam).")] = 4,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
@@ -82,10 +108,15 @@ def generate(
     chat: Annotated[
         bool, typer.Option(help="Wrap the prompt in the backbone's chat template.")
     ] = True,
+    draft: DraftCheckpoint = None,
+    draft_layers: DraftLayers = None,
+    gamma: Gamma = 3,
+    draft_beams: DraftBeams = None,
 ) -> None:
     """Stream a generation to the terminal, with the communication it cost.
 
-    Without a trained side network every SPA setting but `lst` reproduces `base`.
+    Without a trained side network every SPA setting but `lst` reproduces `base`. The
+    speculative strategies are beam search drafted by a small model (see `spa recommend`).
     """
     from personalization.config import DecodeConfig, SPAConfig
     from personalization.decoding import generate as run
@@ -93,9 +124,11 @@ def generate(
 
     if not prompt.strip():
         _fail("the prompt is empty")
+    speculative = strategy in ("speculative-strict", "speculative-relaxed")
     try:
         spa = SPAConfig(setting=setting, threshold=threshold)
-        decode = DecodeConfig(strategy, max_new_tokens, temperature, top_p, seed, num_beams)
+        kind = "beam" if speculative else strategy
+        decode = DecodeConfig(kind, max_new_tokens, temperature, top_p, seed, num_beams)
     except ValueError as exc:
         _fail(str(exc))
     try:
@@ -104,6 +137,11 @@ def generate(
         _fail(f"cannot build setting {setting!r} on this backbone: {exc}")
     if setting != "base":
         typer.secho(model.parameter_report(), dim=True, err=True)
+    if speculative:
+        spec = _speculative(strategy, gamma, draft_beams, seed or 0)
+        drafter = _draft(model.backbone, draft, draft_layers)
+        _speculative_generate(model, drafter, prompt, chat, decode, spec)
+        return
     start = time.perf_counter()
     generation = run(model, model.backbone.encode_prompt(prompt, chat=chat), decode)
     for token in generation:
@@ -117,6 +155,137 @@ def generate(
         dim=True,
         err=True,
     )
+
+
+def _speculative(strategy: str, gamma: int, draft_beams: int | None, seed: int):
+    from personalization.speculative import SpeculativeConfig
+
+    verify = strategy.removeprefix("speculative-")
+    try:
+        return SpeculativeConfig(gamma, draft_beams, verify, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _draft(backbone, path: Path | None, layers: int | None):
+    """A trained draft from `path`, else the backbone's first `layers` layers, untrained."""
+    from personalization.draft import Draft, DraftConfig, DraftError
+
+    try:
+        if path is not None:
+            return Draft.load(path, backbone)[0]
+        return Draft(backbone, DraftConfig(layers or min(2, backbone.num_layers - 1)))
+    except (DraftError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _speculative_generate(model, drafter, prompt, chat, decode, spec) -> None:
+    """Speculative beam search for `generate`: the best beam, then what the search did."""
+    from personalization.speculative import speculative_beam_search
+
+    start = time.perf_counter()
+    try:
+        result = speculative_beam_search(
+            model, drafter, [model.backbone.encode_prompt(prompt, chat=chat)], decode, spec
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    best, stats = result.hypotheses[0][0], result.stats
+    typer.echo(model.backbone.decode(best.ids))
+    elapsed = time.perf_counter() - start
+    typer.secho(
+        f"[{len(best.ids)} tokens in {elapsed:.1f} s; {stats.target_steps} beam steps in "
+        f"{stats.target_passes} target passes, {stats.acceptance:.0%} of drafted steps "
+        f"accepted; device contacts {stats.contacts}]",
+        dim=True,
+        err=True,
+    )
+
+
+@cli.command()
+def recommend(
+    history: Annotated[
+        list[str] | None,
+        typer.Argument(help="Purchased product titles, oldest first.", show_default=False),
+    ] = None,
+    catalogue: Annotated[
+        Path,
+        typer.Option(
+            help="JSON list of every item title, e.g. ../shared/data/beauty_items.json.",
+            show_default=False,
+        ),
+    ] = ...,
+    user: Annotated[
+        str | None, typer.Option(help="Recommend for this user_id of --data instead.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Purchase histories (beauty.jsonl), for --user.")
+    ] = None,
+    backbone: Backbone = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="A trained SPA checkpoint as the target. Default: the backbone alone."),
+    ] = None,
+    strategy: Annotated[
+        str, typer.Option(help="beam, speculative-strict or speculative-relaxed.")
+    ] = "beam",
+    k: Annotated[int, typer.Option("-k", min=1, help="Items to recommend (= beams).")] = 10,
+    draft: DraftCheckpoint = None,
+    draft_layers: DraftLayers = None,
+    gamma: Gamma = 3,
+    draft_beams: DraftBeams = None,
+    seed: Annotated[int, typer.Option(help="Seed of speculative-relaxed sampling.")] = 0,
+) -> None:
+    """Top-K next items for a purchase history, generated under the catalogue, with scores."""
+    from personalization.catalogue import Catalogue
+    from personalization.checkpoint import CheckpointError, load_checkpoint
+    from personalization.config import SPAConfig
+    from personalization.data import DataError
+    from personalization.model import SPAModel
+    from personalization.recommend import (
+        RecommendConfig,
+        history_prompt,
+        load_titles,
+        user_history,
+    )
+    from personalization.recommend import recommend as run
+
+    try:
+        cfg = RecommendConfig(strategy, k, gamma, draft_beams, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    truth = None
+    if user is not None:
+        if data is None or history:
+            _fail("--user reads its history from --data; give no titles with it")
+        try:
+            history, truth = user_history(data, user)
+        except DataError as exc:
+            _fail(str(exc))
+    if not history:
+        _fail("give the purchase history (titles) or --user with --data")
+    f = _load(backbone)
+    try:
+        items = Catalogue.from_titles(f, load_titles(catalogue))
+    except (DataError, ValueError) as exc:
+        _fail(str(exc))
+    try:
+        model = load_checkpoint(checkpoint, f)[0] if checkpoint else SPAModel(f, SPAConfig("base"))
+    except CheckpointError as exc:
+        _fail(str(exc))
+    drafter = _draft(f, draft, draft_layers) if cfg.strategy != "beam" and gamma > 0 else None
+    start = time.perf_counter()
+    result = run(model, items, [history_prompt(f, history)], cfg, drafter)
+    elapsed = time.perf_counter() - start
+    for rank, item in enumerate(result.items[0], 1):
+        mark = "  <- the user's next purchase" if item.title == truth else ""
+        typer.echo(f"{rank:>3}. {item.score:8.3f}  {item.title}{mark}")
+    if truth is not None:
+        typer.secho(f"next purchase: {truth}", dim=True, err=True)
+    line = f"[{cfg.strategy}, K={k}: {elapsed:.1f} s, {result.target_passes} target passes"
+    if result.stats is not None:
+        line += f", {result.stats.acceptance:.0%} of drafted steps accepted"
+    typer.secho(line + "]", dim=True, err=True)
 
 
 @cli.command()

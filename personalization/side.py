@@ -49,17 +49,21 @@ class SideBlock(nn.Module):
             nn.Linear(mlp_ratio * width, width, bias=False),
         )
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple]:
+    def forward(
+        self, x: Tensor, past: tuple[Tensor, Tensor] | None, mask: Tensor | None = None
+    ) -> tuple[Tensor, tuple]:
+        """`mask` [B, 1, T, P + T] (True: attend) replaces the causal mask (e.g. a token tree)."""
         B, T, D = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        P = k.shape[2] - T  # positions already cached
-        mask = (
-            torch.arange(P + T, device=x.device)[None, :]
-            <= torch.arange(P, P + T, device=x.device)[:, None]
-        )
+        if mask is None:
+            P = k.shape[2] - T  # positions already cached
+            mask = (
+                torch.arange(P + T, device=x.device)[None, :]
+                <= torch.arange(P, P + T, device=x.device)[:, None]
+            )
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.out(y.transpose(1, 2).reshape(B, T, D))
         x = x + self.mlp(self.mlp_norm(x))
@@ -84,8 +88,11 @@ class SideNetwork(nn.Module):
     def new_cache(self) -> SideCache:
         return SideCache(len(self.blocks))
 
-    def forward(self, taps: Tensor, cache: SideCache | None = None) -> Tensor:
-        """g(x) for the new positions; with a cache, earlier positions are attended, not redone."""
+    def forward(
+        self, taps: Tensor, cache: SideCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """g(x) for the new positions; with a cache, earlier positions are attended, not redone.
+        `mask` (see `SideBlock`) lets speculative decoding score a whole token tree in one call."""
         if taps.shape[-2:] != (len(self.blocks), self.config.hidden_size):
             raise ValueError(
                 f"taps have shape {tuple(taps.shape)}, expected [B, T, {len(self.blocks)}, "
@@ -96,7 +103,7 @@ class SideNetwork(nn.Module):
         for i, block in enumerate(self.blocks):
             z = self.downs[i](self.tap_norms[i](taps[:, :, i]))
             s = z if s is None else mix[i - 1] * z + (1 - mix[i - 1]) * s
-            s, kv = block(s, None if cache is None else cache.kv[i])
+            s, kv = block(s, None if cache is None else cache.kv[i], mask)
             if cache is not None:
                 cache.kv[i] = kv
         return self.up(self.out_norm(s))

@@ -1,0 +1,99 @@
+"""The catalogue constraint: a prefix trie over the items' tokenised titles, each ending in EOS.
+
+Generative recommendation must only produce items that exist. Every title is tokenised as a
+model's target is (`data.encode_target`: the title's tokens, then EOS) and inserted into a trie;
+at each decoding step only the children of the beam's trie node are allowed.
+
+The constraint acts on logits, before the softmax (`constrained_logprobs`): a beam's step
+log-probabilities are renormalised over the allowed tokens, so an item's score is the model's
+log-probability of that item *among catalogue items*, and a token the trie forces (the one child
+of its node) costs nothing. transformers' `prefix_allowed_tokens_fn` masks after the softmax
+instead, which would charge every item for the model's doubt about tokens the catalogue leaves
+no choice over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from personalization.backbone import Backbone
+from personalization.data import encode_target
+
+ROOT = 0  # the trie node of the empty prefix
+
+
+class Catalogue:
+    """A trie over token sequences (ending in EOS); nodes are ints, `ROOT` is the empty prefix."""
+
+    def __init__(self, sequences: Iterable[Sequence[int]], titles: Sequence[str]):
+        self.titles = list(titles)
+        self._children: list[dict[int, int]] = [{}]
+        self._items: dict[int, int] = {}  # node reached by a whole sequence → its title's index
+        self.max_length = 0  # tokens of the longest sequence, EOS included
+        for index, seq in enumerate(sequences):
+            node = ROOT
+            for token in seq:
+                node = self._children[node].setdefault(token, len(self._children))
+                if node == len(self._children):
+                    self._children.append({})
+            self._items[node] = index
+            self.max_length = max(self.max_length, len(seq))
+        if not self._items:
+            raise ValueError("the catalogue is empty")
+
+    @classmethod
+    def from_titles(cls, backbone: Backbone, titles: Sequence[str]) -> Catalogue:
+        """Every title as the backbone would generate it: its tokens, then EOS."""
+        titles = list(dict.fromkeys(titles))  # a title listed twice is one item
+        return cls((encode_target(backbone, t) for t in titles), titles)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self._children)
+
+    def allowed(self, node: int) -> list[int]:
+        return list(self._children[node])
+
+    def child(self, node: int, token: int) -> int:
+        """The node after `token`; KeyError where the catalogue does not allow it."""
+        return self._children[node][token]
+
+    def walk(self, ids: Iterable[int], node: int = ROOT) -> int:
+        for token in ids:
+            node = self._children[node][token]
+        return node
+
+    def title(self, node: int) -> str | None:
+        """The title whose whole sequence (EOS included) ends at `node`, if any (−1: none)."""
+        index = self._items.get(node)
+        return None if index is None else self.titles[index]
+
+    def mask(self, nodes: Sequence[int], vocab_size: int) -> Tensor:
+        """[len(nodes), V] bool: which tokens each node allows."""
+        allowed = [self._children[n] for n in nodes]
+        rows = torch.repeat_interleave(
+            torch.arange(len(nodes)), torch.tensor([len(a) for a in allowed])
+        )
+        cols = torch.tensor([t for a in allowed for t in a], dtype=torch.long)
+        out = torch.zeros(len(nodes), vocab_size, dtype=torch.bool)
+        out[rows, cols] = True
+        return out
+
+
+def constrained_logprobs(
+    logits: Tensor, nodes: Sequence[int], catalogue: Catalogue | None
+) -> Tensor:
+    """Step log-probabilities [n, V] in float32: over the whole vocabulary without a catalogue
+    (as `decoding`'s beam search), else renormalised over each node's allowed tokens (−inf
+    elsewhere)."""
+    logits = logits.float()
+    if catalogue is None:
+        return torch.log_softmax(logits, dim=-1)
+    allowed = catalogue.mask(nodes, logits.shape[-1]).to(logits.device)
+    return torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)

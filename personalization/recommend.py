@@ -1,0 +1,157 @@
+"""Next-item recommendation: a purchase history in, the top-K catalogue titles out, and metrics.
+
+A user's purchase titles become the Beauty prompt of `data` (the most recent ten, oldest first);
+the target generates item titles by beam search constrained to the catalogue, either its own
+search or speculative search with a draft. Items are ranked by their catalogue-conditioned
+log-probability (`catalogue`), with no length penalty: a long title is not favoured over a short
+one for its length. Recall@K and NDCG@K score the rank of the user's real next item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from personalization.backbone import Backbone
+from personalization.beams import beam_search
+from personalization.catalogue import Catalogue
+from personalization.config import DecodeConfig
+from personalization.data import DataError, beauty_record, read_jsonl, to_example
+from personalization.draft import Draft
+from personalization.model import SPAModel
+from personalization.speculative import SpeculativeConfig, SpeculativeStats, speculative_beam_search
+
+Strategy = Literal["beam", "speculative-strict", "speculative-relaxed"]
+STRATEGIES: tuple[str, ...] = ("beam", "speculative-strict", "speculative-relaxed")
+KS = (1, 5, 10, 20)
+
+
+@dataclass(frozen=True)
+class RecommendConfig:
+    strategy: Strategy = "beam"
+    k: int = 10  # items returned = beams searched
+    gamma: int = 3  # speculative: steps drafted per verification
+    draft_beams: int | None = None  # speculative: N ≥ K (None: 2·K)
+    seed: int = 0  # speculative-relaxed sampling
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
+        if self.k < 1:
+            raise ValueError("k must be ≥ 1")
+
+    def decode(self, catalogue: Catalogue) -> DecodeConfig:
+        return DecodeConfig(
+            "beam", max_new_tokens=catalogue.max_length, num_beams=self.k, length_penalty=0.0
+        )
+
+    def speculative(self) -> SpeculativeConfig:
+        verify = "relaxed" if self.strategy == "speculative-relaxed" else "strict"
+        return SpeculativeConfig(self.gamma, self.draft_beams, verify, self.seed)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    title: str
+    score: float  # the item's log-probability among catalogue items
+
+
+@dataclass
+class Recommendations:
+    items: list[list[Recommendation]]  # per history, best first
+    target_passes: int  # sequential target forward passes, all histories together
+    stats: SpeculativeStats | None = field(default=None)  # speculative strategies
+
+
+def history_prompt(
+    backbone: Backbone, history: Sequence[str], max_prompt_tokens: int = 512
+) -> list[int]:
+    """The prompt for a purchase history (oldest first), as the Beauty loader builds it."""
+    if not history:
+        raise ValueError("the purchase history is empty")
+    record = beauty_record("user", list(history), "")
+    return list(
+        to_example(backbone, record, max_prompt_tokens=max_prompt_tokens, keep="end").prompt
+    )
+
+
+def recommend(
+    target: SPAModel,
+    catalogue: Catalogue,
+    prompts: Sequence[Sequence[int]],
+    config: RecommendConfig,
+    draft: Draft | None = None,
+) -> Recommendations:
+    """Top-K catalogue items for each prompt (speculative strategies batch all prompts)."""
+    decode = config.decode(catalogue)
+    if config.strategy == "beam":
+        results = [beam_search(target, p, decode, catalogue) for p in prompts]
+        found = [r.hypotheses for r in results]
+        passes, stats = sum(r.forward_passes for r in results), None
+    else:
+        if draft is None and config.gamma > 0:
+            raise ValueError(f"strategy {config.strategy} needs a draft model")
+        result = speculative_beam_search(
+            target, draft, prompts, decode, config.speculative(), catalogue
+        )
+        found, stats = result.hypotheses, result.stats
+        passes = stats.target_passes
+    items = [
+        [Recommendation(catalogue.title(catalogue.walk(h.ids)), h.score) for h in hyps]
+        for hyps in found
+    ]
+    return Recommendations(items, passes, stats)
+
+
+def rank_of(titles: Sequence[str], truth: str) -> int | None:
+    """0-based rank of the true item, None when it is not recommended."""
+    return titles.index(truth) if truth in titles else None
+
+
+def recall_at(titles: Sequence[str], truth: str, k: int) -> float:
+    rank = rank_of(titles[:k], truth)
+    return float(rank is not None)
+
+
+def ndcg_at(titles: Sequence[str], truth: str, k: int) -> float:
+    """With one relevant item the ideal DCG is 1, so NDCG@K = 1 / log2(rank + 2)."""
+    rank = rank_of(titles[:k], truth)
+    return 0.0 if rank is None else 1.0 / math.log2(rank + 2)
+
+
+def metrics(rankings: Sequence[Sequence[str]], truths: Sequence[str], k: int) -> dict[str, float]:
+    """Mean Recall@k and NDCG@k over users."""
+    n = len(truths)
+    if n == 0 or len(rankings) != n:
+        raise ValueError("one ranking per true item, at least one")
+    return {
+        f"recall@{k}": sum(recall_at(r, t, k) for r, t in zip(rankings, truths, strict=True)) / n,
+        f"ndcg@{k}": sum(ndcg_at(r, t, k) for r, t in zip(rankings, truths, strict=True)) / n,
+    }
+
+
+def load_titles(path: str | Path) -> list[str]:
+    """A catalogue file: a JSON list of item titles."""
+    path = Path(path)
+    try:
+        titles = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable JSON list of titles ({exc})") from None
+    if not isinstance(titles, list) or not all(isinstance(t, str) for t in titles):
+        raise DataError(f"{path}: expected a JSON list of title strings")
+    return titles
+
+
+def user_history(path: str | Path, user: str) -> tuple[list[str], str | None]:
+    """A Beauty user's purchases before their test item (history, then validation items), and
+    that test item when the file has one."""
+    for row in read_jsonl(path):
+        if str(row.get("user_id")) == user:
+            history = list(row.get("history", [])) + list(row.get("valid", []))
+            test = row.get("test") or [None]
+            return history, test[0]
+    raise DataError(f"{path}: no user {user!r}")
