@@ -555,6 +555,41 @@ def cloud(
     serve(settings)
 
 
+@cli.command()
+def federate(
+    strategy: Annotated[str, typer.Option(help="local, fedavg or fedper.")] = "fedavg",
+    users: Annotated[int, typer.Option(min=1, help="Simulated devices (one user each).")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 2,
+    data: Annotated[
+        Path, typer.Option(help="Users' histories: personachat.jsonl or beauty.jsonl.")
+    ] = Path("../shared/data/personachat.jsonl"),
+    work_dir: Annotated[
+        Path, typer.Option(help="Device stores, federated.db, the summary table and plot.")
+    ] = Path(".spa-federated"),
+    backbone: Backbone = None,
+    cloud_url: Annotated[
+        str | None, typer.Option(help="Use this cloud instead of starting one.")
+    ] = None,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 2,
+    run_name: Annotated[str, typer.Option(help="Name of the run in the records.")] = "",
+) -> None:
+    """A Flower simulation: each device personalises against one cloud backbone."""
+    import os
+
+    from app.federation.launch import federate as run
+
+    if strategy not in ("local", "fedavg", "fedper"):
+        _fail(f"unknown strategy {strategy!r}: local, fedavg or fedper")
+    if not data.is_file():
+        _fail(f"{data}: no such data file")
+    code = run(
+        strategy=strategy, nodes=users, rounds=rounds, data=data, work=work_dir,
+        backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"), cloud_url=cloud_url,
+        extra={"local-epochs": local_epochs, "run-name": run_name},
+    )  # fmt: skip
+    raise typer.Exit(code)
+
+
 def cloud_main() -> None:
     """The `spa-cloud` script: `spa cloud` with its options."""
     typer.run(cloud)

@@ -90,12 +90,14 @@ class DeviceAgent:
         cfg: DeviceTrainConfig | None = None,
         *,
         resume: bool = False,
+        warm: bool = False,
+        initial: dict | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         progress: bool = False,
     ):
         run = train_device(
-            self.store, self.client, cfg, resume=resume, on_progress=on_progress,
-            progress=progress,
+            self.store, self.client, cfg, resume=resume, warm=warm, initial=initial,
+            on_progress=on_progress, progress=progress,
         )  # fmt: skip
         self._model = None
         return run

@@ -126,11 +126,16 @@ def train_device(
     cfg: DeviceTrainConfig | None = None,
     *,
     resume: bool = False,
+    warm: bool = False,
+    initial: dict[str, torch.Tensor] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     progress: bool = False,
 ) -> TrainingRun:
     """Train on the stored history; returns the finished run (see the module docstring).
-    `resume=True` continues the newest unfinished run from its last checkpoint."""
+    `resume=True` continues the newest unfinished run from its last checkpoint. A new run starts
+    from a seeded initialisation (the same on every device), or with `warm=True` from the newest
+    checkpoint of its setting; `initial` then overrides parameters by name (a federated round's
+    shared weights)."""
     notify = on_progress or (lambda _p: None)
     run = _unfinished(store) if resume else None
     if resume and run is None:
@@ -160,8 +165,7 @@ def train_device(
         model, info, optim_state = load_checkpoint(ckpt, head)
         start_epoch = info.epoch
     else:
-        side = SideConfig(head.hidden_size, head.num_layers, cfg.rungs, cfg.reduction)
-        model = SPAModel(head, SPAConfig(cfg.setting, wire_dtype=cfg.wire_dtype), side)
+        model = _start(store, head, cfg, warm, initial or {})
     optimizer = make_optimizer(model, cfg.train)
     if optim_state:
         optimizer.load_state_dict(optim_state)
@@ -253,6 +257,32 @@ def calibrate_remote(
         usage = float((probs >= threshold).float().mean())
     notify(Progress("calibrate", len(prompts), len(prompts), {"threshold": threshold}))
     return {"target_usage": target, "threshold": threshold, "usage": usage, "tokens": len(seen)}
+
+
+def _start(
+    store: Store, head: FrozenHead, cfg: DeviceTrainConfig, warm: bool, initial: dict
+) -> SPAModel:
+    """A new run's model: seeded, or the newest checkpoint of the setting; then `initial`."""
+    latest = store.current_checkpoint(cfg.setting) if warm else None
+    if latest is not None:
+        model = load_checkpoint(store.path(latest.path), head)[0]
+    else:
+        torch.manual_seed(cfg.train.seed)
+        side = SideConfig(head.hidden_size, head.num_layers, cfg.rungs, cfg.reduction)
+        model = SPAModel(head, SPAConfig(cfg.setting, wire_dtype=cfg.wire_dtype), side)
+    params = model.trainable()
+    unknown = sorted(set(initial) - set(params))
+    if unknown:
+        raise DeviceError(f"initial parameters {unknown[:3]} are not parameters of {cfg.setting}")
+    with torch.no_grad():
+        for name, value in initial.items():
+            if value.shape != params[name].shape:
+                raise DeviceError(
+                    f"initial {name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].copy_(value)
+    return model
 
 
 def _unfinished(store: Store) -> TrainingRun | None:

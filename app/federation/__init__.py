@@ -1,0 +1,1 @@
+"""The federated simulation: Flower's ServerApp (the coordinator), its records, and the launcher."""

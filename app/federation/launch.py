@@ -1,0 +1,146 @@
+"""`spa federate`: one command for a federated simulation, with everything it starts stopped.
+
+Starts the cloud API once (`spa cloud`, a real uvicorn server) for every simulated device, sets
+the safe Flower environment (no runtime dependency re-install, no telemetry or update checks, a
+run-local FLWR_HOME), runs `flwr run <project> --stream` with the federation size and run config,
+then stops the local SuperLink `flwr run` started and the cloud.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+PROJECT = Path(__file__).resolve().parents[2]  # where pyproject.toml's [tool.flwr.app] lives
+
+
+def flower_env(work: Path) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # flwr starts `flower-superlink` from PATH
+    return os.environ | {
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(work / "flwr-home"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cloud(backbone: str, work: Path, timeout_s: float = 600) -> Iterator[str]:
+    """`spa cloud` on a free local port for the `with` block; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-c", "from app.cli import main; main()", "cloud",
+               "--port", str(port), "--backbone", backbone, "--log-level", "warning",
+               "--database-url", f"sqlite:///{work / 'cloud.db'}"]  # fmt: skip
+    log = (work / "cloud.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the cloud exited ({process.returncode}); see {log.name}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cloud was not ready in {timeout_s:.0f} s; see {log.name}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def superlinks() -> set[int]:
+    """PIDs of running `flower-superlink` processes (from /proc)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if b"flower-superlink" in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+    return pids
+
+
+def stop(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM a process that is not our child, wait for it to go, SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_config(values: dict[str, object]) -> str:
+    """TOML key=value pairs for `flwr run --run-config`."""
+
+    def toml(v: object) -> str:
+        return (
+            f'"{v}"'
+            if isinstance(v, str | Path)
+            else str(v).lower()
+            if isinstance(v, bool)
+            else str(v)
+        )
+
+    return " ".join(f"{k}={toml(v)}" for k, v in values.items())
+
+
+def federate(
+    *,
+    strategy: str,
+    nodes: int,
+    rounds: int,
+    data: Path,
+    work: Path,
+    backbone: str,
+    cloud_url: str | None = None,
+    extra: dict[str, object] | None = None,
+    cpus_per_node: int = 1,
+) -> int:
+    """Run one simulation; returns `flwr run`'s exit status. Output streams to the terminal."""
+    work = work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    before = superlinks()
+    with contextlib.ExitStack() as stack:
+        url = cloud_url or stack.enter_context(cloud(backbone, work))
+        config = {
+            "cloud-url": url, "work-dir": str(work), "data": str(Path(data).resolve()),
+            "strategy": strategy, "num-rounds": rounds, "num-nodes": nodes,
+            "min-nodes": max(1, nodes - 1), **(extra or {}),
+        }  # fmt: skip
+        command = [
+            str(Path(sys.executable).with_name("flwr")), "run", str(PROJECT), "--stream",
+            "--run-config", run_config(config),
+            "--federation-config",
+            f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}",
+        ]  # fmt: skip
+        try:
+            return subprocess.run(command, env=flower_env(work), cwd=PROJECT).returncode
+        finally:
+            for pid in superlinks() - before:  # the SuperLink `flwr run` left running
+                stop(pid)

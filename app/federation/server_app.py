@@ -1,0 +1,98 @@
+"""The Flower `ServerApp`: the cloud provider's coordinator of a federated run.
+
+It never sees a history — only what each device's strategy shares (`device_agent.federated`) and
+metrics. Aggregation is Flower's own `FedAvg` (weighted by examples): over the whole side network
+for `fedavg`, over its body for `fedper`; for `local` only the metrics are averaged. Every node's
+metrics, every aggregate and every failed node are persisted per round (SQLAlchemy); at the end
+the run is summarised as a Markdown table and a PNG plot in the work directory. A device that
+errors does not stop the round: the strategy needs only `min-nodes` of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from app.federation.records import Failure, Records, RoundMetric, plot, table
+
+app = ServerApp()
+
+
+class RecordedFedAvg(FedAvg):
+    """Flower's FedAvg that writes down every reply (and error), and for `local` aggregates
+    metrics only."""
+
+    def __init__(self, records: Records, run: str, strategy: str, **kwargs):
+        super().__init__(**kwargs)
+        self.records, self.run, self.strategy = records, run, strategy
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self._record(server_round, "train", replies)
+        if self.strategy == "local":  # nothing to average but the metrics
+            valid = [m.content for m in replies if not m.has_error()]
+            metrics = self.train_metrics_aggr_fn(valid, self.weighted_by_key) if valid else None
+            arrays = None
+        else:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        self._aggregate(server_round, "train", metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self._record(server_round, "evaluate", replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self._aggregate(server_round, "evaluate", metrics)
+        return metrics
+
+    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        for msg in replies:
+            node = str(msg.metadata.src_node_id)
+            if msg.has_error():
+                # the end of a (Ray) traceback carries the exception itself
+                row = Failure(run=self.run, round=server_round, phase=phase, node=node,
+                              reason=msg.error.reason[-2000:])  # fmt: skip
+            else:
+                metrics = dict(msg.content["metrics"])
+                row = RoundMetric(run=self.run, strategy=self.strategy, round=server_round,
+                                  phase=phase, node=node, metrics=metrics)  # fmt: skip
+            self.records.add(row)
+
+    def _aggregate(self, server_round: int, phase: str, metrics: MetricRecord | None) -> None:
+        if metrics is not None:
+            self.records.add(
+                RoundMetric(run=self.run, strategy=self.strategy, round=server_round,
+                            phase=phase, node="all", metrics=dict(metrics))
+            )  # fmt: skip
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    c = context.run_config
+    strategy, nodes = str(c["strategy"]), int(c["num-nodes"])
+    work = str(c["work-dir"])
+    run = str(c["run-name"]) or f"{strategy}-{context.run_id}"
+    records = Records(f"sqlite:///{work}/federated.db")
+    min_nodes = max(1, min(int(c["min-nodes"]), nodes))
+    fed = RecordedFedAvg(
+        records, run, strategy,
+        min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=nodes,
+    )  # fmt: skip
+    fed.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(),  # devices start from the same seeded initialisation
+        num_rounds=int(c["num-rounds"]),
+        timeout=float(c["round-timeout"]),
+        train_config=ConfigRecord({"strategy": strategy}),
+    )
+    summary = table(records, run)
+    failures = [(f.round, f.phase, f.node, f.reason) for f in records.failures(run)]
+    png = plot(records, run, Path(work) / f"{run}.png")
+    (Path(work) / f"{run}.md").write_text(summary + "\n")
+    print(f"\nfederated run {run} ({strategy}, {nodes} devices):\n{summary}")
+    print(f"failures: {json.dumps(failures) if failures else 'none'}\nplot: {png}")

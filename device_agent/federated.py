@@ -1,0 +1,183 @@
+"""The Flower `ClientApp`: one simulated node = one user's device (`DeviceAgent`).
+
+Node `partition-id` i is the i-th user of the run's data file (PersonaChat or Beauty); on first
+contact the device registers with the cloud and imports that user's history into its own store,
+keeping the user's last `held-out` items for evaluation. Each round it trains its side network
+against the cloud over HTTP (warm: from its own last checkpoint, overridden by what the strategy
+shares), and replies with only the shared part plus metrics:
+
+| strategy | leaves the device (besides metrics)                    |
+|----------|--------------------------------------------------------|
+| local    | nothing                                                |
+| fedavg   | the whole side network and gate                        |
+| fedper   | the side network's body; its output layers and gate stay personal |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from rouge_score import rouge_scorer
+
+from device_agent.agent import DeviceAgent
+from device_agent.history import user_items
+from device_agent.trainer import DeviceTrainConfig
+from personalization.config import DecodeConfig
+from personalization.data import read_jsonl
+from personalization.model import SPAModel
+from personalization.train import TrainConfig
+
+STRATEGIES = ("local", "fedavg", "fedper")
+#: the side network's output layers: personal under fedper (with the gate)
+PERSONAL_PREFIXES = ("side.up.", "side.out_norm.", "gate.")
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run's `[tool.flwr.app.config]` as the devices read it."""
+
+    cloud_url: str
+    work_dir: Path
+    data: Path
+    strategy: str
+    setting: str
+    local_epochs: int
+    held_out: int
+    eval_tokens: int
+    calibration_prompts: int
+    fail_partition: int
+    seed: int
+
+    @classmethod
+    def of(cls, context: Context) -> RunConfig:
+        c = context.run_config
+        if c["strategy"] not in STRATEGIES:
+            raise ValueError(f"unknown strategy {c['strategy']!r}: {', '.join(STRATEGIES)}")
+        return cls(
+            str(c["cloud-url"]), Path(str(c["work-dir"])), Path(str(c["data"])),
+            str(c["strategy"]), str(c["setting"]), int(c["local-epochs"]), int(c["held-out"]),
+            int(c["eval-tokens"]), int(c["calibration-prompts"]), int(c["fail-partition"]),
+            int(c["seed"]),
+        )  # fmt: skip
+
+
+def shared(model: SPAModel, strategy: str) -> dict[str, torch.Tensor]:
+    """The parameters a strategy sends to the server (by state-dict name)."""
+    params = {n: p.detach().clone() for n, p in model.trainable().items()}
+    if strategy == "local":
+        return {}
+    if strategy == "fedper":
+        return {n: p for n, p in params.items() if not n.startswith(PERSONAL_PREFIXES)}
+    return params
+
+
+def _digest(params: dict[str, torch.Tensor]) -> int:
+    """A 48-bit fingerprint of parameters (exact in a float metric); 0 for none."""
+    if not params:
+        return 0
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode() + params[name].detach().float().numpy().tobytes())
+    return int(h.hexdigest()[:12], 16)
+
+
+def user_of(data: Path, partition: int) -> str:
+    users = [str(r["user_id"]) for r in read_jsonl(data)]
+    return users[partition % len(users)]
+
+
+@contextlib.contextmanager
+def device(cfg: RunConfig, partition: int) -> Iterator[tuple[DeviceAgent, list[dict]]]:
+    """This node's device (created and filled with its user's history on first use) and the
+    user's held-out items."""
+    user = user_of(cfg.data, partition)
+    items = user_items(cfg.data, user)
+    if len(items) <= cfg.held_out:
+        raise ValueError(f"user {user} has {len(items)} items, too few to hold {cfg.held_out} out")
+    train_items, held = items[: -cfg.held_out], items[-cfg.held_out :]
+    root = cfg.work_dir / "devices" / f"device-{partition}"
+    if not (root / "checkpoints").is_dir():
+        DeviceAgent.init(root, cfg.cloud_url, f"{user} (node {partition})").close()
+        with DeviceAgent(root) as agent:
+            agent.store.add_items(train_items)
+    with DeviceAgent(root) as agent:
+        yield agent, held
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.of(context)
+    partition = int(context.node_config["partition-id"])
+    if partition == cfg.fail_partition:  # the run must survive a device that fails
+        raise RuntimeError(f"injected failure on partition {partition}")
+    arrays = msg.content["arrays"]
+    initial = arrays.to_torch_state_dict() if len(arrays) else {}
+    with device(cfg, partition) as (agent, _held):
+        up = agent.client.link.bytes_up
+        train_cfg = TrainConfig(epochs=cfg.local_epochs, seed=cfg.seed)
+        dcfg = DeviceTrainConfig(
+            setting=cfg.setting, train=train_cfg, calibration_prompts=cfg.calibration_prompts
+        )
+        run = agent.train(dcfg, warm=True, initial=initial)
+        out = shared(agent.model(cfg.setting), cfg.strategy)
+        metrics = {
+            "train-loss": float(run.epochs[-1]["train"]["lm"]),
+            "calibrated-usage": float(run.calibration.get("usage", 1.0)),
+            "num-examples": int(run.examples),
+            "bytes-to-cloud": int(agent.client.link.bytes_up - up),
+            "bytes-to-server": int(sum(p.numel() * p.element_size() for p in out.values())),
+        }
+    content = RecordDict({"arrays": ArrayRecord(out), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Held-out Rouge-L of the personalised device and of `base`, and the gate's usage."""
+    cfg = RunConfig.of(context)
+    partition = int(context.node_config["partition-id"])
+    if partition == cfg.fail_partition:
+        raise RuntimeError(f"injected failure on partition {partition}")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    decode = DecodeConfig(max_new_tokens=cfg.eval_tokens)
+    scores = {"rouge-l": 0.0, "rouge-l-base": 0.0}
+    tokens = device_tokens = 0
+    arrays = msg.content["arrays"]
+    with device(cfg, partition) as (agent, held):
+        model = agent.model(cfg.setting)  # the model generate() uses: global weights go in
+        received = arrays.to_torch_state_dict() if len(arrays) else {}
+        params = model.trainable()
+        with torch.no_grad():
+            for name, value in received.items():
+                params[name].copy_(value)
+        mine = shared(model, cfg.strategy)
+        personal = {n: p for n, p in params.items() if n not in mine}
+        for item in held:
+            prompt = (
+                f"{item['instruction']}\n\n{item['input']}"
+                if item["input"]
+                else item["instruction"]
+            )
+            for key, setting in (("rouge-l", cfg.setting), ("rouge-l-base", "base")):
+                generation = agent.generate(prompt, setting=setting, decode=decode)
+                list(generation)
+                scores[key] += (
+                    100 * scorer.score(item["output"], generation.text)["rougeL"].fmeasure
+                )
+                if setting != "base":
+                    tokens += generation.accounts.tokens
+                    device_tokens += generation.accounts.device_tokens
+    metrics = {k: v / len(held) for k, v in scores.items()}
+    metrics |= {"usage": device_tokens / max(tokens, 1), "num-examples": len(held)}
+    # which weights this device evaluated with (tests check fedavg's are equal everywhere)
+    metrics |= {"shared-hash": _digest(mine), "personal-hash": _digest(personal)}
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

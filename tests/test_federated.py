@@ -1,0 +1,125 @@
+"""The federated simulation through the real Flower simulation engine (`flwr run`, Ray), three
+tiny-backbone devices, two rounds, against one real cloud server: per strategy, what leaves a
+device and what the devices end up sharing; a failing device does not stop the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cloud_server import running
+
+from app.federation.launch import federate, superlinks
+from app.federation.records import Records
+
+
+def _users(path: Path) -> Path:
+    """Three PersonaChat-style users, each with a habit of their own (and 6 replies)."""
+    habits = ("I love hiking.", "Cats are the best.", "Coffee first, always.")
+    rows = [
+        {"user_id": f"u{i}", "persona": [habit],
+         "turns": [{"partner": f"What about topic {t}?", "reply": f"{habit} Topic {t}."}
+                   for t in range(6)]}
+        for i, habit in enumerate(habits)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """fedavg, fedper, and local with partition 2 failing: 3 devices × 2 rounds each."""
+    data = _users(tmp_path_factory.mktemp("data") / "personachat.jsonl")
+    before = superlinks()
+    codes = {}
+    with running(tmp_path_factory.mktemp("cloud")) as server:
+        work = tmp_path_factory.mktemp("federated")
+        for strategy, extra in (
+            ("fedavg", {}),
+            ("fedper", {}),
+            ("local", {"fail-partition": 2}),
+        ):
+            codes[strategy] = federate(
+                strategy=strategy, nodes=3, rounds=2, data=data,
+                work=work / strategy, backbone="tiny-llama", cloud_url=server.url,
+                extra={"run-name": strategy, "local-epochs": 2, "eval-tokens": 8, **extra},
+            )  # fmt: skip
+    assert superlinks() <= before  # the launcher stopped the SuperLink it started
+    return work, codes
+
+
+def _nodes(work: Path, strategy: str, phase: str) -> dict[int, dict[str, dict]]:
+    """round → node → metrics, from the run's database."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from app.federation.records import RoundMetric
+
+    records = Records(f"sqlite:///{work / strategy / 'federated.db'}")
+    with Session(records.engine) as s:
+        rows = s.scalars(select(RoundMetric).where(RoundMetric.phase == phase))
+        out: dict[int, dict[str, dict]] = {}
+        for r in rows:
+            out.setdefault(r.round, {})[r.node] = r.metrics
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedper", "local"])
+def test_every_round_has_metrics_from_the_devices(runs, strategy):
+    work, codes = runs
+    assert codes[strategy] == 0
+    expected_nodes = 2 if strategy == "local" else 3  # local's partition 2 fails
+    for phase in ("train", "evaluate"):
+        rounds = _nodes(work, strategy, phase)
+        assert sorted(rounds) == [1, 2]
+        for per_node in rounds.values():
+            assert "all" in per_node  # the aggregate
+            devices = {n: m for n, m in per_node.items() if n != "all"}
+            assert len(devices) == expected_nodes
+            key = "train-loss" if phase == "train" else "rouge-l"
+            assert all(key in m for m in devices.values())
+    assert (work / strategy / f"{strategy}.png").stat().st_size > 1000
+    assert "| 2 |" in (work / strategy / f"{strategy}.md").read_text()
+
+
+def test_local_never_transmits_side_network_parameters(runs):
+    work, _ = runs
+    for per_node in _nodes(work, "local", "train").values():
+        for node, m in per_node.items():
+            assert m["bytes-to-server"] == 0, node
+    for per_node in _nodes(work, "local", "evaluate").values():
+        assert all(m["shared-hash"] == 0 for n, m in per_node.items() if n != "all")
+
+
+def test_fedavg_makes_the_devices_weights_identical(runs):
+    work, _ = runs
+    for per_node in _nodes(work, "fedavg", "evaluate").values():
+        devices = [m for n, m in per_node.items() if n != "all"]
+        assert len({m["shared-hash"] for m in devices}) == 1 and devices[0]["shared-hash"] != 0
+        assert all(m["personal-hash"] == 0 for m in devices)  # everything is shared
+    trained = _nodes(work, "fedavg", "train")
+    assert all(m["bytes-to-server"] > 0 for n, m in trained[1].items() if n != "all")
+
+
+def test_fedper_shares_the_body_and_keeps_personal_layers_different(runs):
+    work, _ = runs
+    for per_node in _nodes(work, "fedper", "evaluate").values():
+        devices = [m for n, m in per_node.items() if n != "all"]
+        assert len({m["shared-hash"] for m in devices}) == 1
+        assert len({m["personal-hash"] for m in devices}) == 3  # gate and output layers differ
+    fedavg = _nodes(work, "fedavg", "train")[1]
+    fedper = _nodes(work, "fedper", "train")[1]
+    sent = {s: max(m["bytes-to-server"] for n, m in r.items() if n != "all")
+            for s, r in (("fedavg", fedavg), ("fedper", fedper))}  # fmt: skip
+    assert 0 < sent["fedper"] < sent["fedavg"]
+
+
+def test_a_failing_device_is_recorded_and_does_not_stop_the_run(runs):
+    work, codes = runs
+    assert codes["local"] == 0
+    failures = Records(f"sqlite:///{work / 'local' / 'federated.db'}").failures("local")
+    assert {(f.round, f.phase) for f in failures} == {(1, "train"), (1, "evaluate"),
+                                                       (2, "train"), (2, "evaluate")}  # fmt: skip
+    assert all("injected failure on partition 2" in f.reason for f in failures)
+    assert "| 1 |" in (work / "local" / "local.md").read_text()
