@@ -97,6 +97,8 @@ def plot(records: Records, run: str, path: Path) -> Path:
     for key in ("rouge-l", "rouge-l-base"):
         ax2.plot(rounds, [rows[r].get(key) for r in rounds], marker="o", label=key)
     ax2.set(title="held-out Rouge-L", xlabel="round")
+    for ax in (ax1, ax2):
+        ax.set_xticks(rounds)
     ax2.legend()
     fig.suptitle(run)
     fig.tight_layout()
