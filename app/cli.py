@@ -36,10 +36,6 @@ Backbone = Annotated[
     ),
 ]
 
-DEMO_PROMPT = (
-    "In two sentences, why would a phone keep a small private model next to a big cloud model?"
-)
-
 
 def _load(spec: str | None):
     """Load a backbone, turning loading failures into a clean CLI error instead of a traceback."""
@@ -487,10 +483,47 @@ def _fail(message: str) -> None:
 
 
 @cli.command()
-def demo(backbone: Backbone = None) -> None:
-    """Run the demo on the embedded defaults (for now: stream one generation to the terminal)."""
-    typer.echo(f"prompt: {DEMO_PROMPT}\n")
-    generate(DEMO_PROMPT, backbone=backbone, max_new_tokens=80)
+def demo(
+    backbone: Backbone = None,
+    host: Annotated[
+        str, typer.Option(help="Interface the UI listens on (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the UI.")] = 7860,
+    cloud_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Use this (remote) cloud API instead of starting one.", show_default=False
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Devices, cloud records, federated runs. Default: $SPA_CACHE_DIR/demo.",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Epochs the demo users are trained for on first start.")
+    ] = 20,
+    prepare_only: Annotated[
+        bool, typer.Option(help="Train the demo users (if needed), then exit: a build step.")
+    ] = False,
+) -> None:
+    """The Gradio demo: cloud API + demo users' devices + UI on http://HOST:PORT."""
+    import os
+
+    from app.demo import DemoSettings, serve
+    from app.devices import DemoConfig, default_root
+    from device_agent.errors import DeviceError
+
+    settings = DemoSettings(
+        backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"), host=host, port=port,
+        cloud_url=cloud_url, root=data_dir or default_root(), config=DemoConfig(epochs=epochs),
+    )  # fmt: skip
+    try:
+        serve(settings, prepare_only=prepare_only)
+    except (DeviceError, RuntimeError, OSError) as exc:
+        _fail(str(exc))
 
 
 def main() -> None:

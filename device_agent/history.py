@@ -88,9 +88,10 @@ def _item(row: Any, where: str) -> dict[str, Any]:
 
 
 def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
-    """One user's history from `personachat.jsonl` (every reply, with its context) or
+    """One user's history from `personachat.jsonl` (every reply, with its context),
     `beauty.jsonl` (each purchase after the first two, predicted from the ones before it; the
-    user's held-out `test` item stays out)."""
+    user's held-out `test` item stays out), or a file of `{"user_id", "items": [item, ...]}` rows
+    (items as `read_items` takes them: the demo users)."""
     try:
         row = next((r for r in read_jsonl(path) if str(r.get("user_id")) == user_id), None)
     except (DataError, OSError) as exc:
@@ -98,6 +99,8 @@ def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
     if row is None:
         raise DeviceError(f"{path}: no user {user_id!r}")
     source = f"{Path(path).name}:{user_id}"
+    if "items" in row:
+        return [_item(dict(item), f"{source}:{n}") for n, item in enumerate(row["items"], 1)]
     if "turns" in row:
         records = personachat_records(row)
     elif "history" in row:
@@ -106,7 +109,9 @@ def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
             beauty_record(user_id, purchases[:k], purchases[k]) for k in range(2, len(purchases))
         ]
     else:
-        raise DeviceError(f"{path}: user rows need `turns` (PersonaChat) or `history` (Beauty)")
+        raise DeviceError(
+            f"{path}: user rows need `turns` (PersonaChat), `history` (Beauty) or `items`"
+        )
     return [pair_item(r.instruction, r.output, r.input, source) for r in records]
 
 

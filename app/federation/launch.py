@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+from app.cloud_process import cloud
 
 PROJECT = Path(__file__).resolve().parents[2]  # where pyproject.toml's [tool.flwr.app] lives
 
@@ -34,43 +32,6 @@ def flower_env(work: Path) -> dict[str, str]:
         "GRADIO_ANALYTICS_ENABLED": "False",
         "TOKENIZERS_PARALLELISM": "false",
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def cloud(backbone: str, work: Path, timeout_s: float = 600) -> Iterator[str]:
-    """`spa cloud` on a free local port for the `with` block; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-c", "from app.cli import main; main()", "cloud",
-               "--port", str(port), "--backbone", backbone, "--log-level", "warning",
-               "--database-url", f"sqlite:///{work / 'cloud.db'}"]  # fmt: skip
-    log = (work / "cloud.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the cloud exited ({process.returncode}); see {log.name}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the cloud was not ready in {timeout_s:.0f} s; see {log.name}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def superlinks() -> set[int]:

@@ -1,0 +1,69 @@
+"""`spa demo` / `spa-demo`: the cloud API (a real uvicorn server, unless a remote one is given),
+the demo users' devices (trained on first start, cached), and the Gradio UI — with every process
+it started stopped when it ends (Ctrl-C or SIGTERM)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.cloud_process import cloud
+from app.devices import DemoConfig, Devices, default_root
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    backbone: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    cloud_url: str | None = None  # a remote cloud instead of starting one
+    root: Path = field(default_factory=default_root)  # devices, the cloud's records, runs
+    config: DemoConfig = field(default_factory=DemoConfig)
+
+
+def say(message: str) -> None:
+    print(f"[spa demo] {message}", flush=True)
+
+
+def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
+    """Run the demo until interrupted (or, with `prepare_only`, train the demo users and stop:
+    the Docker build's step)."""
+    started = time.monotonic()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    root = settings.root.expanduser()
+    with contextlib.ExitStack() as stack:
+        url = settings.cloud_url
+        if url is None:
+            log = root / "cloud" / "cloud.log"
+            say(f"starting the cloud API (backbone {settings.backbone}); log: {log}")
+            url = stack.enter_context(cloud(settings.backbone, root / "cloud"))
+        say(f"cloud API at {url} (spec: {url}/docs)")
+        devices = Devices(root, url, settings.config)
+        say(f"devices in {devices.root}; training the demo users that are not trained yet")
+        trained = devices.prepare()
+        say(f"demo users ready ({'trained now: ' + ', '.join(trained) if trained else 'cached'})")
+        if prepare_only:
+            return
+        from app.ui import build  # gradio is slow to import: only when serving
+
+        page = build(devices, root)
+        page.queue(default_concurrency_limit=4)
+        page.launch(
+            server_name=settings.host, server_port=settings.port, prevent_thread_lock=True,
+            ssr_mode=False, quiet=True,
+        )  # fmt: skip
+        stack.callback(page.close)
+        shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        say(
+            f"UI ready at http://{shown}:{settings.port} in {time.monotonic() - started:.0f} s "
+            "(Ctrl-C stops the UI and the cloud)"
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(1):
+                pass
+        say("stopping")
