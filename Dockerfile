@@ -26,9 +26,12 @@ COPY app app
 COPY device_agent device_agent
 COPY cloud_api cloud_api
 COPY personalization personalization
-# Convert the embedded backbone at build time, so a container starts in seconds.
-RUN spa prepare && chown -R spa:spa $SPA_CACHE_DIR
+# Build time: convert the embedded backbone and train the demo users' side networks, so a
+# container serves device-coloured tokens seconds after it starts.
+RUN spa prepare && spa demo --prepare-only && chown -R spa:spa $SPA_CACHE_DIR
 
 USER spa
 EXPOSE 7860
-CMD ["spa-demo"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"
+CMD ["spa-demo", "--host", "0.0.0.0"]

