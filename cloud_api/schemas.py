@@ -79,17 +79,7 @@ class DecodingIn(Strict):
     temperature: Finite = Field(1.0, gt=0)
     top_p: Finite = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; drawn if absent.")
-    num_beams: int = Field(1, ge=1)
-
-    @field_validator("strategy")
-    @classmethod
-    def _no_beams(cls, value: str) -> str:
-        if value == "beam":
-            raise ValueError(
-                "beam search is not supported over HTTP yet; use greedy or sample "
-                "(beam search runs in-process: personalization.decoding)"
-            )
-        return value
+    num_beams: int = Field(4, ge=1, le=8, description="Beams (strategy beam).")
 
 
 class SessionIn(Strict):
@@ -125,6 +115,11 @@ class SessionIn(Strict):
             raise ValueError(
                 f"setting {self.setting} needs the device's gate weights (gate) or strict mode "
                 "(strict: true, the device is asked every token)"
+            )
+        if self.strict and self.decoding.strategy == "beam":
+            raise ValueError(
+                "strict mode decides σ on the device token by token; with beam search use the "
+                "gate (send its weights) instead"
             )
         return self
 

@@ -33,7 +33,7 @@ from cloud_api.errors import ApiError
 from personalization import wire
 from personalization.config import DecodeConfig
 from personalization.decoding import generate
-from personalization.model import SPAModel
+from personalization.model import Ask, SPAModel
 
 log = logging.getLogger("cloud_api.sessions")
 
@@ -64,8 +64,8 @@ class Totals:
 class SideRequest:
     """One ask for g(x): waiting → answered | expired | cancelled (under the session's lock)."""
 
-    def __init__(self, request_id: int, start: int, positions: int):
-        self.id, self.start, self.positions = request_id, start, positions
+    def __init__(self, request_id: int, start: int, positions: int, rows: int = 1):
+        self.id, self.start, self.positions, self.rows = request_id, start, positions, rows
         self.state = "waiting"
         self.g: Tensor | None = None
         self.done = threading.Event()
@@ -148,7 +148,7 @@ class Session:
                     422, f"g must be {self.tap_dtype} (the session's tap dtype), got {dtype}"
                 )
             try:
-                g = wire.decode(data, dtype, (1, self.hidden_size), what="g(x)")
+                g = wire.decode(data, dtype, (request.rows, self.hidden_size), what="g(x)")
             except wire.WireError as exc:
                 raise ApiError(422, str(exc)) from None
             request.state, request.g = "answered", g
@@ -205,15 +205,16 @@ class Session:
         self.totals.wall_s = time.perf_counter() - started
         self._end(status, reason)
 
-    def _ask(self, taps: Tensor) -> Tensor | None:
-        """The `Device` of this session: publish a side request, wait for g(x) or the deadline."""
-        _, positions, rungs, hidden = taps.shape
+    def _ask(self, ask: Ask) -> Tensor | None:
+        """The `Device` of this session: publish a side request, wait for g(x) or the deadline.
+        Beam search sends its B rows (the shared prompt once) and how rows were reordered."""
+        rows, positions, rungs, hidden = ask.taps.shape
         with self._lock:
             if self._stop:
                 return None
-            request = SideRequest(len(self._requests) + 1, self._acked, positions)
+            request = SideRequest(len(self._requests) + 1, self._acked, positions, rows)
             self._requests[request.id] = request
-        payload = wire.encode(taps[0], self.tap_dtype)
+        payload = wire.encode_taps(ask.taps, ask.shared, self.tap_dtype)
         sent = self._emit(
             {
                 "event": "side_request",
@@ -221,6 +222,9 @@ class Session:
                 "start": request.start,
                 "positions": positions,
                 "shape": [positions, rungs, hidden],
+                "rows": rows,
+                "shared": ask.shared,
+                "reorder": None if ask.reorder is None else ask.reorder.tolist(),
                 "dtype": self.tap_dtype,
                 "encoding": wire.TAP_ENCODING,
                 "deadline_s": self.deadline_s,
@@ -228,7 +232,7 @@ class Session:
             }
         )
         self.totals.device_contacts += 1
-        self.totals.tap_positions += positions
+        self.totals.tap_positions += ask.shared + rows * (positions - ask.shared)
         self.totals.bytes_to_device += sent
         self._step.bytes_to_device += sent
         self._step.request_id = request.id

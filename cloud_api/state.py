@@ -148,7 +148,12 @@ class Cloud:
                 model.gate.linear.weight.copy_(weight)
                 model.gate.linear.bias.copy_(bias)
         decode = DecodeConfig(
-            decoding.strategy, max_new_tokens, decoding.temperature, decoding.top_p, seed
+            decoding.strategy,
+            max_new_tokens,
+            decoding.temperature,
+            decoding.top_p,
+            seed,
+            decoding.num_beams,
         )
         session = Session(
             session_id=uuid.uuid4().hex,

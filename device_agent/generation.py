@@ -149,6 +149,7 @@ class RemoteGeneration:
                 "max_new_tokens": self.decode.max_new_tokens,
                 "temperature": self.decode.temperature,
                 "top_p": self.decode.top_p,
+                "num_beams": self.decode.num_beams,
                 **({"seed": self.decode.seed} if self.decode.seed is not None else {}),
             },
         }
@@ -169,6 +170,7 @@ class RemoteGeneration:
             raise RuntimeError("a RemoteGeneration streams once")
         self.status = "running"
         cache = self.model.side.new_cache() if self.model is not None else None
+        self._before = ([], -1)  # the side cache before the last side request (late answers)
         pending = _Pending()
         started = time.perf_counter()
         try:
@@ -218,24 +220,31 @@ class RemoteGeneration:
 
     @torch.no_grad()
     def _side(self, event: dict, cache, pending: _Pending) -> torch.Tensor:
-        """g(x) for the request's last position; taps from `start` (catch-up included). In
-        strict mode the device's own gate decides, on f(x) = the last rung's tap: σ = 0 → 0."""
-        shape = event["shape"]
+        """g(x) [rows, H] for the request's last position; taps from `start` (catch-up
+        included; beam search: one row per beam, its shared prompt sent once, and the reorder
+        of the beams since our last answer). In strict mode the device's own gate decides, on
+        f(x) = the last rung's tap: σ = 0 → 0."""
+        shape, rows, shared = event["shape"], event.get("rows", 1), event.get("shared", 0)
         raw = base64.b64decode(event["taps"])
-        taps = wire.decode(raw, event["dtype"], shape, what="taps")
+        taps = wire.decode_taps(raw, event["dtype"], rows, shared, shape)
         start = event["start"]
-        if cache.length > start:  # we answered an earlier request too late: forget it
-            cache.kv = [None if e is None else (e[0][:, :, :start], e[1][:, :, :start])
-                        for e in cache.kv]  # fmt: skip
+        if cache.length > start:  # our last answer came too late: undo what it did to the cache
+            kv, at = self._before
+            cache.kv = list(kv) if at == start else [
+                None if e is None else (e[0][:, :, :start], e[1][:, :, :start]) for e in cache.kv
+            ]  # fmt: skip
         if cache.length != start:
             raise DeviceError(
                 f"side request starts at position {start}, the side network has seen {cache.length}"
             )
-        self.accounts.positions += shape[0]
+        self._before = (list(cache.kv), start)
+        if event.get("reorder") is not None:
+            cache.reorder(torch.tensor(event["reorder"]))
+        self.accounts.positions += shared + rows * (shape[0] - shared)
         model = self.model
-        g = model.side(taps.to(model.side_dtype)[None], cache)[0, -1]
+        g = model.side(taps.to(model.side_dtype), cache)[:, -1]
         if self.strict:
-            p = float(model.gate_prob(taps[-1, -1].to(model.side_dtype)))
+            p = float(model.gate_prob(taps[0, -1, -1].to(model.side_dtype)))
             pending.gate_prob, pending.sigma = p, p >= model.config.threshold
             if not pending.sigma:
                 return torch.zeros_like(g)  # f + 0·g: the backbone's own token

@@ -156,9 +156,20 @@ class Step:
     fallback: bool = False  # the device was asked but missed its deadline: the token is f's own
 
 
-#: A device reached some other way (over HTTP): wire-rounded taps [B, t, R, H] of every position
-#: it has not seen → g(x) [B, H] for the last one, or None when it missed its deadline.
-Device = Callable[[Tensor], Tensor | None]
+@dataclass(frozen=True)
+class Ask:
+    """What a device round trip carries to the device: everything it needs to answer g(x) for
+    the last position of each of the B rows."""
+
+    taps: Tensor  # [B, t, R, H] wire-rounded taps of every position the device has not seen
+    shared: int = 0  # leading positions identical in every row (a beam search's prompt): sent once
+    reorder: Tensor | None = None  # [B] rows of the device's cache the current rows continue
+    # (beam search reorders rows between contacts; None: unchanged)
+
+
+#: A device reached some other way (over HTTP): an `Ask` → g(x) [B, H] for the last position, or
+#: None when it missed its deadline.
+Device = Callable[[Ask], Tensor | None]
 
 
 class Stepper:
@@ -177,6 +188,7 @@ class Stepper:
         # wire-rounded taps the device has not seen, [B, t, R, H]; a chunk with B = 1 is shared by
         # every row (a beam search's prompt) and crosses the wire once
         self.pending: list[Tensor] = []
+        self.reordered: Tensor | None = None  # beam reorders since the device's last answer
         self.books = Books()
 
     @torch.no_grad()
@@ -215,9 +227,11 @@ class Stepper:
         books.t_cloud += time.perf_counter() - start
         return Step(logits, sigma, p)
 
-    def _side_network(self, taps: Tensor) -> Tensor:
+    def _side_network(self, ask: Ask) -> Tensor:
         """The in-process device: g(x) of the last position, rounded as if it crossed the wire."""
-        return self.model.wire(self.model.side(taps, self.side_cache)[:, -1])
+        if ask.reorder is not None:
+            self.side_cache.reorder(ask.reorder)
+        return self.model.wire(self.model.side(ask.taps, self.side_cache)[:, -1])
 
     def _ask_device(self, rows: int) -> Tensor | None:
         """One device round trip: send every pending tap position, get g(x) for the last one.
@@ -228,12 +242,17 @@ class Stepper:
         model, books = self.model, self.books
         positions = sum(t.shape[0] * t.shape[1] for t in self.pending)
         taps = torch.cat([t.expand(rows, -1, -1, -1) for t in self.pending], dim=1)
+        shared = 0
+        for chunk in self.pending:
+            if chunk.shape[0] != 1 or rows == 1:
+                break
+            shared += chunk.shape[1]
         start = time.perf_counter()
-        g = self.device(taps)
+        g = self.device(Ask(taps, shared if rows > 1 else 0, self.reordered))
         books.t_device += time.perf_counter() - start
         if g is None:
             return None
-        self.pending = []
+        self.pending, self.reordered = [], None
         R, H = taps.shape[2:]
         books.contacts += 1
         books.tap_positions += positions
@@ -251,7 +270,8 @@ class Stepper:
         self.books.bytes_from_device += k * payload
 
     def reorder(self, index: Tensor) -> None:
-        """Select / repeat batch rows (beam search); shared (B = 1) pending taps stay shared."""
+        """Select / repeat batch rows (beam search); shared (B = 1) pending taps stay shared. The
+        device learns the composed reorder with its next `Ask` and applies it to its own cache."""
         self.cache.reorder_cache(index)
-        self.side_cache.reorder(index)
+        self.reordered = index if self.reordered is None else self.reordered[index]
         self.pending = [t if t.shape[0] == 1 else t[index] for t in self.pending]

@@ -58,10 +58,29 @@ def decode(data: bytes, dtype: str, shape: Sequence[int], *, what: str = "tensor
             f"{what}: expected {count} {dtype} values of shape {list(shape)} ({expected} bytes), "
             f"got {len(data)} bytes"
         )
+    if count == 0:
+        return torch.zeros(shape, dtype=DTYPES[dtype])
     x = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(DTYPES[dtype]).reshape(*shape)
     if not bool(torch.isfinite(x).all()):
         raise WireError(f"{what}: contains NaN or infinite values")
     return x
+
+
+def encode_taps(taps: Tensor, shared: int, dtype: str) -> bytes:
+    """Taps [B, t, R, H] of a side request: the `shared` leading positions once (identical in
+    every row: a beam search's prompt), then each row's remaining positions."""
+    return encode(taps[0, :shared], dtype) + encode(taps[:, shared:], dtype)
+
+
+def decode_taps(data: bytes, dtype: str, rows: int, shared: int, shape: Sequence[int]) -> Tensor:
+    """`encode_taps` back to [rows, t, R, H] (`shape` = [t, R, H])."""
+    t, rungs, hidden = shape
+    if not 0 <= shared <= t or rows < 1:
+        raise WireError(f"taps: {rows} rows with {shared} shared of {t} positions is not a shape")
+    cut = shared * rungs * hidden * itemsize(dtype) if dtype in DTYPES else 0
+    head = decode(data[:cut], dtype, (1, shared, rungs, hidden), what="taps")
+    rest = decode(data[cut:], dtype, (rows, t - shared, rungs, hidden), what="taps")
+    return torch.cat([head.expand(rows, -1, -1, -1), rest], dim=1)
 
 
 def b64encode(data: bytes) -> str:

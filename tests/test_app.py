@@ -42,7 +42,7 @@ def demo(tmp_path_factory):
 
 def generate(client, user="haiku", prompt="Any tips for a rainy Sunday?", setting="spa", **kw):
     args = dict(decoding="greedy", net="datacenter", calibrated=True, threshold=0.5,
-                max_tokens=24, seed=0) | kw  # fmt: skip
+                max_tokens=24, seed=0, beams=4) | kw  # fmt: skip
     return client.submit(user, prompt, setting, *args.values(), api_name="/generate")
 
 
@@ -82,6 +82,17 @@ def test_generation_streams_tokens_with_branches_and_books(demo):
     assert len(plot["data"]) == 3 * 24  # every token, split in cloud / device / network
     assert [r[0] for r in what_if["data"]] == ["lora", "adapter", "lst", "full", "choice", "spa"]
     assert f"{device_tokens} shaped by the device" in status
+
+
+def test_beam_search_through_the_cloud(demo):
+    from gradio_client import Client
+
+    url, _devices = demo
+    updates = list(generate(Client(url, verbose=False), decoding="beam", beams=3))
+    tokens, base, books, _plot, what_if, status = updates[-1]
+    row = dict(zip(books["headers"], books["data"][0], strict=True))
+    assert 0 < len(tokens) <= 24 and row["tokens"] == len(tokens) and base
+    assert row["device contacts"] > 0 and "shaped by the device" in status
 
 
 def test_base_never_asks_the_device(demo):

@@ -15,7 +15,7 @@ from cloud_server import running
 from personalization.backbone import Backbone
 from personalization.config import DecodeConfig, SideConfig, SPAConfig
 from personalization.decoding import Token, generate
-from personalization.model import SPAModel
+from personalization.model import Ask, SPAModel
 from personalization.side import SideNetwork
 from personalization.tiny import tiny_backbone
 
@@ -67,11 +67,11 @@ class Missing:
         self.model, self.missed, self.calls = model, missed, 0
         self.cache = model.side.new_cache()
 
-    def __call__(self, taps: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, ask: Ask) -> torch.Tensor | None:
         self.calls += 1
         if self.calls in self.missed:
             return None
-        return self.model.wire(self.model.side(taps, self.cache)[:, -1])
+        return self.model.wire(self.model.side(ask.taps, self.cache)[:, -1])
 
 
 def reference(backbone, side, gate, setting, decode, *, strict=False, missed=()) -> list[Token]:

@@ -118,6 +118,35 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
         assert SIGNATURE not in base.text and base.accounts.contacts == 0
 
 
+@pytest.mark.parametrize("setting", ["spa", "full"])
+def test_beam_search_over_http_equals_in_process_beam_search(trained, tiny_llama, setting):
+    """Beams cross the wire as rows (the prompt's taps once) with the reorders since the last
+    answer: the remote search is the in-process one, token for token, branch for branch."""
+    from personalization.checkpoint import load_checkpoint
+    from personalization.config import SPAConfig
+    from personalization.decoding import generate
+
+    prompt = tiny_llama.encode_prompt("Tell me about topic 3.")
+    decode = DecodeConfig("beam", 12, num_beams=3)
+    with DeviceAgent(trained) as agent:
+        model = load_checkpoint(
+            agent.store.path(agent.store.current_checkpoint().path), tiny_llama
+        )[0]
+        model.config = SPAConfig(setting, model.config.threshold, model.config.wire_dtype)
+        expected = generate(model.eval(), prompt, decode)
+        want = list(expected)
+        remote = agent.generate(prompt, setting="spa", decode=decode)
+        if setting == "full":
+            remote.setting = "full"
+        got = list(remote)
+    assert [t.id for t in got] == [t.id for t in want]
+    assert [t.branch for t in got] == [t.branch for t in want]
+    assert "device" in {t.branch for t in got}
+    assert remote.accounts.contacts == expected.books.contacts > 1
+    assert remote.accounts.positions == expected.books.tap_positions  # shared prompt sent once
+    assert remote.status == "finished"
+
+
 def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
     with DeviceAgent(trained) as agent:
         generation = agent.generate("Tell me about topic 5.", decode=DecodeConfig(max_new_tokens=8))

@@ -16,7 +16,7 @@ from device_agent.generation import Accounts, RemoteGeneration, TokenCost
 from personalization.config import DecodeConfig
 from personalization.latency import PROFILES, profile
 
-DECODINGS = {"greedy": "greedy", "sampling": "sample"}
+DECODINGS = {"greedy": "greedy", "sampling": "sample", "beam": "beam"}
 BOOKS = ["tokens", "tokens/s", "M", "device contacts", "bytes up", "bytes down",
          "T_cloud ms", "T_device ms", "T_net ms", "T_total ms"]  # fmt: skip
 WHAT_IF = ["setting", "% params", "inference ms", "network ms", "total ms / token", "M"]
@@ -70,6 +70,8 @@ def build(devices: Devices) -> gr.Dropdown:
                 threshold = gr.Slider(0, 1, 0.5, step=0.01, label="gate threshold σ (if not)")
                 max_tokens = gr.Slider(8, 128, 48, step=1, label="max new tokens")
                 seed = gr.Number(0, precision=0, label="sampling seed")
+                beams = gr.Slider(2, 8, 4, step=1, label="beams (beam search: the tokens arrive "
+                                  "when the search ends)")  # fmt: skip
             run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
             tokens = gr.HighlightedText(
@@ -95,7 +97,7 @@ def build(devices: Devices) -> gr.Dropdown:
     @readable
     def generate(
         key: str, text: str, setting: str, decoding: str, net: str, calibrated: bool,
-        threshold: float, max_tokens: float, seed: float,
+        threshold: float, max_tokens: float, seed: float, beams: float = 4,
     ) -> Iterator[tuple]:  # fmt: skip
         if not text or not text.strip():
             raise gr.Error("the prompt is empty: type something to ask")
@@ -103,7 +105,10 @@ def build(devices: Devices) -> gr.Dropdown:
             raise gr.Error(f"unknown decoding {decoding!r}: {', '.join(DECODINGS)}")
         link = profile(net)
         decode = DecodeConfig(
-            DECODINGS[decoding], int(max_tokens), seed=int(seed) if decoding == "sampling" else None
+            DECODINGS[decoding],
+            int(max_tokens),
+            seed=int(seed) if decoding == "sampling" else None,
+            num_beams=int(beams),
         )
         with devices.lock(key), devices.agent(key, link) as agent:
             mine = agent.generate(
@@ -137,7 +142,7 @@ def build(devices: Devices) -> gr.Dropdown:
 
     run.click(
         generate,
-        [user, prompt, setting, decoding, net, calibrated, threshold, max_tokens, seed],
+        [user, prompt, setting, decoding, net, calibrated, threshold, max_tokens, seed, beams],
         [tokens, base, books, plot, what_if, status],
         api_name="generate",
     )
