@@ -504,7 +504,7 @@ def demo(
     ] = None,
     epochs: Annotated[
         int, typer.Option(min=1, help="Epochs the demo users are trained for on first start.")
-    ] = 20,
+    ] = 24,
     prepare_only: Annotated[
         bool, typer.Option(help="Train the demo users (if needed), then exit: a build step.")
     ] = False,

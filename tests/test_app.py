@@ -134,6 +134,26 @@ def test_the_device_tab_trains_with_progress_and_a_loss_curve(demo):
     assert len(final[0]) == 24  # the visitor's own device now generates
 
 
+def test_the_federated_tab_runs_a_simulation_and_fills_in_rounds(demo):
+    """The demo users as Flower devices against the demo's cloud, through `flwr run`."""
+    from gradio_client import Client
+
+    url, _devices = demo
+    job = Client(url, verbose=False).submit(
+        "the demo users", 2, 2, "fedavg", 1, api_name="/federate"
+    )
+    updates = list(job)
+    status, table, plot = updates[-1]
+    assert "finished" in status, status
+    assert [row[0] for row in table["data"]] == [1, 2]
+    columns = table["headers"]
+    rouge = [row[columns.index("rouge-l")] for row in table["data"]]
+    assert all(r is not None for r in rouge)
+    assert {p[1] for p in plot["data"]} == {"personalised", "base"}
+    with pytest.raises(Exception, match="has 3 users"):
+        Client(url, verbose=False).predict("the demo users", 5, 1, "local", 1, api_name="/federate")
+
+
 def test_a_browser_sees_cloud_and_device_colours(demo):
     from playwright.sync_api import sync_playwright
 
