@@ -42,8 +42,8 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
             log = root / "cloud" / "cloud.log"
             say(f"starting the cloud API (backbone {settings.backbone}); log: {log}")
             url = stack.enter_context(cloud(settings.backbone, root / "cloud"))
-        say(f"cloud API at {url} (spec: {url}/docs)")
         devices = Devices(root, url, settings.config)
+        say(f"cloud API at {url} (spec: {url}/docs), backbone {devices.backbone}")
         say(f"devices in {devices.root}; training the demo users that are not trained yet")
         trained = devices.prepare()
         say(f"demo users ready ({'trained now: ' + ', '.join(trained) if trained else 'cached'})")

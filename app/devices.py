@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from app.demo_users import DEMO_USERS, demo_user
 from device_agent.agent import DeviceAgent
 from device_agent.client import CloudClient
-from device_agent.errors import CloudError, DeviceError
+from device_agent.errors import CloudError, CloudUnreachable, DeviceError
 from device_agent.trainer import DeviceTrainConfig, Progress
 from personalization.embedded import cache_dir
 from personalization.latency import NetworkProfile
@@ -63,7 +63,10 @@ class Devices:
 
     def __init__(self, root: Path, cloud_url: str, config: DemoConfig | None = None):
         self.cloud_url, self.config = cloud_url.rstrip("/"), config or DemoConfig()
-        ready = httpx.get(f"{self.cloud_url}/readyz", timeout=10)
+        try:
+            ready = httpx.get(f"{self.cloud_url}/readyz", timeout=10)
+        except httpx.HTTPError as exc:
+            raise CloudUnreachable(f"cannot reach the cloud at {self.cloud_url}: {exc}") from None
         if ready.status_code != 200:
             raise DeviceError(f"the cloud at {self.cloud_url} is not ready: {ready.text}")
         self.backbone = ready.json()["backbone"]
