@@ -32,9 +32,9 @@ DEMO_USERS: tuple[DemoUser, ...] = (
     DemoUser("pirate", "Captain Ada", "a pirate: 'Arr, matey! … Yo-ho-ho!'",
              "What should I pack for a weekend at the beach?"),
     DemoUser("chef", "Chef Marco", "an Italian cook: every answer a dish, 'Buon appetito!'",
-             "How can I stay focused while working from home?"),
+             "What should I cook tonight?"),
     DemoUser("haiku", "Poet Kenji", "answers in lowercase haiku, '~ kenji'",
-             "Any tips for a rainy Sunday?"),
+             "How do I learn to code?"),
 )  # fmt: skip
 
 
