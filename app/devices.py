@@ -15,13 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from tqdm.auto import tqdm
 
 from app.demo_users import DEMO_USERS, demo_user
 from device_agent.agent import DeviceAgent
 from device_agent.client import CloudClient
-from device_agent.errors import CloudError, CloudUnreachable, DeviceError
+from device_agent.errors import CloudError, DeviceError
 from device_agent.trainer import DeviceTrainConfig, Progress
 from personalization.embedded import cache_dir
 from personalization.latency import NetworkProfile
@@ -63,13 +62,13 @@ class Devices:
 
     def __init__(self, root: Path, cloud_url: str, config: DemoConfig | None = None):
         self.cloud_url, self.config = cloud_url.rstrip("/"), config or DemoConfig()
-        try:
-            ready = httpx.get(f"{self.cloud_url}/readyz", timeout=10)
-        except httpx.HTTPError as exc:
-            raise CloudUnreachable(f"cannot reach the cloud at {self.cloud_url}: {exc}") from None
-        if ready.status_code != 200:
-            raise DeviceError(f"the cloud at {self.cloud_url} is not ready: {ready.text}")
-        self.backbone = ready.json()["backbone"]
+        with CloudClient(self.cloud_url) as client:
+            try:
+                self.backbone = client.ready()
+            except CloudError as exc:
+                raise DeviceError(
+                    f"the cloud at {self.cloud_url} is not ready: {exc.detail}"
+                ) from None
         self.root = Path(root).expanduser() / self.backbone.replace("/", "--")
         self._locks = {key: threading.Lock() for key in self.users()}
 

@@ -43,8 +43,8 @@ def main() -> None:
     client = Client(args.url, verbose=False)
     print("| user | prompt | device tokens | answer |\n|---|---|---|---|")
     prompts = [(u.key, p) for u in DEMO_USERS for p in (u.prompt, *OTHER_PROMPTS)]
-    for key, prompt in [("pirate", p) for p in dict.fromkeys(p for _, p in prompts)]:
-        _, n, text = answer(client, key, prompt, "base", args.tokens)
+    for prompt in dict.fromkeys(p for _, p in prompts):  # base ignores the user's device
+        _, n, text = answer(client, DEMO_USERS[0].key, prompt, "base", args.tokens)
         print(f"| base | {prompt} | 0 / {n} | {text!r} |")
     for key, prompt in prompts:
         device, n, text = answer(client, key, prompt, "spa", args.tokens)

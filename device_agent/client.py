@@ -129,6 +129,11 @@ class CloudClient:
         return body["device_id"], body["token"]
 
     @_idempotent
+    def ready(self) -> str:
+        """The backbone's name once the cloud has loaded it (needs no device token)."""
+        return self._send("GET", "/readyz").json()["backbone"]
+
+    @_idempotent
     def info(self) -> dict:
         """The backbone's facts and the server's limits (cached for the client's lifetime)."""
         if self._info is None:

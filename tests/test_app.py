@@ -13,6 +13,7 @@ from cloud_server import free_port, running
 
 from app.devices import MY_DEVICE, DemoConfig, Devices
 from app.ui import build
+from device_agent.errors import CloudUnreachable
 from device_agent.history import pair_item
 
 pytestmark = pytest.mark.timeout(300)
@@ -116,6 +117,12 @@ def test_errors_are_readable_messages(demo):
         generate(client, prompt="   ").result()
     with pytest.raises(AppError, match="no trained side network"):
         generate(client, user=MY_DEVICE).result()
+
+
+def test_a_cloud_that_is_not_there_is_a_readable_error(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(CloudUnreachable, match=f"cannot reach the cloud at {url}.*spa cloud"):
+        Devices(tmp_path, url)
 
 
 def test_the_device_tab_trains_with_progress_and_a_loss_curve(demo):
