@@ -39,8 +39,9 @@ Backbone = Annotated[
 
 def _load(spec: str | None):
     """Load a backbone, turning loading failures into a clean CLI error instead of a traceback."""
-    from personalization.backbone import UnsupportedBackboneError, load_backbone
-    from personalization.embedded import BackboneNotFoundError
+    from personalization.backbone.embedded import BackboneNotFoundError
+    from personalization.backbone.frozen import UnsupportedBackboneError
+    from personalization.backbone.loading import load_backbone
 
     try:
         return load_backbone(spec)
@@ -124,7 +125,14 @@ def generate(
     try:
         spa = SPAConfig(setting=setting, threshold=threshold)
         kind = "beam" if speculative else strategy
-        decode = DecodeConfig(kind, max_new_tokens, temperature, top_p, seed, num_beams)
+        decode = DecodeConfig(
+            strategy=kind,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            num_beams=num_beams,
+        )
     except ValueError as exc:
         _fail(str(exc))
     try:
@@ -154,30 +162,30 @@ def generate(
 
 
 def _speculative(strategy: str, gamma: int, draft_beams: int | None, seed: int):
-    from personalization.speculative import SpeculativeConfig
+    from personalization.atspeed.speculative import SpeculativeConfig
 
     verify = strategy.removeprefix("speculative-")
     try:
-        return SpeculativeConfig(gamma, draft_beams, verify, seed)
+        return SpeculativeConfig(gamma=gamma, draft_beams=draft_beams, verify=verify, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
 
 
 def _draft(backbone, path: Path | None, layers: int | None):
     """A trained draft from `path`, else the backbone's first `layers` layers, untrained."""
-    from personalization.draft import Draft, DraftConfig, DraftError
+    from personalization.atspeed.draft import Draft, DraftConfig, DraftError
 
     try:
         if path is not None:
             return Draft.load(path, backbone)[0]
-        return Draft(backbone, DraftConfig(layers or min(2, backbone.num_layers - 1)))
+        return Draft(backbone, DraftConfig(layers=layers or min(2, backbone.num_layers - 1)))
     except (DraftError, ValueError) as exc:
         _fail(str(exc))
 
 
 def _speculative_generate(model, drafter, prompt, chat, decode, spec) -> None:
     """Speculative beam search for `generate`: the best beam, then what the search did."""
-    from personalization.speculative import speculative_beam_search
+    from personalization.atspeed.speculative import speculative_beam_search
 
     start = time.perf_counter()
     try:
@@ -233,21 +241,23 @@ def recommend(
     seed: Annotated[int, typer.Option(help="Seed of speculative-relaxed sampling.")] = 0,
 ) -> None:
     """Top-K next items for a purchase history, generated under the catalogue, with scores."""
-    from personalization.catalogue import Catalogue
-    from personalization.checkpoint import CheckpointError, load_checkpoint
-    from personalization.config import SPAConfig
-    from personalization.data import DataError
-    from personalization.model import SPAModel
-    from personalization.recommend import (
+    from personalization.atspeed.catalogue import Catalogue
+    from personalization.atspeed.recommend import (
         RecommendConfig,
         history_prompt,
         load_titles,
         user_history,
     )
-    from personalization.recommend import recommend as run
+    from personalization.atspeed.recommend import recommend as run
+    from personalization.config import SPAConfig
+    from personalization.model import SPAModel
+    from personalization.training.checkpoint import CheckpointError, load_checkpoint
+    from personalization.training.data import DataError
 
     try:
-        cfg = RecommendConfig(strategy, k, gamma, draft_beams, seed)
+        cfg = RecommendConfig(
+            strategy=strategy, k=k, gamma=gamma, draft_beams=draft_beams, seed=seed
+        )
     except ValueError as exc:
         _fail(str(exc))
     truth = None
@@ -266,7 +276,11 @@ def recommend(
     except (DataError, ValueError) as exc:
         _fail(str(exc))
     try:
-        model = load_checkpoint(checkpoint, f)[0] if checkpoint else SPAModel(f, SPAConfig("base"))
+        model = (
+            load_checkpoint(checkpoint, f)[0]
+            if checkpoint
+            else SPAModel(f, SPAConfig(setting="base"))
+        )
     except CheckpointError as exc:
         _fail(str(exc))
     drafter = _draft(f, draft, draft_layers) if cfg.strategy != "beam" and gamma > 0 else None
@@ -326,12 +340,18 @@ CacheRoot = Annotated[
 
 
 def _data(backbone, path, dataset, seed, train_size, valid_size, test_size, max_prompt_tokens):
-    from personalization.data import DataError
-    from personalization.experiment import DataConfig, prepare_data
+    from personalization.training.data import DataError
+    from personalization.training.experiment import DataConfig, prepare_data
 
     try:
         cfg = DataConfig(
-            str(path), dataset, seed, train_size, valid_size, test_size, max_prompt_tokens
+            path=str(path),
+            dataset=dataset,
+            seed=seed,
+            train_size=train_size,
+            valid_size=valid_size,
+            test_size=test_size,
+            max_prompt_tokens=max_prompt_tokens,
         )
         return prepare_data(backbone, cfg)
     except DataError as exc:
@@ -361,20 +381,24 @@ def train(
     cache: CacheRoot = None,
 ) -> None:
     """Train a setting from cached backbone features, calibrate its gate, save a checkpoint."""
-    from personalization.checkpoint import CheckpointError
     from personalization.config import SETTINGS, SideConfig
-    from personalization.experiment import fit
-    from personalization.train import TrainConfig
+    from personalization.training.checkpoint import CheckpointError
+    from personalization.training.experiment import fit
+    from personalization.training.train import TrainConfig
 
     if setting not in SETTINGS or setting == "base":
         _fail(f"cannot train setting {setting!r}: choose lst, full, choice, spa, lora or adapter")
     try:
-        cfg = TrainConfig(epochs, batch_size, lr, seed=seed, target_usage=target_usage)
+        cfg = TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, target_usage=target_usage
+        )
     except ValueError as exc:
         _fail(str(exc))
     model = _load(backbone)
     try:
-        side = SideConfig(model.hidden_size, model.num_layers, reduction=reduction)
+        side = SideConfig(
+            hidden_size=model.hidden_size, num_layers=model.num_layers, reduction=reduction
+        )
     except ValueError as exc:
         _fail(str(exc))
     sizes = (train_size, valid_size, test_size)
@@ -431,11 +455,11 @@ def evaluate(
     cache: CacheRoot = None,
 ) -> None:
     """Generate for the test split; report Rouge-L, gate usage, M, bytes and latency per token."""
-    from personalization.checkpoint import CheckpointError, load_checkpoint
-    from personalization.evaluate import table
-    from personalization.experiment import assess
     from personalization.latency import profile as network
     from personalization.model import SPAModel
+    from personalization.training.checkpoint import CheckpointError, load_checkpoint
+    from personalization.training.evaluate import table
+    from personalization.training.experiment import assess
 
     if (checkpoint is None) == (setting is None):
         _fail("give either --checkpoint or --setting base")

@@ -202,7 +202,7 @@ def train(
 ) -> None:
     """Train the side network on the history against the cloud's frozen backbone."""
     from device_agent.trainer import DeviceTrainConfig
-    from personalization.train import TrainConfig
+    from personalization.training.train import TrainConfig
 
     with _agent(dir, cloud_url) as agent:
         cfg = DeviceTrainConfig(
@@ -267,7 +267,13 @@ def generate(
 
     with _agent(dir, cloud_url, profile) as agent:
         try:
-            decode = DecodeConfig(strategy, max_new_tokens, temperature, top_p, seed)
+            decode = DecodeConfig(
+                strategy=strategy,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            )
             generation = agent.generate(
                 prompt, setting=setting, decode=decode, strict=strict, threshold=threshold
             )

@@ -22,9 +22,9 @@ from device_agent.agent import DeviceAgent
 from device_agent.client import CloudClient
 from device_agent.errors import CloudError, DeviceError
 from device_agent.trainer import DeviceTrainConfig, Progress
-from personalization.embedded import cache_dir
+from personalization.backbone.embedded import cache_dir
 from personalization.latency import NetworkProfile
-from personalization.train import TrainConfig
+from personalization.training.train import TrainConfig
 
 MY_DEVICE = "me"  # the visitor's own device: empty until they add history and train
 
@@ -33,7 +33,7 @@ def default_root() -> Path:
     return cache_dir() / "demo"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """How the demo users are trained on first start (the Device tab trains with its own).
     A demo wants the style to show after a few minutes of CPU: more epochs and a larger step

@@ -37,7 +37,7 @@ from cloud_client import CloudClient, SideDevice  # noqa: E402
 
 from cloud_api.server import ThreadedServer  # noqa: E402
 from cloud_api.settings import CloudSettings  # noqa: E402
-from personalization.backbone import load_backbone  # noqa: E402
+from personalization.backbone.loading import load_backbone  # noqa: E402
 from personalization.config import DecodeConfig, SideConfig, SPAConfig  # noqa: E402
 from personalization.decoding import generate  # noqa: E402
 from personalization.model import SPAModel  # noqa: E402
@@ -55,15 +55,15 @@ def main() -> None:
 
     backbone = load_backbone(args.backbone)
     prompt = backbone.encode_prompt(PROMPT)
-    side_config = SideConfig(backbone.hidden_size, backbone.num_layers)
+    side_config = SideConfig(hidden_size=backbone.hidden_size, num_layers=backbone.num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         side = SideNetwork(side_config).eval()
         torch.nn.init.normal_(side.up.weight, std=0.02)  # a device that changes something
     decode = DecodeConfig(max_new_tokens=args.tokens)
     models = {
-        "base": SPAModel(backbone, SPAConfig("base"), side_config),
-        "spa": SPAModel(backbone, SPAConfig("spa", threshold=0.0), side_config),  # = strict
+        "base": SPAModel(backbone, SPAConfig(setting="base"), side_config),
+        "spa": SPAModel(backbone, SPAConfig(setting="spa", threshold=0.0), side_config),  # = strict
     }
     models["spa"].side.load_state_dict(side.state_dict())
     bodies = {

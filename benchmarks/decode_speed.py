@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hardware import hardware  # noqa: E402
 
-from personalization.backbone import load_backbone  # noqa: E402
+from personalization.backbone.loading import load_backbone  # noqa: E402
 from personalization.config import DecodeConfig, SPAConfig  # noqa: E402
 from personalization.decoding import generate  # noqa: E402
 from personalization.model import SPAModel  # noqa: E402
@@ -52,8 +52,8 @@ def main() -> None:
         return out.shape[1] - len(prompt)
 
     models = {
-        "base": SPAModel(backbone, SPAConfig("base")),
-        "spa (gate always on)": SPAModel(backbone, SPAConfig("spa", threshold=0.0)),
+        "base": SPAModel(backbone, SPAConfig(setting="base")),
+        "spa (gate always on)": SPAModel(backbone, SPAConfig(setting="spa", threshold=0.0)),
     }
     eos = backbone.eos_token_ids
 

@@ -28,8 +28,8 @@ from cloud_server import free_port, spawn, stop, wait_ready  # noqa: E402
 from device_agent.agent import DeviceAgent  # noqa: E402
 from device_agent.history import user_items  # noqa: E402
 from device_agent.trainer import DeviceTrainConfig, Progress  # noqa: E402
-from personalization.data import read_jsonl  # noqa: E402
-from personalization.train import TrainConfig  # noqa: E402
+from personalization.training.data import read_jsonl  # noqa: E402
+from personalization.training.train import TrainConfig  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -105,7 +105,7 @@ def _features(agent: DeviceAgent, run) -> list:
     """The run's training features, from the device's cache (for the token count)."""
     from device_agent.history import to_record
     from device_agent.trainer import RemoteFeatures, _split
-    from personalization.features import FeatureCache
+    from personalization.training.features import FeatureCache
 
     cfg = DeviceTrainConfig.from_dict(run.config)
     examples = agent.client.tokenize(

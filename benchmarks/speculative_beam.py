@@ -28,20 +28,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hardware import hardware  # noqa: E402
 
-from personalization.backbone import load_backbone  # noqa: E402
-from personalization.catalogue import Catalogue  # noqa: E402
-from personalization.config import SPAConfig  # noqa: E402
-from personalization.data import encode_target, load_splits, to_example  # noqa: E402
-from personalization.distill import DistillConfig, distill, teacher_data  # noqa: E402
-from personalization.draft import Draft, DraftConfig  # noqa: E402
-from personalization.embedded import cache_dir  # noqa: E402
-from personalization.model import SPAModel  # noqa: E402
-from personalization.recommend import (  # noqa: E402
+from personalization.atspeed.catalogue import Catalogue  # noqa: E402
+from personalization.atspeed.distill import DistillConfig, distill, teacher_data  # noqa: E402
+from personalization.atspeed.draft import Draft, DraftConfig  # noqa: E402
+from personalization.atspeed.recommend import (  # noqa: E402
     RecommendConfig,
     load_titles,
     metrics,
     recommend,
 )
+from personalization.backbone.embedded import cache_dir  # noqa: E402
+from personalization.backbone.loading import load_backbone  # noqa: E402
+from personalization.config import SPAConfig  # noqa: E402
+from personalization.model import SPAModel  # noqa: E402
+from personalization.training.data import encode_target, load_splits, to_example  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -67,10 +67,10 @@ def main() -> None:
     catalogue = Catalogue.from_titles(backbone, load_titles(args.data / "beauty_items.json"))
     splits = load_splits(args.data / "beauty.jsonl", "beauty", test=args.users,
                          train=args.train_users)  # fmt: skip
-    target = SPAModel(backbone, SPAConfig("base"))
+    target = SPAModel(backbone, SPAConfig(setting="base"))
     tests = [(list(to_example(backbone, r, keep="end").prompt), r.output) for r in splits.test]
 
-    drafts = {"untrained": Draft(backbone, DraftConfig(args.draft_layers))}
+    drafts = {"untrained": Draft(backbone, DraftConfig(layers=args.draft_layers))}
     drafts |= aligned_drafts(args, backbone, target, catalogue, splits.train)
 
     N = args.draft_beams
@@ -90,7 +90,9 @@ def main() -> None:
             names = names[u % len(names) :] + names[: u % len(names)]  # rotate the order
             for name in names:
                 strategy, draft, gamma = methods[name]
-                cfg = RecommendConfig(strategy, K, gamma, max(K, round(N * K)), seed=u)
+                cfg = RecommendConfig(
+                    strategy=strategy, k=K, gamma=gamma, draft_beams=max(K, round(N * K)), seed=u
+                )
                 t0 = time.perf_counter()
                 result = recommend(target, catalogue, [prompt], cfg, drafts.get(draft))
                 runs[name].append((time.perf_counter() - t0, result, truth))
@@ -102,7 +104,8 @@ def aligned_drafts(args, backbone, target, catalogue, train) -> dict[str, Draft]
     """AtSpeed-S and AtSpeed-R drafts: loaded from the cache, else distilled (and cached)."""
     root = args.draft_dir or cache_dir() / "drafts"
     configs = {
-        m: DistillConfig(m, epochs=args.epochs, lr=args.lr) for m in ("atspeed-s", "atspeed-r")
+        m: DistillConfig(method=m, epochs=args.epochs, lr=args.lr)
+        for m in ("atspeed-s", "atspeed-r")
     }
     setup = {"users": [r.user for r in train], "teacher_beams": args.teacher_beams,
              "layers": args.draft_layers, "backbone": backbone.fingerprint}  # fmt: skip
@@ -117,12 +120,12 @@ def aligned_drafts(args, backbone, target, catalogue, train) -> dict[str, Draft]
             t0 = time.perf_counter()
             prompts = [list(to_example(backbone, r, keep="end").prompt) for r in train]
             truths = [encode_target(backbone, r.output) for r in train]
-            examples = teacher_data(target, prompts, truths, catalogue, args.teacher_beams,
-                                    Draft(backbone, DraftConfig(args.draft_layers)))  # fmt: skip
+            draft = Draft(backbone, DraftConfig(layers=args.draft_layers))
+            examples = teacher_data(target, prompts, truths, catalogue, args.teacher_beams, draft)
             print(f"teacher data: {len(examples)} users, {args.teacher_beams} beams, "
                   f"{sum(len(e.prefixes) for e in examples)} branching prefixes, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-        draft = Draft(backbone, DraftConfig(args.draft_layers))
+        draft = Draft(backbone, DraftConfig(layers=args.draft_layers))
         fit = distill(draft, examples, catalogue, cfg)
         draft.save(path, {"distill": asdict(cfg), "losses": fit.epochs, "seconds": fit.seconds})
         losses = " → ".join(f"{x:.3f}" for x in fit.epochs)

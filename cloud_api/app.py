@@ -36,8 +36,8 @@ from cloud_api.schemas import (
 from cloud_api.sessions import END
 from cloud_api.settings import CloudSettings, WireDtype
 from cloud_api.state import Cloud
-from personalization import wire
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
+from protocol import wire
 
 NDJSON = "application/x-ndjson"
 BINARY = "application/octet-stream"

@@ -189,7 +189,7 @@ class AnswerOut(BaseModel):
 class ExampleIn(Strict):
     """One training example, each part as token ids or as text the cloud tokenises (a text
     prompt with the chat template, a text target followed by EOS, as
-    personalization.data.to_example does; ids are used exactly as given)."""
+    personalization.training.data.to_example does; ids are used exactly as given)."""
 
     prompt: Prompt
     target: Prompt
@@ -197,7 +197,7 @@ class ExampleIn(Strict):
 
 
 class RecordIn(Strict):
-    """A training record as `personalization.data.Record`: the prompt is the instruction (and
+    """A record as `personalization.training.data.Record`: the prompt is the instruction (and
     the input below it, cut to fit), the target is the output followed by EOS."""
 
     instruction: str = Field(min_length=1)

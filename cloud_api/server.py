@@ -15,7 +15,7 @@ import uvicorn
 
 from cloud_api.app import create_app
 from cloud_api.settings import CloudSettings
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 
 GRACE_S = 3  # open event streams get this long to end when the server stops
 

@@ -30,10 +30,10 @@ from torch import Tensor
 
 from cloud_api.db import LIVE, Records, now
 from cloud_api.errors import ApiError
-from personalization import wire
 from personalization.config import DecodeConfig
 from personalization.decoding import generate
 from personalization.model import Ask, SPAModel
+from protocol import wire
 
 log = logging.getLogger("cloud_api.sessions")
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from personalization.embedded import cache_dir
+from personalization.backbone.embedded import cache_dir
 
 WireDtype = Literal["float16", "bfloat16", "float32"]
 

@@ -20,11 +20,12 @@ from cloud_api.errors import ApiError
 from cloud_api.schemas import SESSION_SETTINGS, GateIn, Info, SessionIn
 from cloud_api.sessions import Registry, Session
 from cloud_api.settings import CloudSettings
-from personalization import wire
-from personalization.backbone import Backbone, load_backbone
+from personalization.backbone.frozen import Backbone
+from personalization.backbone.loading import load_backbone
 from personalization.baselines import baseline_parameters
 from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
 from personalization.model import SPAModel
+from protocol import wire
 
 log = logging.getLogger("cloud_api")
 
@@ -140,20 +141,24 @@ class Cloud:
         if decoding.strategy == "sample" and seed is None:
             seed = secrets.randbelow(2**31)  # reported, so the device can replay the run
         # the cloud never runs g: a width-1 side network only carries the rungs and the dtype
-        side = SideConfig(f.hidden_size, f.num_layers, rungs=rungs, reduction=f.hidden_size)
-        model = SPAModel(f, SPAConfig(body.setting, threshold, wire_dtype=dtype), side)
+        side = SideConfig(
+            hidden_size=f.hidden_size, num_layers=f.num_layers, rungs=rungs, reduction=f.hidden_size
+        )
+        model = SPAModel(
+            f, SPAConfig(setting=body.setting, threshold=threshold, wire_dtype=dtype), side
+        )
         if gated and not body.strict and body.gate is not None:
             weight, bias = _gate_tensors(body.gate, f.hidden_size)
             with torch.no_grad():
                 model.gate.linear.weight.copy_(weight)
                 model.gate.linear.bias.copy_(bias)
         decode = DecodeConfig(
-            decoding.strategy,
-            max_new_tokens,
-            decoding.temperature,
-            decoding.top_p,
-            seed,
-            decoding.num_beams,
+            strategy=decoding.strategy,
+            max_new_tokens=max_new_tokens,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            seed=seed,
+            num_beams=decoding.num_beams,
         )
         session = Session(
             session_id=uuid.uuid4().hex,

@@ -1,12 +1,12 @@
 """What a device needs from the cloud to train its side network: features and the frozen head.
 
-Features are exactly `personalization.features.Features` per example — taps [T, R, H] at the
+Features are `personalization.training.features.Features` per example — taps [T, R, H] at the
 requested rungs for every input position; and at the Tt positions that predict the target: f(x)
 `final` [Tt, H], the backbone's `base_logprob` [Tt] of the target token and the `labels` [Tt] —
 so a device's `FeatureCache` can store them as if its own backbone had computed them. The
 response is one safetensors payload: tensors `<i>.taps`, `<i>.final`, `<i>.base_logprob`,
 `<i>.labels` for example i, and metadata (format, count, rungs, dtype, backbone, fingerprint,
-source_id — the key `personalization.features.source_id` gives the same features locally).
+source_id — the key `personalization.training.features.source_id` gives the same features locally).
 
 The head is the backbone's final norm and LM head (`final_norm.*`, `lm_head.*`), so the device
 can train g through head(f + σ·g) without ever holding the backbone's layers.
@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from cloud_api.errors import ApiError
 from cloud_api.schemas import ExampleIn, FeaturesIn, TokenizedExample, TokenizeIn, TokenizeOut
 from cloud_api.settings import CloudSettings
-from personalization import wire
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 from personalization.config import default_rungs
-from personalization.data import DataError, Example, Record, encode_target
-from personalization.data import to_example as record_example
-from personalization.features import backbone_features, source_id
+from personalization.training.data import DataError, Example, Record, encode_target
+from personalization.training.data import to_example as record_example
+from personalization.training.features import backbone_features, source_id
+from protocol import wire
 
 FEATURES_FORMAT = "spa-features/1"
 HEAD_FORMAT = "spa-head/1"
@@ -51,7 +51,7 @@ def check_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
 
 
 def to_example(backbone: Backbone, item: ExampleIn, index: int) -> Example:
-    """Token ids as given, or texts tokenised as `personalization.data.to_example` does."""
+    """Token ids as given, or texts tokenised as `personalization.training.data.to_example` does."""
     if isinstance(item.prompt, list):
         check_ids(item.prompt, backbone.vocab_size, f"examples.{index}.prompt")
         prompt = list(item.prompt)
@@ -68,7 +68,7 @@ def to_example(backbone: Backbone, item: ExampleIn, index: int) -> Example:
 
 
 def tokenize(backbone: Backbone, body: TokenizeIn) -> TokenizeOut:
-    """Records → (prompt, target) ids, as `personalization.data.to_example` makes them."""
+    """Records → (prompt, target) ids, as `personalization.training.data.to_example` makes them."""
     out = []
     for i, r in enumerate(body.records):
         record = Record(r.instruction, r.input, r.output)

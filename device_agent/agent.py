@@ -19,11 +19,11 @@ from device_agent.errors import DeviceError, NotTrained, StoreError
 from device_agent.generation import RemoteGeneration
 from device_agent.store import Store
 from device_agent.trainer import DeviceTrainConfig, Progress, frozen_head, train_device
-from personalization.checkpoint import load_checkpoint
+from personalization.backbone.embedded import cache_dir
 from personalization.config import DecodeConfig
-from personalization.embedded import cache_dir
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
 from personalization.model import SPAModel
+from personalization.training.checkpoint import load_checkpoint
 
 #: what a device can ask the cloud for (lora / adapter live inside the backbone's layers)
 SESSION_SETTINGS = ("base", "lst", "full", "choice", "spa")

@@ -28,17 +28,17 @@ from tenacity import (
 
 from device_agent.errors import CloudError, CloudUnreachable
 from device_agent.netem import EmulatedLink
-from personalization import wire
-from personalization.data import Example, Record
-from personalization.features import Features
-from personalization.head import BackboneFacts
+from personalization.backbone.head import BackboneFacts
 from personalization.latency import NetworkProfile
+from personalization.training.data import Example, Record
+from personalization.training.features import Features
+from protocol import wire
 
 BINARY = "application/octet-stream"
 FEATURE_FIELDS = ("taps", "final", "base_logprob", "labels")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClientConfig:
     """Timeouts (seconds) and retry policy of the device's calls."""
 

@@ -30,9 +30,9 @@ from device_agent.agent import DeviceAgent
 from device_agent.history import user_items
 from device_agent.trainer import DeviceTrainConfig
 from personalization.config import DecodeConfig
-from personalization.data import read_jsonl
 from personalization.model import SPAModel
-from personalization.train import TrainConfig
+from personalization.training.data import read_jsonl
+from personalization.training.train import TrainConfig
 
 STRATEGIES = ("local", "fedavg", "fedper")
 #: the side network's output layers: personal under fedper (with the gate)
@@ -41,7 +41,7 @@ PERSONAL_PREFIXES = ("side.up.", "side.out_norm.", "gate.")
 app = ClientApp()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """The run's `[tool.flwr.app.config]` as the devices read it."""
 

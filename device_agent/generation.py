@@ -19,9 +19,9 @@ import torch
 
 from device_agent.client import CloudClient
 from device_agent.errors import CloudUnreachable, DeviceError
-from personalization import wire
 from personalization.config import GATED_SETTINGS, DecodeConfig
 from personalization.model import SPAModel
+from protocol import wire
 
 
 @dataclass

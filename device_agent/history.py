@@ -1,5 +1,5 @@
 """The user's local history: what it may hold, how it is imported, and how it becomes training
-records (`personalization.data.Record`: instruction, input, output).
+records (`personalization.training.data.Record`: instruction, input, output).
 
 Items are prompt/response pairs (a reply the user wrote to a message, a purchase that followed
 earlier ones) or free text (a note the user wrote), which trains under a standing instruction.
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import DeviceError
-from personalization.data import (
+from personalization.training.data import (
     DataError,
     Record,
     beauty_record,

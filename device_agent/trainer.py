@@ -2,7 +2,7 @@
 
 history → records → token ids (the cloud's tokenizer, `/v1/tokenize`) → taps and backbone signals
 (`/v1/features`, cached on the device by content, so a second run or a resumed one fetches
-nothing) → `personalization.train` on a `FrozenHead` (the backbone's final norm + LM head from
+nothing) → `personalization.training.train` on a `FrozenHead` (final norm + LM head from
 `/v1/head`: the device never holds the backbone's layers) → gate calibrated to a usage budget →
 checkpoint (atomic, every epoch, so a crash resumes from the last one).
 
@@ -28,7 +28,7 @@ from device_agent.errors import DeviceError
 from device_agent.generation import RemoteGeneration
 from device_agent.history import to_record
 from device_agent.store import Store, TrainingRun
-from personalization.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.backbone.head import FrozenHead
 from personalization.config import (
     GATED_SETTINGS,
     SIDE_SETTINGS,
@@ -36,14 +36,14 @@ from personalization.config import (
     SideConfig,
     SPAConfig,
 )
-from personalization.data import Example
-from personalization.features import FeatureCache, Features, FeatureSource, source_id
-from personalization.head import FrozenHead
 from personalization.model import SPAModel
-from personalization.train import TrainConfig, make_optimizer, threshold_for, train
+from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.training.data import Example
+from personalization.training.features import FeatureCache, Features, FeatureSource, source_id
+from personalization.training.train import TrainConfig, make_optimizer, threshold_for, train
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeviceTrainConfig:
     """What a device trains and how (the optimisation itself: `train`)."""
 
@@ -268,8 +268,13 @@ def _start(
         model = load_checkpoint(store.path(latest.path), head)[0]
     else:
         torch.manual_seed(cfg.train.seed)
-        side = SideConfig(head.hidden_size, head.num_layers, cfg.rungs, cfg.reduction)
-        model = SPAModel(head, SPAConfig(cfg.setting, wire_dtype=cfg.wire_dtype), side)
+        side = SideConfig(
+            hidden_size=head.hidden_size,
+            num_layers=head.num_layers,
+            rungs=cfg.rungs,
+            reduction=cfg.reduction,
+        )
+        model = SPAModel(head, SPAConfig(setting=cfg.setting, wire_dtype=cfg.wire_dtype), side)
     params = model.trainable()
     unknown = sorted(set(initial) - set(params))
     if unknown:

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 
 #: device round trips per layer per token
 CONTACTS_PER_LAYER = {"lora": 1, "adapter": 2}

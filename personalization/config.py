@@ -1,16 +1,30 @@
-"""Typed configs: which SPA setting, the side network's shape, and how to decode."""
+"""Typed configs and the project's vocabulary: settings, decoding strategies, wire dtypes.
+
+Each name list is defined here once; the cloud API, the device, the CLI and the UI derive theirs
+from these (`typing.get_args` of the Literal types).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Setting = Literal["base", "lst", "full", "choice", "spa", "lora", "adapter"]
-SETTINGS: tuple[str, ...] = ("base", "lst", "full", "choice", "spa", "lora", "adapter")
+SETTINGS: tuple[str, ...] = get_args(Setting)
 #: settings whose token comes from the backbone plus a side network on the device
 SIDE_SETTINGS = ("lst", "full", "choice", "spa")
 #: settings where the gate decides, token by token, whether the device is asked
 GATED_SETTINGS = ("choice", "spa")
+#: settings a remote session serves: lora / adapter live inside the backbone's layers (L or 2L
+#: round trips per token), so they stay in-process baselines whose cost is computed, not measured
+ServedSetting = Literal["base", "lst", "full", "choice", "spa"]
+SERVED_SETTINGS: tuple[str, ...] = get_args(ServedSetting)
+#: decoding strategies of `DecodeConfig` (in-process and over HTTP)
+Strategy = Literal["greedy", "sample", "beam"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+#: precisions of taps, g(x) and features in transit
+WireDtype = Literal["float16", "bfloat16", "float32"]
+WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
 
 
 def default_rungs(num_layers: int) -> tuple[int, ...]:
@@ -19,7 +33,7 @@ def default_rungs(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(num_layers * (i + 1) / n)) for i in range(n)}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SideConfig:
     """Shape of the ladder side network `g` (Ladder Side-Tuning, width H/r)."""
 
@@ -50,27 +64,31 @@ class SideConfig:
         return self.hidden_size // self.reduction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SPAConfig:
     """Which setting produces the tokens, and how the device is consulted."""
 
     setting: Setting = "spa"
     threshold: float = 0.5  # σ = 1 when the gate's device probability ≥ threshold
-    wire_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # taps and g(x) in transit
+    wire_dtype: WireDtype = "float16"  # taps and g(x) in transit
     adapter_rank: int = 8  # r of the `lora` baseline / bottleneck width divisor of `adapter`
 
     def __post_init__(self):
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(
+                f"unknown wire dtype {self.wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}"
+            )
         if self.setting not in SETTINGS:
             raise ValueError(
                 f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}"
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
     """Greedy, sampling or beam search, as in transformers' `generate`."""
 
-    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    strategy: Strategy = "greedy"
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -80,8 +98,10 @@ class DecodeConfig:
     early_stopping: bool = False
 
     def __post_init__(self):
-        if self.strategy not in ("greedy", "sample", "beam"):
-            raise ValueError(f"unknown strategy {self.strategy!r}: greedy, sample or beam")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be ≥ 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

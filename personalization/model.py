@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 from personalization.baselines import CONTACTS_PER_LAYER, adapter_backbone, lora_backbone
 from personalization.config import (
     GATED_SETTINGS,
@@ -44,7 +44,9 @@ class SPAModel(nn.Module):
         super().__init__()
         self.config = config or SPAConfig()
         self.backbone = backbone  # a plain object: frozen, shared, never part of our state dict
-        self.side = SideNetwork(side or SideConfig(backbone.hidden_size, backbone.num_layers))
+        self.side = SideNetwork(
+            side or SideConfig(hidden_size=backbone.hidden_size, num_layers=backbone.num_layers)
+        )
         self.gate = Gate(backbone.hidden_size)
         self.adapted: Backbone | None = None
         if self.config.setting == "lora":

@@ -19,8 +19,8 @@ import httpx
 import torch
 from torch import Tensor
 
-from personalization import wire
 from personalization.side import SideCache, SideNetwork
+from protocol import wire
 
 
 def from_raw(data: bytes, dtype: str, shape: list[int]) -> Tensor:

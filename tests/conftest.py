@@ -9,8 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from personalization.backbone import Backbone, load_backbone  # noqa: E402
-from personalization.tiny import ARCHS, tiny_backbone  # noqa: E402
+from personalization.backbone.frozen import Backbone  # noqa: E402
+from personalization.backbone.loading import load_backbone  # noqa: E402
+from personalization.backbone.tiny import ARCHS, tiny_backbone  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from personalization.backbone import Backbone, UnsupportedBackboneError, load_backbone
-from personalization.embedded import BackboneNotFoundError
-from personalization.tiny import byte_tokenizer, tiny_model
+from personalization.backbone.embedded import BackboneNotFoundError
+from personalization.backbone.frozen import Backbone, UnsupportedBackboneError
+from personalization.backbone.loading import load_backbone
+from personalization.backbone.tiny import byte_tokenizer, tiny_model
 
 ATOL = 1e-5
 
@@ -128,7 +129,7 @@ def test_missing_wheel_says_what_to_install(monkeypatch):
 
 
 def test_cache_dir_is_overridable(monkeypatch, tmp_path):
-    from personalization.embedded import cache_dir
+    from personalization.backbone.embedded import cache_dir
 
     monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"

@@ -14,10 +14,10 @@ from cloud_client import CloudClient, device, from_raw
 from cloud_server import running
 from safetensors.torch import load
 
-from personalization.backbone import Backbone
-from personalization.data import Example
-from personalization.features import backbone_features, source_id
-from personalization.tiny import tiny_backbone
+from personalization.backbone.frozen import Backbone
+from personalization.backbone.tiny import tiny_backbone
+from personalization.training.data import Example
+from personalization.training.features import backbone_features, source_id
 
 MAX_PROMPT, MAX_NEW, MAX_BODY, MAX_BATCH, MAX_TOKENS = 64, 32, 32 * 1024, 4, 96
 

@@ -12,12 +12,12 @@ import torch
 from cloud_client import CloudClient, SideDevice, device
 from cloud_server import running
 
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
+from personalization.backbone.tiny import tiny_backbone
 from personalization.config import DecodeConfig, SideConfig, SPAConfig
 from personalization.decoding import Token, generate
 from personalization.model import Ask, SPAModel
 from personalization.side import SideNetwork
-from personalization.tiny import tiny_backbone
 
 NEW_TOKENS = 12
 
@@ -39,7 +39,9 @@ def side(backbone: Backbone) -> SideNetwork:
     """A side network whose g(x) is far from zero, so the device changes tokens."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        side = SideNetwork(SideConfig(backbone.hidden_size, backbone.num_layers))
+        side = SideNetwork(
+            SideConfig(hidden_size=backbone.hidden_size, num_layers=backbone.num_layers)
+        )
         torch.nn.init.normal_(side.up.weight, std=0.5)
     return side.eval()
 
@@ -77,7 +79,7 @@ class Missing:
 def reference(backbone, side, gate, setting, decode, *, strict=False, missed=()) -> list[Token]:
     """In-process decoding with the same side network, gate and settings."""
     threshold = 0.0 if strict else gate["threshold"]
-    model = SPAModel(backbone, SPAConfig(setting, threshold), side.config)
+    model = SPAModel(backbone, SPAConfig(setting=setting, threshold=threshold), side.config)
     model.side.load_state_dict(side.state_dict())
     with torch.no_grad():
         model.gate.linear.weight.copy_(torch.tensor(gate["weight"]))
@@ -117,7 +119,7 @@ def test_http_session_equals_in_process_decoding(
     server, backbone, side, gate, setting, strict, strategy
 ):
     seed = 7 if strategy == "sample" else None
-    decode = DecodeConfig(strategy, NEW_TOKENS, temperature=1.0, seed=seed)
+    decode = DecodeConfig(strategy=strategy, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=seed)
     expected = reference(backbone, side, gate, setting, decode, strict=strict)
     body = session_body(backbone, gate, setting, strict=strict, strategy=strategy, seed=seed)
     with device(server.url) as client:

@@ -9,7 +9,7 @@ import torch
 
 from cloud_api.db import Records, SessionRow
 from cloud_api.settings import CloudSettings
-from personalization import wire
+from protocol import wire
 
 
 @pytest.mark.parametrize("dtype", list(wire.DTYPES))

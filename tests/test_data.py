@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from personalization.data import (
+from personalization.training.data import (
     DATASETS,
     DataError,
     Record,

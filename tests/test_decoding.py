@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 from personalization.config import DecodeConfig, SPAConfig
 from personalization.decoding import Detokenizer, generate
 from personalization.model import SPAModel
 
 
 def greedy(backbone: Backbone, prompt: list[int], max_new_tokens: int):
-    model = SPAModel(backbone, SPAConfig("base"))
+    model = SPAModel(backbone, SPAConfig(setting="base"))
     return list(generate(model, prompt, DecodeConfig(max_new_tokens=max_new_tokens)))
 
 

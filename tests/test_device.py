@@ -18,14 +18,14 @@ from cloud_server import free_port, running, spawn, stop, wait_ready
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-import personalization.checkpoint as checkpoint_module
+import personalization.training.checkpoint as checkpoint_module
 from device_agent.agent import DeviceAgent
 from device_agent.client import ClientConfig, CloudClient
 from device_agent.errors import CloudError, CloudUnreachable
 from device_agent.trainer import DeviceTrainConfig
 from personalization.config import DecodeConfig
 from personalization.latency import NetworkProfile
-from personalization.train import TrainConfig
+from personalization.training.train import TrainConfig
 
 SIGNATURE = "~zq sig~"
 FAST = DeviceTrainConfig(train=TrainConfig(epochs=30, lr=3e-3, batch_size=8), calibration_prompts=2)
@@ -122,17 +122,19 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
 def test_beam_search_over_http_equals_in_process_beam_search(trained, tiny_llama, setting):
     """Beams cross the wire as rows (the prompt's taps once) with the reorders since the last
     answer: the remote search is the in-process one, token for token, branch for branch."""
-    from personalization.checkpoint import load_checkpoint
     from personalization.config import SPAConfig
     from personalization.decoding import generate
+    from personalization.training.checkpoint import load_checkpoint
 
     prompt = tiny_llama.encode_prompt("Tell me about topic 3.")
-    decode = DecodeConfig("beam", 12, num_beams=3)
+    decode = DecodeConfig(strategy="beam", max_new_tokens=12, num_beams=3)
     with DeviceAgent(trained) as agent:
         model = load_checkpoint(
             agent.store.path(agent.store.current_checkpoint().path), tiny_llama
         )[0]
-        model.config = SPAConfig(setting, model.config.threshold, model.config.wire_dtype)
+        model.config = SPAConfig(
+            setting=setting, threshold=model.config.threshold, wire_dtype=model.config.wire_dtype
+        )
         expected = generate(model.eval(), prompt, decode)
         want = list(expected)
         remote = agent.generate(prompt, setting="spa", decode=decode)

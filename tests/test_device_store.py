@@ -21,7 +21,7 @@ from device_agent.history import (
     user_items,
 )
 from device_agent.store import SCHEMA_VERSION, Store
-from personalization.data import BEAUTY_INSTRUCTION, PERSONACHAT_INSTRUCTION
+from personalization.training.data import BEAUTY_INSTRUCTION, PERSONACHAT_INSTRUCTION
 
 SHARED = Path(os.environ.get("SPA_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 META = {"device_id": "dev-1", "token": "secret-token", "name": "phone", "cloud_url": "http://x"}

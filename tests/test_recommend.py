@@ -11,12 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import cli
-from personalization.backbone import Backbone
-from personalization.beams import beam_search
-from personalization.catalogue import ROOT, Catalogue, constrained_logprobs
-from personalization.config import DecodeConfig, SPAConfig
-from personalization.data import encode_target
-from personalization.distill import (
+from personalization.atspeed.beams import beam_search
+from personalization.atspeed.catalogue import ROOT, Catalogue, constrained_logprobs
+from personalization.atspeed.distill import (
     DistillConfig,
     atspeed_r,
     atspeed_s,
@@ -24,9 +21,8 @@ from personalization.distill import (
     draft_logprobs,
     teacher_data,
 )
-from personalization.draft import Draft, DraftConfig
-from personalization.model import SPAModel
-from personalization.recommend import (
+from personalization.atspeed.draft import Draft, DraftConfig
+from personalization.atspeed.recommend import (
     RecommendConfig,
     history_prompt,
     metrics,
@@ -35,6 +31,10 @@ from personalization.recommend import (
     recommend,
     user_history,
 )
+from personalization.backbone.frozen import Backbone
+from personalization.config import DecodeConfig, SPAConfig
+from personalization.model import SPAModel
+from personalization.training.data import encode_target
 
 TITLES = [
     "rose serum",
@@ -103,11 +103,11 @@ def test_metrics_by_hand():
 
 
 def test_strategies_recommend_catalogue_items(tiny_llama: Backbone, catalogue: Catalogue):
-    model = SPAModel(tiny_llama, SPAConfig("base"))
+    model = SPAModel(tiny_llama, SPAConfig(setting="base"))
     prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
-    draft = Draft(tiny_llama, DraftConfig(1))
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
     found = {
-        s: recommend(model, catalogue, prompts, RecommendConfig(s, k=4, gamma=3), draft)
+        s: recommend(model, catalogue, prompts, RecommendConfig(strategy=s, k=4, gamma=3), draft)
         for s in ("beam", "speculative-strict", "speculative-relaxed")
     }
     for result in found.values():
@@ -125,12 +125,12 @@ def test_strategies_recommend_catalogue_items(tiny_llama: Backbone, catalogue: C
 
 @pytest.mark.parametrize("drafted", [False, True])
 def test_teacher_data_is_the_targets_own_beam_search(tiny_llama, catalogue, drafted):
-    model = SPAModel(tiny_llama, SPAConfig("base"))
+    model = SPAModel(tiny_llama, SPAConfig(setting="base"))
     prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
     truths = [encode_target(tiny_llama, "olive cream"), None, encode_target(tiny_llama, "nope")]
-    draft = Draft(tiny_llama, DraftConfig(1)) if drafted else None
+    draft = Draft(tiny_llama, DraftConfig(layers=1)) if drafted else None
     examples = teacher_data(model, prompts, truths, catalogue, beams=3, draft=draft, batch=2)
-    decode = DecodeConfig("beam", max_new_tokens=catalogue.max_length, num_beams=3,
+    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
                           length_penalty=0.0)  # fmt: skip
     for example, prompt in zip(examples, prompts, strict=True):
         expected = beam_search(model, prompt, decode, catalogue).hypotheses
@@ -158,11 +158,11 @@ def test_alignment_losses_by_hand():
 
 @pytest.mark.parametrize("method", ["atspeed-s", "atspeed-r"])
 def test_distillation_aligns_the_draft(tiny_llama, catalogue, method):
-    model = SPAModel(tiny_llama, SPAConfig("base"))
+    model = SPAModel(tiny_llama, SPAConfig(setting="base"))
     prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
     truths = [encode_target(tiny_llama, t) for t in ("olive cream", "soap", "rose serum")]
     examples = teacher_data(model, prompts, truths, catalogue, beams=3)
-    draft = Draft(tiny_llama, DraftConfig(1))
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
 
     def tvd() -> float:
         with torch.no_grad():
@@ -177,7 +177,7 @@ def test_distillation_aligns_the_draft(tiny_llama, catalogue, method):
             return total
 
     before = tvd()
-    cfg = DistillConfig(method, alpha=1.0, epochs=8, lr=3e-3)  # alignment alone: its effect
+    cfg = DistillConfig(method=method, alpha=1.0, epochs=8, lr=3e-3)  # alignment alone: its effect
     report = distill(draft, examples, catalogue, cfg)
     assert report.epochs[-1] < report.epochs[0]
     assert tvd() < 0.8 * before

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 from personalization.config import SETTINGS, DecodeConfig, SideConfig, SPAConfig, default_rungs
 from personalization.decoding import generate
 from personalization.model import SPAModel, Stepper
@@ -40,10 +40,10 @@ def _ids(generation) -> list[int]:
 @pytest.mark.parametrize("setting", ["spa", "full", "choice"])
 def test_untrained_side_network_reproduces_base(tiny: Backbone, setting: str, strategy: str):
     decode = DecodeConfig(strategy=strategy, max_new_tokens=10, num_beams=3)
-    base = _ids(generate(SPAModel(tiny, SPAConfig("base")), _prompt(tiny), decode))
+    base = _ids(generate(SPAModel(tiny, SPAConfig(setting="base")), _prompt(tiny), decode))
     # the gate as initialised (closed) and, where g(x) is added rather than chosen, forced open
     for threshold in (0.5, 0.0) if setting != "choice" else (0.5,):
-        model = SPAModel(tiny, SPAConfig(setting, threshold=threshold))
+        model = SPAModel(tiny, SPAConfig(setting=setting, threshold=threshold))
         assert _ids(generate(model, _prompt(tiny), decode)) == base
 
 
@@ -55,12 +55,12 @@ def _threshold_splitting_the_gate(model: SPAModel, ids: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_incremental_logits_equal_full_recomputation(tiny: Backbone, setting: str):
-    model = _randomize(SPAModel(tiny, SPAConfig(setting)))
+    model = _randomize(SPAModel(tiny, SPAConfig(setting=setting)))
     prompt = _prompt(tiny)
     reference_ids = torch.tensor([prompt + list(range(40, 52))])
     if setting in ("spa", "choice"):
         threshold = _threshold_splitting_the_gate(model, reference_ids)
-        model.config = SPAConfig(setting, threshold=threshold)
+        model.config = SPAConfig(setting=setting, threshold=threshold)
     stepper = Stepper(model)
     stepped_logits, stepped_device = [], []
     inputs = torch.tensor([prompt])
@@ -83,7 +83,7 @@ def test_incremental_logits_equal_full_recomputation(tiny: Backbone, setting: st
 
 
 def test_catch_up_batch_equals_one_position_at_a_time(tiny: Backbone):
-    model = _randomize(SPAModel(tiny, SPAConfig("spa")))
+    model = _randomize(SPAModel(tiny, SPAConfig(setting="spa")))
     taps = tiny(torch.tensor([_prompt(tiny)]), rungs=model.rungs, logits=None).taps
     batched_cache, single_cache = model.side.new_cache(), model.side.new_cache()
     with torch.no_grad():
@@ -100,14 +100,16 @@ def test_catch_up_batch_equals_one_position_at_a_time(tiny: Backbone):
 
 
 def test_skipped_positions_are_caught_up_in_one_message(tiny_llama: Backbone):
-    model = _randomize(SPAModel(tiny_llama, SPAConfig("spa")))
+    model = _randomize(SPAModel(tiny_llama, SPAConfig(setting="spa")))
     prompt = _prompt(tiny_llama)
-    model.config = SPAConfig("spa", threshold=1.01)  # closed: nothing is sent
+    model.config = SPAConfig(setting="spa", threshold=1.01)  # closed: nothing is sent
     stepper = Stepper(model)
     stepper.step(torch.tensor([prompt]))
     stepper.step(torch.tensor([[50]]))
     assert stepper.books.contacts == 0
-    model.config = SPAConfig("spa", threshold=0.0)  # open: the next step sends everything pending
+    model.config = SPAConfig(
+        setting="spa", threshold=0.0
+    )  # open: the next step sends everything pending
     stepper.step(torch.tensor([[51]]))
     assert stepper.books.contacts == 1
     assert stepper.books.tap_positions == len(prompt) + 2
@@ -117,13 +119,13 @@ def test_skipped_positions_are_caught_up_in_one_message(tiny_llama: Backbone):
 def test_threshold_zero_is_full_and_above_one_is_base(tiny: Backbone):
     decode = DecodeConfig(max_new_tokens=12)
     prompt = _prompt(tiny)
-    spa = _randomize(SPAModel(tiny, SPAConfig("spa", threshold=0.0)))
-    full = SPAModel(tiny, SPAConfig("full"))
+    spa = _randomize(SPAModel(tiny, SPAConfig(setting="spa", threshold=0.0)))
+    full = SPAModel(tiny, SPAConfig(setting="full"))
     full.load_state_dict(spa.state_dict())
     assert _ids(generate(spa, prompt, decode)) == _ids(generate(full, prompt, decode))
-    spa.config = SPAConfig("spa", threshold=1.01)
+    spa.config = SPAConfig(setting="spa", threshold=1.01)
     closed = generate(spa, prompt, decode)
-    assert _ids(closed) == _ids(generate(SPAModel(tiny, SPAConfig("base")), prompt, decode))
+    assert _ids(closed) == _ids(generate(SPAModel(tiny, SPAConfig(setting="base")), prompt, decode))
     assert closed.books.m == 0 and closed.books.bytes_to_device == 0
     assert {t.branch for t in closed.tokens} == {"cloud"}
 
@@ -174,13 +176,13 @@ def test_beam_search_equals_transformers(
             early_stopping=early_stopping,
         )
         decode = DecodeConfig(
-            "beam",
+            strategy="beam",
             max_new_tokens=n,
             num_beams=num_beams,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
         )
-        generation = generate(SPAModel(tiny, SPAConfig("base")), prompt, decode)
+        generation = generate(SPAModel(tiny, SPAConfig(setting="base")), prompt, decode)
         assert _ids(generation) == expected
         assert generation.hypotheses[0].score == pytest.approx(expected_score, abs=1e-4)
     finally:
@@ -188,10 +190,10 @@ def test_beam_search_equals_transformers(
 
 
 def test_accounting_adds_up(tiny: Backbone):
-    model = _randomize(SPAModel(tiny, SPAConfig("spa")))
+    model = _randomize(SPAModel(tiny, SPAConfig(setting="spa")))
     prompt = _prompt(tiny)
     model.config = SPAConfig(
-        "spa", threshold=_threshold_splitting_the_gate(model, torch.tensor([prompt]))
+        setting="spa", threshold=_threshold_splitting_the_gate(model, torch.tensor([prompt]))
     )
     generation = generate(model, prompt, DecodeConfig(max_new_tokens=16))
     tokens = list(generation)
@@ -214,7 +216,7 @@ def test_accounting_adds_up(tiny: Backbone):
 )
 def test_contacts_per_token_by_setting(tiny: Backbone, setting: str, per_layer):
     generation = generate(
-        SPAModel(tiny, SPAConfig(setting)), _prompt(tiny), DecodeConfig(max_new_tokens=6)
+        SPAModel(tiny, SPAConfig(setting=setting)), _prompt(tiny), DecodeConfig(max_new_tokens=6)
     )
     tokens = list(generation)
     expected = per_layer * tiny.num_layers if per_layer else 1
@@ -223,13 +225,13 @@ def test_contacts_per_token_by_setting(tiny: Backbone, setting: str, per_layer):
 
 
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny_llama: Backbone):
-    model = SPAModel(tiny_llama, SPAConfig("base"))
+    model = SPAModel(tiny_llama, SPAConfig(setting="base"))
     prompt = _prompt(tiny_llama)
-    sample = DecodeConfig("sample", max_new_tokens=10, temperature=1.5, seed=7)
+    sample = DecodeConfig(strategy="sample", max_new_tokens=10, temperature=1.5, seed=7)
     assert _ids(generate(model, prompt, sample)) == _ids(generate(model, prompt, sample))
-    other = DecodeConfig("sample", max_new_tokens=10, temperature=1.5, seed=8)
+    other = DecodeConfig(strategy="sample", max_new_tokens=10, temperature=1.5, seed=8)
     assert _ids(generate(model, prompt, sample)) != _ids(generate(model, prompt, other))
-    nucleus = DecodeConfig("sample", max_new_tokens=10, top_p=1e-6, seed=1)
+    nucleus = DecodeConfig(strategy="sample", max_new_tokens=10, top_p=1e-6, seed=1)
     assert _ids(generate(model, prompt, nucleus)) == _ids(
         generate(model, prompt, DecodeConfig(max_new_tokens=10))
     )
@@ -243,7 +245,7 @@ def test_default_side_network_is_small_for_smollm2():
 
 
 def test_untrained_side_network_outputs_zero(tiny_llama: Backbone):
-    side = SideNetwork(SideConfig(64, 2))
+    side = SideNetwork(SideConfig(hidden_size=64, num_layers=2))
     taps = torch.randn(2, 5, len(side.config.rungs), 64)
     assert torch.count_nonzero(side(taps)) == 0
     assert torch.allclose(torch.sigmoid(side.ladder), torch.full_like(side.ladder, 0.5))
@@ -252,11 +254,11 @@ def test_untrained_side_network_outputs_zero(tiny_llama: Backbone):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: SPAConfig("magic"), "unknown setting"),
-        (lambda: SideConfig(64, 2, rungs=(3,)), "must lie in 1..2"),
-        (lambda: SideConfig(64, 4, rungs=(2, 1)), "strictly increasing"),
-        (lambda: SideConfig(64, 2, reduction=3), "must divide"),
-        (lambda: DecodeConfig("nucleus"), "unknown strategy"),
+        (lambda: SPAConfig(setting="magic"), "unknown setting"),
+        (lambda: SideConfig(hidden_size=64, num_layers=2, rungs=(3,)), "must lie in 1..2"),
+        (lambda: SideConfig(hidden_size=64, num_layers=4, rungs=(2, 1)), "strictly increasing"),
+        (lambda: SideConfig(hidden_size=64, num_layers=2, reduction=3), "must divide"),
+        (lambda: DecodeConfig(strategy="nucleus"), "unknown strategy"),
         (lambda: DecodeConfig(top_p=0), "top_p"),
         (lambda: DecodeConfig(max_new_tokens=0), "max_new_tokens"),
     ],
@@ -272,7 +274,7 @@ def test_default_rungs():
 
 
 def test_side_rejects_wrong_tap_shape():
-    side = SideNetwork(SideConfig(64, 2))
+    side = SideNetwork(SideConfig(hidden_size=64, num_layers=2))
     with pytest.raises(ValueError, match="expected"):
         side(torch.randn(1, 3, 4, 64))
 
@@ -286,8 +288,8 @@ def test_empty_prompt_is_refused(tiny_llama: Backbone):
 def test_untrained_spa_reproduces_base_on_smollm2(smollm2: Backbone):
     prompt = smollm2.encode_prompt("Name three colours.")
     decode = DecodeConfig(max_new_tokens=10)
-    base = _ids(generate(SPAModel(smollm2, SPAConfig("base")), prompt, decode))
-    spa = generate(SPAModel(smollm2, SPAConfig("spa", threshold=0.0)), prompt, decode)
+    base = _ids(generate(SPAModel(smollm2, SPAConfig(setting="base")), prompt, decode))
+    spa = generate(SPAModel(smollm2, SPAConfig(setting="spa", threshold=0.0)), prompt, decode)
     assert _ids(spa) == base
     assert spa.books.m == 1.0 and spa.books.tap_positions == len(prompt) + 9
 
@@ -298,12 +300,12 @@ def test_beam_hypotheses_match_recomputation_with_a_trained_side_network(
 ):
     """Every finished beam's score and branch labels follow from a full recomputation — which
     only holds if caches and pending taps are reordered with the beams."""
-    model = _randomize(SPAModel(tiny, SPAConfig(setting)), seed=3)
+    model = _randomize(SPAModel(tiny, SPAConfig(setting=setting)), seed=3)
     prompt = _prompt(tiny)
     if setting in ("spa", "choice"):
         split = _threshold_splitting_the_gate(model, torch.tensor([prompt + list(range(60, 70))]))
-        model.config = SPAConfig(setting, threshold=split)
-    decode = DecodeConfig("beam", max_new_tokens=10, num_beams=4)
+        model.config = SPAConfig(setting=setting, threshold=split)
+    decode = DecodeConfig(strategy="beam", max_new_tokens=10, num_beams=4)
     generation = generate(model, prompt, decode)
     list(generation)
     assert len(generation.hypotheses) == 4
@@ -319,9 +321,11 @@ def test_beam_hypotheses_match_recomputation_with_a_trained_side_network(
 
 
 def test_beam_search_sends_the_shared_prompt_once(tiny_llama: Backbone):
-    model = _randomize(SPAModel(tiny_llama, SPAConfig("full")))
+    model = _randomize(SPAModel(tiny_llama, SPAConfig(setting="full")))
     prompt = _prompt(tiny_llama)
-    generation = generate(model, prompt, DecodeConfig("beam", max_new_tokens=6, num_beams=3))
+    generation = generate(
+        model, prompt, DecodeConfig(strategy="beam", max_new_tokens=6, num_beams=3)
+    )
     list(generation)
     books = generation.books
     assert books.m == 1.0  # one round trip per search step serves all beams
@@ -329,15 +333,16 @@ def test_beam_search_sends_the_shared_prompt_once(tiny_llama: Backbone):
 
 
 def test_non_float32_backbone_works_with_a_side_network():
-    from personalization.tiny import byte_tokenizer, tiny_model
+    from personalization.backbone.tiny import byte_tokenizer, tiny_model
 
     model = tiny_model("llama", vocab_size=259).to(torch.bfloat16)
     backbone = Backbone(model, byte_tokenizer(), name="tiny-bf16")
     decode = DecodeConfig(max_new_tokens=6)
     prompt = _prompt(backbone)
-    base = _ids(generate(SPAModel(backbone, SPAConfig("base")), prompt, decode))
+    base = _ids(generate(SPAModel(backbone, SPAConfig(setting="base")), prompt, decode))
     assert (
-        _ids(generate(SPAModel(backbone, SPAConfig("spa", threshold=0.0)), prompt, decode)) == base
+        _ids(generate(SPAModel(backbone, SPAConfig(setting="spa", threshold=0.0)), prompt, decode))
+        == base
     )
 
 
@@ -350,7 +355,7 @@ def test_a_generation_streams_once(tiny_llama: Backbone):
 
 @pytest.mark.parametrize("setting", ["lora", "adapter"])
 def test_baseline_adapters_belong_to_the_model(tiny_llama: Backbone, setting: str):
-    model = SPAModel(tiny_llama, SPAConfig(setting))
+    model = SPAModel(tiny_llama, SPAConfig(setting=setting))
     trainable = [
         n for n, p in model.named_parameters() if p.requires_grad and n.startswith("baseline.")
     ]

@@ -12,22 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from personalization.backbone import Backbone
-from personalization.beams import beam_search
-from personalization.catalogue import Catalogue
-from personalization.config import DecodeConfig, SPAConfig
-from personalization.decoding import generate
-from personalization.draft import Draft, DraftConfig, DraftError
-from personalization.model import SPAModel
-from personalization.recommend import history_prompt
-from personalization.side import SideCache
-from personalization.speculative import (
+from personalization.atspeed.beams import beam_search
+from personalization.atspeed.catalogue import Catalogue
+from personalization.atspeed.draft import Draft, DraftConfig, DraftError
+from personalization.atspeed.recommend import history_prompt
+from personalization.atspeed.speculative import (
     SpeculativeConfig,
     TargetTree,
     speculative_beam_search,
 )
-from personalization.tiny import tiny_backbone
-from personalization.tree import TreeLayout
+from personalization.atspeed.tree import TreeLayout
+from personalization.backbone.frozen import Backbone
+from personalization.backbone.tiny import tiny_backbone
+from personalization.config import DecodeConfig, SPAConfig
+from personalization.decoding import generate
+from personalization.model import SPAModel
+from personalization.side import SideCache
 
 WORDS = ["red", "rose", "oil", "olive", "soap", "serum", "cream", "cr", "shampoo", "s"]
 
@@ -63,10 +63,10 @@ def _same(reference, found) -> None:
 
 def test_beam_search_equals_decoding(tiny: Backbone):
     """The shared step logic is `decoding`'s beam search (itself tested against transformers)."""
-    model = SPAModel(tiny, SPAConfig("base"))
+    model = SPAModel(tiny, SPAConfig(setting="base"))
     prompt = _prompts(tiny, 1)[0]
     for k, lp, early in [(1, 1.0, False), (3, 0.0, False), (4, 2.0, True)]:
-        decode = DecodeConfig("beam", max_new_tokens=12, num_beams=k, length_penalty=lp,
+        decode = DecodeConfig(strategy="beam", max_new_tokens=12, num_beams=k, length_penalty=lp,
                               early_stopping=early)  # fmt: skip
         generation = generate(model, prompt, decode)
         list(generation)
@@ -90,12 +90,12 @@ def test_beam_search_equals_decoding(tiny: Backbone):
 def test_strict_equals_the_targets_own_beam_search(tiny: Backbone, k, n, gamma, batch, trie, lp):
     catalogue = _catalogue(tiny) if trie else None
     steps = catalogue.max_length if trie else 10
-    decode = DecodeConfig("beam", max_new_tokens=steps, num_beams=k, length_penalty=lp)
-    model = SPAModel(tiny, SPAConfig("base"))
+    decode = DecodeConfig(strategy="beam", max_new_tokens=steps, num_beams=k, length_penalty=lp)
+    model = SPAModel(tiny, SPAConfig(setting="base"))
     prompts = _prompts(tiny, batch)
     spec = SpeculativeConfig(gamma=gamma, draft_beams=n)
-    result = speculative_beam_search(model, Draft(tiny, DraftConfig(1)), prompts, decode, spec,
-                                     catalogue)  # fmt: skip
+    draft = Draft(tiny, DraftConfig(layers=1))
+    result = speculative_beam_search(model, draft, prompts, decode, spec, catalogue)
     reference = [beam_search(model, p, decode, catalogue) for p in prompts]
     for ref, found in zip(reference, result.hypotheses, strict=True):
         _same(ref.hypotheses, found)
@@ -111,13 +111,13 @@ def test_strict_equals_the_targets_own_beam_search(tiny: Backbone, k, n, gamma, 
 
 @pytest.mark.parametrize("setting", ["spa", "full", "choice"])
 def test_strict_with_an_spa_target_scores_the_tree_in_one_device_call(tiny_llama, setting):
-    model = _randomize(SPAModel(tiny_llama, SPAConfig(setting, threshold=0.3)), seed=2)
+    model = _randomize(SPAModel(tiny_llama, SPAConfig(setting=setting, threshold=0.3)), seed=2)
     catalogue = _catalogue(tiny_llama)
-    decode = DecodeConfig("beam", max_new_tokens=catalogue.max_length, num_beams=3,
+    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
                           length_penalty=0.0)  # fmt: skip
     prompts = _prompts(tiny_llama, 2)
     spec = SpeculativeConfig(gamma=3, draft_beams=5)
-    draft = Draft(tiny_llama, DraftConfig(1))
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
     result = speculative_beam_search(model, draft, prompts, decode, spec, catalogue)
     reference = [beam_search(model, p, decode, catalogue) for p in prompts]
     for ref, found in zip(reference, result.hypotheses, strict=True):
@@ -134,16 +134,16 @@ def _identical_draft() -> tuple[Backbone, Draft]:
     with torch.no_grad():
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    return backbone, Draft(backbone, DraftConfig(1))
+    return backbone, Draft(backbone, DraftConfig(layers=1))
 
 
 @pytest.mark.parametrize("verify", ["strict", "relaxed"])
 def test_a_draft_equal_to_the_target_is_always_accepted(verify):
     backbone, draft = _identical_draft()
     catalogue = _catalogue(backbone, seed=1)
-    decode = DecodeConfig("beam", max_new_tokens=catalogue.max_length, num_beams=3,
+    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
                           length_penalty=0.0)  # fmt: skip
-    model = SPAModel(backbone, SPAConfig("base"))
+    model = SPAModel(backbone, SPAConfig(setting="base"))
     prompts = _prompts(backbone, 2)
     spec = SpeculativeConfig(gamma=4, draft_beams=3, verify=verify)
     stats = speculative_beam_search(model, draft, prompts, decode, spec, catalogue).stats
@@ -160,10 +160,10 @@ def test_relaxed_acceptance_follows_min_one_p_over_q(tiny_llama: Backbone):
     """Every drafted candidate is accepted with probability min(1, p/q): across many trials
     (fixed seeds) the acceptances match the predicted rates, overall and per bin."""
     catalogue = _catalogue(tiny_llama)
-    decode = DecodeConfig("beam", max_new_tokens=catalogue.max_length, num_beams=3,
+    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
                           length_penalty=0.0)  # fmt: skip
-    model = SPAModel(tiny_llama, SPAConfig("base"))
-    draft = Draft(tiny_llama, DraftConfig(1))
+    model = SPAModel(tiny_llama, SPAConfig(setting="base"))
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
     trials: list[tuple[float, bool]] = []
     for seed in range(10):
         spec = SpeculativeConfig(gamma=3, draft_beams=6, verify="relaxed", seed=seed)
@@ -189,13 +189,13 @@ def test_relaxed_acceptance_follows_min_one_p_over_q(tiny_llama: Backbone):
 def test_relaxed_scores_are_the_targets(tiny_llama: Backbone):
     """Relaxed mode may pick other items than beam search, but scores them by the target."""
     catalogue = _catalogue(tiny_llama)
-    decode = DecodeConfig("beam", max_new_tokens=catalogue.max_length, num_beams=4,
+    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=4,
                           length_penalty=0.0)  # fmt: skip
-    model = SPAModel(tiny_llama, SPAConfig("base"))
+    model = SPAModel(tiny_llama, SPAConfig(setting="base"))
     prompt = _prompts(tiny_llama, 1)[0]
     spec = SpeculativeConfig(gamma=2, draft_beams=6, verify="relaxed", seed=3)
-    found = speculative_beam_search(model, Draft(tiny_llama, DraftConfig(1)), [prompt], decode,
-                                    spec, catalogue).hypotheses[0]  # fmt: skip
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
+    found = speculative_beam_search(model, draft, [prompt], decode, spec, catalogue).hypotheses[0]
     for hyp in found:
         ids = torch.tensor([prompt + list(hyp.ids)])
         logits = tiny_llama(ids, logits="all").logits[0, len(prompt) - 1 : -1]
@@ -211,7 +211,7 @@ def test_rollback_leaves_caches_equal_to_a_fresh_computation(tiny_llama: Backbon
     """Grow a token tree for two prompts of different lengths, keep two paths of each: the
     backbone's and the side network's caches then hold exactly what a fresh pass over prompt +
     path computes, and the next nodes' logits equal a full recomputation."""
-    model = _randomize(SPAModel(tiny_llama, SPAConfig("full")))
+    model = _randomize(SPAModel(tiny_llama, SPAConfig(setting="full")))
     prompts = _prompts(tiny_llama, 3)[1:]
     tree = TargetTree(model, prompts, None)
     grown = [[(5,), (6,), (5, 7), (5, 8), (6, 9), (5, 7, 10)], [(11,), (11, 12), (13,)]]
@@ -263,7 +263,7 @@ def test_tree_layout_masks_ancestors_only():
 
 
 def test_the_draft_shares_embeddings_and_saves_only_its_own_layers(tiny_llama, tmp_path):
-    draft = Draft(tiny_llama, DraftConfig(1))
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
     assert draft.net.num_layers == 1
     assert draft.net.lm_head.weight is tiny_llama.lm_head.weight
     own = draft.trainable()
@@ -278,7 +278,7 @@ def test_the_draft_shares_embeddings_and_saves_only_its_own_layers(tiny_llama, t
     with pytest.raises(DraftError, match="draft for backbone"):
         Draft.load(path, tiny_backbone("llama", seed=9))
     with pytest.raises(ValueError, match="no smaller"):
-        Draft(tiny_llama, DraftConfig(2))
+        Draft(tiny_llama, DraftConfig(layers=2))
 
 
 def test_speculative_config_checks():
@@ -299,9 +299,9 @@ def test_strict_equals_beam_search_on_smollm2_and_the_beauty_catalogue(smollm2: 
     catalogue = Catalogue.from_titles(smollm2, titles)
     history = ["Neutrogena Ultra Gentle Daily Cleanser, 12 Ounce", "CeraVe Baby Lotion, 8 Ounce"]
     prompt = history_prompt(smollm2, history)
-    decode = DecodeConfig("beam", max_new_tokens=catalogue.max_length, num_beams=3,
+    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
                           length_penalty=0.0)  # fmt: skip
-    model = SPAModel(smollm2, SPAConfig("base"))
+    model = SPAModel(smollm2, SPAConfig(setting="base"))
     reference = beam_search(model, prompt, decode, catalogue)
     spec = SpeculativeConfig(gamma=5, draft_beams=3)
     result = speculative_beam_search(model, Draft(smollm2), [prompt], decode, spec, catalogue)

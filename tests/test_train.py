@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from personalization.checkpoint import (
+from personalization.backbone.tiny import tiny_backbone
+from personalization.config import SETTINGS, DecodeConfig, SideConfig, SPAConfig
+from personalization.decoding import generate
+from personalization.model import SPAModel
+from personalization.training.checkpoint import (
     CheckpointError,
     describe,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from personalization.config import SETTINGS, DecodeConfig, SideConfig, SPAConfig
-from personalization.data import Example
-from personalization.decoding import generate
-from personalization.features import FeatureCache, backbone_features, make_cache
-from personalization.model import SPAModel
-from personalization.tiny import tiny_backbone
-from personalization.train import (
+from personalization.training.data import Example
+from personalization.training.features import FeatureCache, backbone_features, make_cache
+from personalization.training.train import (
     TrainConfig,
     calibrate,
     gate_probs,
@@ -57,7 +57,7 @@ def signature_examples(backbone, n: int = 16, noise: int = 0, seed: int = 0) -> 
 
 
 def side_model(backbone, setting: str = "spa") -> SPAModel:
-    side = SideConfig(backbone.hidden_size, backbone.num_layers, reduction=2)
+    side = SideConfig(hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, reduction=2)
     return SPAModel(backbone, SPAConfig(setting=setting), side)
 
 
@@ -107,7 +107,7 @@ def test_feature_files_are_written_atomically(tiny_llama, cache, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("personalization.features.save_file", crash)
+    monkeypatch.setattr("personalization.training.features.save_file", crash)
     with pytest.raises(OSError):
         cache.put(example, features)
     assert cache.get(example) is None  # nothing half-written is ever read back
@@ -279,7 +279,7 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tiny_llama, cache, tmp_
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("personalization.checkpoint.save_file", crash)
+    monkeypatch.setattr("personalization.training.checkpoint.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model, describe(model, epoch=2))
     assert path.read_bytes() == before

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import JSON, Integer, String, Text, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.exc import OperationalError
 
 
 class Base(DeclarativeBase):
@@ -43,7 +44,10 @@ class Failure(Base):
 class Records:
     def __init__(self, url: str):
         self.engine = create_engine(url)
-        Base.metadata.create_all(self.engine)
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError:  # another process (the UI, the ServerApp) created them first
+            Base.metadata.create_all(self.engine)
 
     def add(self, row: Base) -> None:
         with Session(self.engine) as s, s.begin():

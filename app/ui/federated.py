@@ -18,7 +18,7 @@ from app.federation.launch import federate
 from app.federation.records import COLUMNS, Records
 from app.ui.common import readable
 from device_agent.federated import STRATEGIES
-from personalization.data import read_jsonl
+from personalization.training.data import read_jsonl
 
 DEMO_USERS = "the demo users"
 SHARED_PERSONACHAT = Path("../shared/data/personachat.jsonl")

@@ -105,8 +105,8 @@ def build(devices: Devices) -> gr.Dropdown:
             raise gr.Error(f"unknown decoding {decoding!r}: {', '.join(DECODINGS)}")
         link = profile(net)
         decode = DecodeConfig(
-            DECODINGS[decoding],
-            int(max_tokens),
+            strategy=DECODINGS[decoding],
+            max_new_tokens=int(max_tokens),
             seed=int(seed) if decoding == "sampling" else None,
             num_beams=int(beams),
         )

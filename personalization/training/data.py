@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from personalization.backbone import Backbone
-from personalization.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.backbone.frozen import Backbone
 from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
-from personalization.data import Example, Splits, load_splits, records_hash, to_examples
-from personalization.evaluate import EvalReport, evaluate
-from personalization.features import FeatureCache, make_cache
 from personalization.latency import NetworkProfile
 from personalization.model import SPAModel
-from personalization.train import Calibration, TrainConfig, calibrate, make_optimizer, train
+from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.training.data import Example, Splits, load_splits, records_hash, to_examples
+from personalization.training.evaluate import EvalReport, evaluate
+from personalization.training.features import FeatureCache, make_cache
+from personalization.training.train import (
+    Calibration,
+    TrainConfig,
+    calibrate,
+    make_optimizer,
+    train,
+)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str
     dataset: str | None = None  # default: the file's stem

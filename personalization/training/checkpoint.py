@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from personalization.backbone import Backbone
+from personalization.backbone.frozen import Backbone
 from personalization.config import SideConfig, SPAConfig
 from personalization.model import SPAModel
 

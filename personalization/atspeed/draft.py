@@ -27,8 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from personalization.backbone import Backbone, _find_layers
-from personalization.catalogue import Catalogue
+from personalization.atspeed.catalogue import Catalogue
+from personalization.backbone.frozen import Backbone, find_layers
 
 FORMAT = "spa-draft/1"
 
@@ -37,7 +37,7 @@ class DraftError(ValueError):
     """A draft checkpoint that is missing, damaged or made for another backbone."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DraftConfig:
     layers: int = 2  # the backbone's first decoder layers the draft keeps
 
@@ -157,9 +157,9 @@ def _truncated(backbone: Backbone, layers: int) -> nn.Module:
     """A copy of the backbone's model with only its first `layers` decoder layers; embeddings
     and LM head are the backbone's own modules (deepcopy's memo makes it reuse them)."""
     model = backbone.model
-    stack = _find_layers(model)
+    stack = find_layers(model)
     shared = [*stack[layers:], model.get_input_embeddings(), model.get_output_embeddings()]
     draft = copy.deepcopy(model, memo={id(m): m for m in shared})
-    del _find_layers(draft)[layers:]
+    del find_layers(draft)[layers:]
     draft.config.num_hidden_layers = layers
     return draft

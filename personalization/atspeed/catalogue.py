@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from personalization.backbone import Backbone
-from personalization.data import encode_target
+from personalization.backbone.frozen import Backbone
+from personalization.training.data import encode_target
 
 ROOT = 0  # the trie node of the empty prefix
 

@@ -31,18 +31,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from personalization.backbone import BackboneOutput
-from personalization.beams import Beam, BeamSearch, Candidate, Ranked
-from personalization.catalogue import Catalogue, constrained_logprobs
+from personalization.atspeed.beams import Beam, BeamSearch, Candidate, Ranked
+from personalization.atspeed.catalogue import Catalogue, constrained_logprobs
+from personalization.atspeed.draft import Draft
+from personalization.atspeed.tree import Path, TreeCache, gather_slots
+from personalization.backbone.frozen import BackboneOutput
 from personalization.config import GATED_SETTINGS, SIDE_SETTINGS, DecodeConfig
-from personalization.draft import Draft
 from personalization.model import SPAModel
-from personalization.tree import Path, TreeCache, gather_slots
 
 Verify = Literal["strict", "relaxed"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpeculativeConfig:
     gamma: int = 3  # steps drafted per verification (0: the target alone, on the token tree)
     draft_beams: int | None = None  # N ≥ K; None: 2·K

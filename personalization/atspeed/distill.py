@@ -25,17 +25,21 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from personalization.catalogue import ROOT, Catalogue
+from personalization.atspeed.catalogue import ROOT, Catalogue
+from personalization.atspeed.draft import Draft
+from personalization.atspeed.speculative import (
+    SpeculativeConfig,
+    TargetTree,
+    speculative_beam_search,
+)
+from personalization.atspeed.tree import Path, TreeLayout, additive
 from personalization.config import DecodeConfig
-from personalization.draft import Draft
 from personalization.model import SPAModel
-from personalization.speculative import SpeculativeConfig, TargetTree, speculative_beam_search
-from personalization.tree import Path, TreeLayout, additive
 
 Method = Literal["atspeed-s", "atspeed-r"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     method: Method = "atspeed-s"
     alpha: float = 0.7  # weight of the alignment term (AtSpeed: 0.7)
@@ -77,7 +81,7 @@ def teacher_data(
     every branching prefix of those items. The search runs batched on the token tree, drafted by
     `draft` if given: strict speculative search, whose output is the target's own."""
     decode = DecodeConfig(
-        "beam", max_new_tokens=catalogue.max_length, num_beams=beams, length_penalty=0.0
+        strategy="beam", max_new_tokens=catalogue.max_length, num_beams=beams, length_penalty=0.0
     )
     spec = SpeculativeConfig(gamma=5 if draft is not None else 0, draft_beams=beams)
     out: list[TeacherExample] = []

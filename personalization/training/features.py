@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from personalization.backbone import Backbone
-from personalization.data import Example
-from personalization.embedded import cache_dir
+from personalization.backbone.embedded import cache_dir
+from personalization.backbone.frozen import Backbone
+from personalization.training.data import Example
 
 
 @dataclass

@@ -16,10 +16,10 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from personalization.config import DecodeConfig
-from personalization.data import Example
 from personalization.decoding import generate
 from personalization.latency import Books, NetworkProfile, t_net
 from personalization.model import SPAModel
+from personalization.training.data import Example
 
 
 @dataclass(frozen=True)

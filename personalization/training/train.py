@@ -34,13 +34,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from personalization.config import GATED_SETTINGS, SIDE_SETTINGS, DecodeConfig
-from personalization.data import Example
 from personalization.decoding import generate
-from personalization.features import Features
 from personalization.model import SPAModel
+from personalization.training.data import Example
+from personalization.training.features import Features
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     epochs: int = 15
     batch_size: int = 8

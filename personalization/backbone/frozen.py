@@ -12,25 +12,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import torch
-from huggingface_hub import constants
 from torch import Tensor, nn
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
-from personalization.embedded import EMBEDDED, TINY_PREFIX, BackboneNotFoundError, prepare_embedded
 
 
 class UnsupportedBackboneError(RuntimeError):
@@ -61,7 +52,7 @@ class Backbone:
         self.name = name
         self.config = model.config
         self.decoder = model.base_model
-        self.layers = _find_layers(model)
+        self.layers = find_layers(model)
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
             raise UnsupportedBackboneError(f"{name}: the model has no output embeddings (LM head)")
@@ -229,7 +220,7 @@ def _capture(store: dict[int, Tensor], key: int):
     return hook
 
 
-def _find_layers(model: PreTrainedModel) -> nn.ModuleList:
+def find_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The decoder stack: the ModuleList with one entry per hidden layer."""
     n = model.config.num_hidden_layers
     for module in model.base_model.modules():
@@ -259,68 +250,3 @@ def _find_final_norm(model: PreTrainedModel, layers: nn.ModuleList, head: nn.Mod
     if not order:
         raise UnsupportedBackboneError(f"no final norm found in {type(model).__name__}")
     return order[-1]
-
-
-# ---- loading -------------------------------------------------------------------------------------
-_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")
-
-
-def load_backbone(
-    spec: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
-) -> Backbone:
-    """Load a backbone by spec: the embedded default, `tiny-llama`/`tiny-gpt2`, a path or a hub id.
-
-    The spec defaults to the `SPA_BACKBONE` environment variable, then the embedded SmolLM2.
-    """
-    spec = str(spec or os.environ.get("SPA_BACKBONE") or EMBEDDED)
-    if spec.startswith(TINY_PREFIX):
-        from personalization.tiny import ARCHS, tiny_backbone
-
-        arch = spec.removeprefix(TINY_PREFIX)
-        if arch not in ARCHS:
-            raise BackboneNotFoundError(f"unknown tiny backbone {spec!r}: tiny-llama or tiny-gpt2")
-        return tiny_backbone(arch)
-    path = prepare_embedded() if spec == EMBEDDED else Path(spec).expanduser()
-    if not path.exists() and not _HUB_ID.fullmatch(spec):
-        raise BackboneNotFoundError(f"backbone path {spec!r} does not exist")
-    if path.exists():
-        name = path.name if spec == EMBEDDED else spec
-        try:
-            return _from_pretrained(str(path), name=name, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise BackboneNotFoundError(
-                f"{path} is not a loadable Hugging Face causal LM directory (config.json, weights "
-                f"and tokenizer files): {str(exc).splitlines()[0]}"
-            ) from None
-    try:  # a hub id: the local Hugging Face cache first, the network only if that misses
-        return _from_pretrained(spec, name=spec, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    try:
-        if not _hub_reachable():
-            raise OSError(f"{constants.ENDPOINT} is unreachable")
-        return _from_pretrained(spec, name=spec, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise BackboneNotFoundError(
-            f"cannot load backbone {spec!r}: it is not a local model directory, not in the Hugging "
-            "Face cache, and could not be fetched from the hub (this machine may be offline). Pass "
-            f"a local directory with --backbone PATH, or use the embedded default ({EMBEDDED!r}). "
-            f"Cause: {str(exc).splitlines()[0]}"
-        ) from None
-
-
-def _hub_reachable() -> bool:
-    """One quick probe, so an offline machine fails in seconds, not after a minute of retries."""
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        httpx.head(constants.ENDPOINT, timeout=3.0)
-    except httpx.HTTPError:
-        return False
-    return True
-
-
-def _from_pretrained(source: str, *, name: str, dtype: torch.dtype, **kwargs) -> Backbone:
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    return Backbone(model, tokenizer, name=name)

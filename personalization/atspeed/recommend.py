@@ -16,21 +16,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from personalization.backbone import Backbone
-from personalization.beams import beam_search
-from personalization.catalogue import Catalogue
+from personalization.atspeed.beams import beam_search
+from personalization.atspeed.catalogue import Catalogue
+from personalization.atspeed.draft import Draft
+from personalization.atspeed.speculative import (
+    SpeculativeConfig,
+    SpeculativeStats,
+    speculative_beam_search,
+)
+from personalization.backbone.frozen import Backbone
 from personalization.config import DecodeConfig
-from personalization.data import DataError, beauty_record, read_jsonl, to_example
-from personalization.draft import Draft
 from personalization.model import SPAModel
-from personalization.speculative import SpeculativeConfig, SpeculativeStats, speculative_beam_search
+from personalization.training.data import DataError, beauty_record, read_jsonl, to_example
 
 Strategy = Literal["beam", "speculative-strict", "speculative-relaxed"]
 STRATEGIES: tuple[str, ...] = ("beam", "speculative-strict", "speculative-relaxed")
 KS = (1, 5, 10, 20)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecommendConfig:
     strategy: Strategy = "beam"
     k: int = 10  # items returned = beams searched
@@ -46,12 +50,17 @@ class RecommendConfig:
 
     def decode(self, catalogue: Catalogue) -> DecodeConfig:
         return DecodeConfig(
-            "beam", max_new_tokens=catalogue.max_length, num_beams=self.k, length_penalty=0.0
+            strategy="beam",
+            max_new_tokens=catalogue.max_length,
+            num_beams=self.k,
+            length_penalty=0.0,
         )
 
     def speculative(self) -> SpeculativeConfig:
         verify = "relaxed" if self.strategy == "speculative-relaxed" else "strict"
-        return SpeculativeConfig(self.gamma, self.draft_beams, verify, self.seed)
+        return SpeculativeConfig(
+            gamma=self.gamma, draft_beams=self.draft_beams, verify=verify, seed=self.seed
+        )
 
 
 @dataclass(frozen=True)

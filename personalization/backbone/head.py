@@ -2,7 +2,7 @@
 
 Training `g` (through `head(f + g)`) and the gate (on `final_norm(f)`) from cached features touches
 nothing of the backbone but these two modules, so a device that fetched them from the cloud can
-build an `SPAModel` on a `FrozenHead` and train with `personalization.train` unchanged, never
+build an `SPAModel` on a `FrozenHead` and train with `personalization.training.train`, never
 holding the backbone's weights.
 """
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from personalization.catalogue import ROOT, Catalogue, constrained_logprobs
+from personalization.atspeed.catalogue import ROOT, Catalogue, constrained_logprobs
 from personalization.config import DecodeConfig
 from personalization.model import SPAModel, Stepper
 

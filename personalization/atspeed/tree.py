@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from personalization.backbone import Backbone, BackboneOutput
+from personalization.backbone.frozen import Backbone, BackboneOutput
 
 Path = tuple[int, ...]
 
