@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import JSON, Integer, String, Text, create_engine, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
 class Base(DeclarativeBase):
