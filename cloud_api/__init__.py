@@ -10,5 +10,3 @@ try:
     __version__ = version("spa-demo")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+source"
-
-API_VERSION = "1"  # the /v1 protocol; bumped when a message changes incompatibly

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import asdict
 from typing import Annotated
 
 import anyio
@@ -20,7 +19,13 @@ from pydantic import ValidationError
 from cloud_api import __version__, auth, errors, training
 from cloud_api.db import DeviceRow
 from cloud_api.errors import ApiError
-from cloud_api.schemas import (
+from cloud_api.sessions import END
+from cloud_api.settings import CloudSettings
+from cloud_api.state import Cloud
+from personalization.backbone.frozen import Backbone
+from personalization.config import WireDtype
+from protocol import wire
+from protocol.messages import (
     AnswerIn,
     AnswerOut,
     DeviceIn,
@@ -33,11 +38,6 @@ from cloud_api.schemas import (
     TokenizeIn,
     TokenizeOut,
 )
-from cloud_api.sessions import END
-from cloud_api.settings import CloudSettings, WireDtype
-from cloud_api.state import Cloud
-from personalization.backbone.frozen import Backbone
-from protocol import wire
 
 NDJSON = "application/x-ndjson"
 BINARY = "application/octet-stream"
@@ -225,7 +225,7 @@ def _record(request: Request, record: SessionRecord) -> SessionRecord:
     live = _cloud(request).registry.get(record.session_id)
     if live is None:
         return record
-    return record.model_copy(update={"status": live.status} | asdict(live.totals))
+    return record.model_copy(update={"status": live.status} | live.totals.model_dump())
 
 
 @_v1.get(

@@ -19,12 +19,11 @@ device, so a slow device never holds up anyone else, and the event loop never co
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -32,33 +31,15 @@ from cloud_api.db import LIVE, Records, now
 from cloud_api.errors import ApiError
 from personalization.config import DecodeConfig
 from personalization.decoding import generate
+from personalization.latency import Books, round_trips_per_step
 from personalization.model import Ask, SPAModel
 from protocol import wire
+from protocol.events import DoneEvent, SideRequestEvent, StartEvent, TokenEvent
+from protocol.messages import SessionTotals
 
 log = logging.getLogger("cloud_api.sessions")
 
 END = None  # queue sentinel: the stream is over
-
-
-@dataclass
-class Totals:
-    """What a session cost so far (stored with the session when it ends)."""
-
-    tokens: int = 0
-    device_tokens: int = 0  # tokens shaped by the device's g(x)
-    device_contacts: int = 0  # side requests sent
-    fallbacks: int = 0  # side requests whose deadline passed (the token fell back to f)
-    tap_positions: int = 0  # positions whose taps were sent (re-sent ones count again)
-    bytes_to_device: int = 0  # NDJSON bytes of the side_request events
-    bytes_from_device: int = 0  # bodies of the answers
-    cloud_s: float = 0.0  # backbone, gate and head compute
-    device_wait_s: float = 0.0  # from a side request to its answer (or deadline)
-    wall_s: float = 0.0  # stream opened → done
-
-    @property
-    def m(self) -> float:
-        """M: device round trips per generated token."""
-        return self.device_contacts / self.tokens if self.tokens else 0.0
 
 
 class SideRequest:
@@ -95,7 +76,8 @@ class Session:
         self.hidden_size = model.backbone.hidden_size
         self.compute, self.records, self.on_end = compute, records, on_end
         self.status = "created"
-        self.totals = Totals()
+        self.totals = SessionTotals()  # what it cost so far (recorded when it ends)
+        self.books = Books()  # the decoding's own books (its steps give M)
         self.last_active = time.monotonic()
         self._lock = threading.Lock()
         self._requests: dict[int, SideRequest] = {}
@@ -183,6 +165,7 @@ class Session:
             self.records.update_session(self.id, status="running")
             generation = generate(self.model, self.prompt_ids, self.decode, device=self._ask)
             books, tokens = generation.books, iter(generation)
+            self.books = books
             self._emit(self._start_event())
             for index in range(self.decode.max_new_tokens):
                 with self.compute:
@@ -216,20 +199,18 @@ class Session:
             self._requests[request.id] = request
         payload = wire.encode_taps(ask.taps, ask.shared, self.tap_dtype)
         sent = self._emit(
-            {
-                "event": "side_request",
-                "request_id": request.id,
-                "start": request.start,
-                "positions": positions,
-                "shape": [positions, rungs, hidden],
-                "rows": rows,
-                "shared": ask.shared,
-                "reorder": None if ask.reorder is None else ask.reorder.tolist(),
-                "dtype": self.tap_dtype,
-                "encoding": wire.TAP_ENCODING,
-                "deadline_s": self.deadline_s,
-                "taps": wire.b64encode(payload),
-            }
+            SideRequestEvent(
+                request_id=request.id,
+                start=request.start,
+                positions=positions,
+                shape=[positions, rungs, hidden],
+                rows=rows,
+                shared=ask.shared,
+                reorder=None if ask.reorder is None else ask.reorder.tolist(),
+                dtype=self.tap_dtype,
+                deadline_s=self.deadline_s,
+                taps=wire.b64encode(payload),
+            )
         )
         self.totals.device_contacts += 1
         self.totals.tap_positions += ask.shared + rows * (positions - ask.shared)
@@ -259,33 +240,31 @@ class Session:
         self.totals.device_tokens += branch == "device"
         self.totals.cloud_s += step.cloud_s
 
-    def _start_event(self) -> dict:
-        return {
-            "event": "start",
-            "session_id": self.id,
-            "prompt_tokens": len(self.prompt_ids),
-            "setting": self.model.setting,
-            "strict": self.strict,
-            "rungs": list(self.model.rungs),
-            "hidden_size": self.hidden_size,
-            "tap_dtype": self.tap_dtype,
-            "deadline_s": self.deadline_s,
-        }
+    def _start_event(self) -> StartEvent:
+        return StartEvent(
+            session_id=self.id,
+            prompt_tokens=len(self.prompt_ids),
+            setting=self.model.setting,
+            strict=self.strict,
+            rungs=list(self.model.rungs),
+            hidden_size=self.hidden_size,
+            tap_dtype=self.tap_dtype,
+            deadline_s=self.deadline_s,
+        )
 
-    def _token_event(self, index: int, token, step: _StepCost) -> dict:
-        return {
-            "event": "token",
-            "index": index,
-            "id": token.id,
-            "text": token.text,
-            "branch": token.branch,
-            "gate_prob": None if self.strict else token.gate_prob,
-            "request_id": step.request_id,
-            "cloud_ms": round(1e3 * step.cloud_s, 3),
-            "device_wait_ms": round(1e3 * step.device_wait_s, 3),
-            "bytes_to_device": step.bytes_to_device,
-            "bytes_from_device": step.bytes_from_device,
-        }
+    def _token_event(self, index: int, token, step: _StepCost) -> TokenEvent:
+        return TokenEvent(
+            index=index,
+            id=token.id,
+            text=token.text,
+            branch=token.branch,
+            gate_prob=None if self.strict else token.gate_prob,
+            request_id=step.request_id,
+            cloud_ms=round(1e3 * step.cloud_s, 3),
+            device_wait_ms=round(1e3 * step.device_wait_s, 3),
+            bytes_to_device=step.bytes_to_device,
+            bytes_from_device=step.bytes_from_device,
+        )
 
     def _end(self, status: str, reason: str) -> None:
         """Record the outcome, leave the registry, then close the stream (once): a device that
@@ -294,22 +273,23 @@ class Session:
             if self.status not in LIVE:
                 return
             self.status = status
-        totals = asdict(self.totals)
+        totals = self.totals.model_copy()
         try:
             self.records.update_session(
-                self.id, status=status, reason=reason[:200], finished_at=now(), **totals
+                self.id, status=status, reason=reason[:200], finished_at=now(), **dict(totals)
             )
         except Exception:  # the database must not take the stream down with it
             log.exception("could not record session %s", self.id)
         self.on_end(self)
-        done = {"event": "done", "status": status, "reason": reason, "M": self.totals.m}
-        self._emit(done | {"totals": totals})
+        steps = self.books.steps
+        m = round_trips_per_step(totals.device_contacts, steps)
+        self._emit(DoneEvent(status=status, reason=reason, steps=steps, M=m, totals=totals))
         self._put(END)
 
     # ---- events ----------------------------------------------------------------------------------
-    def _emit(self, event: dict) -> int:
+    def _emit(self, event: StartEvent | SideRequestEvent | TokenEvent | DoneEvent) -> int:
         """Queue one NDJSON line for the device; returns its size in bytes."""
-        line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        line = event.to_line()
         self._put(line)
         self.last_active = time.monotonic()
         return len(line)

@@ -6,14 +6,11 @@ report) exactly what the server accepts.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from personalization.backbone.embedded import cache_dir
-
-WireDtype = Literal["float16", "bfloat16", "float32"]
+from personalization.config import WireDtype
 
 
 def default_database_url() -> str:

@@ -14,18 +14,25 @@ import uuid
 
 import torch
 
-from cloud_api import API_VERSION, __version__, training
+from cloud_api import __version__, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
-from cloud_api.schemas import SESSION_SETTINGS, GateIn, Info, SessionIn
 from cloud_api.sessions import Registry, Session
 from cloud_api.settings import CloudSettings
 from personalization.backbone.frozen import Backbone
 from personalization.backbone.loading import load_backbone
 from personalization.baselines import baseline_parameters
-from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
+from personalization.config import (
+    GATED_SETTINGS,
+    SERVED_SETTINGS,
+    STRATEGIES,
+    DecodeConfig,
+    SideConfig,
+    SPAConfig,
+)
 from personalization.model import SPAModel
-from protocol import wire
+from protocol import PROTOCOL_VERSION, wire
+from protocol.messages import GateIn, Info, SessionIn
 
 log = logging.getLogger("cloud_api")
 
@@ -72,7 +79,7 @@ class Cloud:
         f = self.require_backbone()
         return Info(
             version=__version__,
-            api_version=API_VERSION,
+            protocol_version=PROTOCOL_VERSION,
             backbone=f.name,
             fingerprint=f.fingerprint,
             num_layers=f.num_layers,
@@ -85,8 +92,8 @@ class Cloud:
             tap_dtype=self.settings.tap_dtype,
             tap_dtypes=list(wire.DTYPES),
             tap_encoding=wire.TAP_ENCODING,
-            settings=list(SESSION_SETTINGS),
-            strategies=["greedy", "sample"],
+            settings=list(SERVED_SETTINGS),
+            strategies=list(STRATEGIES),
             limits=self.settings.limits(),
             parameters={
                 "backbone": f.num_parameters,

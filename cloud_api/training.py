@@ -18,7 +18,6 @@ import threading
 from collections.abc import Sequence
 
 from cloud_api.errors import ApiError
-from cloud_api.schemas import ExampleIn, FeaturesIn, TokenizedExample, TokenizeIn, TokenizeOut
 from cloud_api.settings import CloudSettings
 from personalization.backbone.frozen import Backbone
 from personalization.config import default_rungs
@@ -26,6 +25,7 @@ from personalization.training.data import DataError, Example, Record, encode_tar
 from personalization.training.data import to_example as record_example
 from personalization.training.features import backbone_features, source_id
 from protocol import wire
+from protocol.messages import ExampleIn, FeaturesIn, TokenizedExample, TokenizeIn, TokenizeOut
 
 FEATURES_FORMAT = "spa-features/1"
 HEAD_FORMAT = "spa-head/1"

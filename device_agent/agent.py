@@ -20,13 +20,12 @@ from device_agent.generation import RemoteGeneration
 from device_agent.store import Store
 from device_agent.trainer import DeviceTrainConfig, Progress, frozen_head, train_device
 from personalization.backbone.embedded import cache_dir
-from personalization.config import DecodeConfig
+from personalization.config import GATED_SETTINGS, SERVED_SETTINGS, DecodeConfig
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
 from personalization.model import SPAModel
 from personalization.training.checkpoint import load_checkpoint
 
 #: what a device can ask the cloud for (lora / adapter live inside the backbone's layers)
-SESSION_SETTINGS = ("base", "lst", "full", "choice", "spa")
 
 
 def default_dir() -> Path:
@@ -131,9 +130,9 @@ class DeviceAgent:
         deadline_s: float | None = None,
     ) -> RemoteGeneration:
         """A streaming generation (iterate it); logged in the store when it ends, however."""
-        if setting is not None and setting not in SESSION_SETTINGS:
+        if setting is not None and setting not in SERVED_SETTINGS:
             raise DeviceError(
-                f"unknown setting {setting!r}; choose one of {', '.join(SESSION_SETTINGS)}"
+                f"unknown setting {setting!r}; choose one of {', '.join(SERVED_SETTINGS)}"
             )
         model = None
         if setting != "base":
@@ -146,7 +145,8 @@ class DeviceAgent:
             self.client, model, prompt, setting, decode or DecodeConfig(), strict=strict,
             deadline_s=deadline_s,
             on_end=lambda g: self.store.log_generation(
-                session_id=g.session.get("session_id", ""), setting=g.setting, strict=g.strict,
+                session_id=g.session.session_id if g.session else "",
+                setting=g.setting, strict=g.strict,
                 profile=profile.name if profile else "", prompt=str(g.prompt), text=g.text,
                 status=g.status, error=g.error, totals=g.accounts.summary(),
                 tokens=[vars(t) for t in g.tokens],
@@ -171,16 +171,16 @@ class DeviceAgent:
             t_cloud=a.t_cloud / n,
             t_side=a.t_device / max(a.positions, 1),
             tau=max(tau, 0.0),
-            usage=a.m if generation.setting in ("choice", "spa") else (
+            usage=a.m if generation.setting in GATED_SETTINGS else (
                 self.store.current_checkpoint().usage or 0.5
             ),
-            num_layers=info["num_layers"],
-            hidden_size=info["hidden_size"],
+            num_layers=info.num_layers,
+            hidden_size=info.hidden_size,
             rungs=len(model.rungs),
             wire_bytes=model.wire_bytes,
-            backbone_parameters=info["parameters"]["backbone"],
+            backbone_parameters=info.parameters["backbone"],
             parameters={
-                "lora": info["parameters"]["lora"], "adapter": info["parameters"]["adapter"],
+                "lora": info.parameters["lora"], "adapter": info.parameters["adapter"],
                 "lst": side_params, "full": side_params, "choice": side_params + gate_params,
                 "spa": side_params + gate_params,
             },

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from pydantic import BaseModel
 from tenacity import (
     retry,
     retry_if_exception,
@@ -26,15 +27,28 @@ from tenacity import (
     wait_random,
 )
 
-from device_agent.errors import CloudError, CloudUnreachable
+from device_agent.errors import CloudError, CloudUnreachable, ProtocolMismatch
 from device_agent.netem import EmulatedLink
 from personalization.backbone.head import BackboneFacts
 from personalization.latency import NetworkProfile
 from personalization.training.data import Example, Record
 from personalization.training.features import Features
-from protocol import wire
+from protocol import PROTOCOL_VERSION, wire
+from protocol.events import Event, parse_event
+from protocol.messages import (
+    ExampleIn,
+    FeaturesIn,
+    Info,
+    RecordIn,
+    SessionIn,
+    SessionOut,
+    SessionRecord,
+    TokenizeIn,
+    TokenizeOut,
+)
 
 BINARY = "application/octet-stream"
+JSON = "application/json"
 FEATURE_FIELDS = ("taps", "final", "base_logprob", "labels")
 
 
@@ -96,7 +110,7 @@ class CloudClient:
         self.http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=self.link
         )
-        self._info: dict | None = None
+        self._info: Info | None = None
 
     def close(self) -> None:
         self.http.close()
@@ -119,6 +133,11 @@ class CloudClient:
         _raise_for(response)
         return response
 
+    def _post(self, path: str, body: BaseModel) -> httpx.Response:
+        """POST a protocol model as JSON (defaults left out: the cloud fills them in)."""
+        content = body.model_dump_json(exclude_unset=True)
+        return self._send("POST", path, content=content, headers={"Content-Type": JSON})
+
     # ---- calls ---------------------------------------------------------------------------------
     def register(self, name: str) -> tuple[str, str]:
         """A new device id and bearer token (not retried: each call registers a device)."""
@@ -134,17 +153,24 @@ class CloudClient:
         return self._send("GET", "/readyz").json()["backbone"]
 
     @_idempotent
-    def info(self) -> dict:
-        """The backbone's facts and the server's limits (cached for the client's lifetime)."""
+    def info(self) -> Info:
+        """The backbone's facts and the server's limits (cached for the client's lifetime);
+        a cloud that speaks another protocol version is refused here, before anything else."""
         if self._info is None:
-            self._info = self._send("GET", "/v1/info").json()
+            info = Info.model_validate(self._send("GET", "/v1/info").json())
+            if info.protocol_version != PROTOCOL_VERSION:
+                raise ProtocolMismatch(
+                    f"the cloud at {self.url} speaks protocol {info.protocol_version}, this "
+                    f"device speaks {PROTOCOL_VERSION}; install the same spa-demo release on both"
+                )
+            self._info = info
         return self._info
 
     def facts(self) -> BackboneFacts:
         i = self.info()
         return BackboneFacts(
-            i["backbone"], i["fingerprint"], i["num_layers"], i["hidden_size"], i["vocab_size"],
-            i["parameters"]["backbone"], frozenset(i["eos_token_ids"]),
+            i.backbone, i.fingerprint, i.num_layers, i.hidden_size, i.vocab_size,
+            i.parameters["backbone"], frozenset(i.eos_token_ids),
         )  # fmt: skip
 
     @_idempotent
@@ -180,29 +206,25 @@ class CloudClient:
         keep: str,
     ) -> list[Example]:
         """Records → examples, tokenised by the cloud exactly as in-process training does."""
-        body = {
-            "records": [
-                {"instruction": r.instruction, "input": r.input, "output": r.output}
-                for r in records
-            ],
-            "max_prompt_tokens": max_prompt_tokens,
-            "max_target_tokens": max_target_tokens,
-            "keep": keep,
-        }
-        out = self._send("POST", "/v1/tokenize", json=body).json()["examples"]
-        return [Example(tuple(e["prompt"]), tuple(e["target"])) for e in out]
+        body = TokenizeIn(
+            records=[RecordIn(instruction=r.instruction, input=r.input, output=r.output)
+                     for r in records],
+            max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens, keep=keep,
+        )  # fmt: skip
+        out = TokenizeOut.model_validate(self._post("/v1/tokenize", body).json())
+        return [Example(tuple(e.prompt), tuple(e.target)) for e in out.examples]
 
     @_idempotent
     def features(
         self, examples: Sequence[Example], rungs: Sequence[int], dtype: str
     ) -> tuple[list[Features], dict[str, str]]:
         """Taps and backbone signals for examples; also the payload's metadata."""
-        body = {
-            "examples": [{"prompt": list(e.prompt), "target": list(e.target)} for e in examples],
-            "rungs": list(rungs),
-            "dtype": dtype,
-        }
-        data = self._send("POST", "/v1/features", json=body).content
+        body = FeaturesIn(
+            examples=[ExampleIn(prompt=list(e.prompt), target=list(e.target)) for e in examples],
+            rungs=list(rungs),
+            dtype=dtype,
+        )
+        data = self._post("/v1/features", body).content
         tensors, meta = wire.unpack_with_metadata(data)
         out = [
             Features(**{k: tensors[f"{i}.{k}"] for k in FEATURE_FIELDS})
@@ -210,14 +232,14 @@ class CloudClient:
         ]
         return out, meta
 
-    def open_session(self, body: dict) -> dict:
+    def open_session(self, body: SessionIn) -> SessionOut:
         try:
-            return self._send("POST", "/v1/sessions", json=body).json()
+            return SessionOut.model_validate(self._post("/v1/sessions", body).json())
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
-    def events(self, session_id: str) -> Iterator[tuple[dict, int]]:
-        """The session's NDJSON events as they arrive, each with its size in bytes on the wire."""
+    def events(self, session_id: str) -> Iterator[tuple[Event, int]]:
+        """The session's typed events as they arrive, each with its size in bytes on the wire."""
         try:
             with self.http.stream("GET", f"/v1/sessions/{session_id}/events") as response:
                 if response.is_error:
@@ -225,7 +247,7 @@ class CloudClient:
                     _raise_for(response)
                 for line in response.iter_lines():
                     if line:
-                        yield json.loads(line), len(line.encode()) + 1
+                        yield parse_event(line), len(line.encode()) + 1
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
@@ -248,8 +270,8 @@ class CloudClient:
             self.http.post(f"/v1/sessions/{session_id}/cancel", timeout=5.0)
 
     @_idempotent
-    def session_record(self, session_id: str) -> dict:
-        return self._send("GET", f"/v1/sessions/{session_id}").json()
+    def session_record(self, session_id: str) -> SessionRecord:
+        return SessionRecord.model_validate(self._send("GET", f"/v1/sessions/{session_id}").json())
 
 
 def _raise_for(response: httpx.Response) -> None:

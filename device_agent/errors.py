@@ -19,6 +19,10 @@ class CloudError(DeviceError):
         self.status, self.detail = status, detail
 
 
+class ProtocolMismatch(DeviceError):
+    """The cloud speaks another protocol version than this device (see protocol/)."""
+
+
 class StoreError(DeviceError):
     """The device directory is missing, not initialised, or of another schema version."""
 

@@ -10,7 +10,6 @@ T_total = T_cloud + T_device + T_net, per token and in total.
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,11 @@ import torch
 from device_agent.client import CloudClient
 from device_agent.errors import CloudUnreachable, DeviceError
 from personalization.config import GATED_SETTINGS, DecodeConfig
+from personalization.latency import round_trips_per_step
 from personalization.model import SPAModel
 from protocol import wire
+from protocol.events import DoneEvent, SideRequestEvent, TokenEvent
+from protocol.messages import DecodingIn, GateIn, SessionIn, SessionOut
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Accounts:
     """Running totals of a generation; `T_total` is exactly the sum of its parts."""
 
     tokens: int = 0
+    steps: int = 0  # decoding steps: one per streamed token, the cloud's count once it is done
     device_tokens: int = 0
     fallbacks: int = 0
     contacts: int = 0
@@ -63,6 +66,7 @@ class Accounts:
 
     def add(self, token: TokenCost) -> None:
         self.tokens += 1
+        self.steps += 1
         self.device_tokens += token.branch == "device"
         self.fallbacks += token.branch == "fallback"
         self.contacts += token.contacts
@@ -74,7 +78,7 @@ class Accounts:
 
     @property
     def m(self) -> float:
-        return self.contacts / self.tokens if self.tokens else 0.0
+        return round_trips_per_step(self.contacts, self.steps)
 
     @property
     def t_total(self) -> float:
@@ -119,7 +123,7 @@ class RemoteGeneration:
     on_end: Callable[[RemoteGeneration], None] | None = None
     tokens: list[TokenCost] = field(default_factory=list)
     accounts: Accounts = field(default_factory=Accounts)
-    session: dict = field(default_factory=dict)
+    session: SessionOut | None = None
     status: str = "created"
     error: str = ""
 
@@ -127,7 +131,7 @@ class RemoteGeneration:
     def text(self) -> str:
         return "".join(t.text for t in self.tokens)
 
-    def body(self) -> dict:
+    def body(self) -> SessionIn:
         """The session request: prompt, decoding, and — the only learned numbers that leave
         the device — the gate's 2·H + 2 weights (not even those in strict mode)."""
         if self.setting != "base" and self.model is None:
@@ -139,31 +143,25 @@ class RemoteGeneration:
                 "strict mode needs setting spa and the last rung L among the taps: the device "
                 "then reads f(x) from the taps and applies its own gate (answering 0 when σ = 0)"
             )
-        body: dict = {
-            "prompt": self.prompt,
-            "chat": self.chat,
-            "setting": self.setting,
-            "strict": self.strict,
-            "decoding": {
-                "strategy": self.decode.strategy,
-                "max_new_tokens": self.decode.max_new_tokens,
-                "temperature": self.decode.temperature,
-                "top_p": self.decode.top_p,
-                "num_beams": self.decode.num_beams,
-                **({"seed": self.decode.seed} if self.decode.seed is not None else {}),
-            },
-        }
-        if self.deadline_s is not None:
-            body["deadline_s"] = self.deadline_s
+        d = self.decode
+        decoding = DecodingIn(
+            strategy=d.strategy, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+            top_p=d.top_p, num_beams=d.num_beams, seed=d.seed,
+        )  # fmt: skip
+        side: dict = {}
         if self.model is not None and self.setting != "base":
-            body["rungs"] = list(self.model.rungs)
-            body["tap_dtype"] = self.model.config.wire_dtype
+            side = {"rungs": list(self.model.rungs), "tap_dtype": self.model.config.wire_dtype}
             if self.setting in GATED_SETTINGS:
-                body["threshold"] = self.model.config.threshold
+                side["threshold"] = self.model.config.threshold
                 if not self.strict:
                     gate = self.model.gate.linear
-                    body["gate"] = {"weight": _b64(gate.weight), "bias": _b64(gate.bias)}
-        return body
+                    side["gate"] = GateIn(weight=_b64(gate.weight), bias=_b64(gate.bias))
+        if self.deadline_s is not None:
+            side["deadline_s"] = self.deadline_s
+        return SessionIn(
+            prompt=self.prompt, chat=self.chat, setting=self.setting, strict=self.strict,
+            decoding=decoding, **side,
+        )  # fmt: skip
 
     def __iter__(self) -> Iterator[TokenCost]:
         if self.status != "created":
@@ -175,28 +173,25 @@ class RemoteGeneration:
         started = time.perf_counter()
         try:
             self.session = self.client.open_session(self.body())
-            sid = self.session["session_id"]
+            sid = self.session.session_id
             for event, size in self.client.events(sid):
-                kind = event["event"]
-                if kind == "side_request":
+                if isinstance(event, SideRequestEvent):
                     pending.bytes_down += size
                     pending.contacts += 1
                     t = time.perf_counter()
                     g = self._side(event, cache, pending)
                     pending.device_s += time.perf_counter() - t
-                    pending.bytes_up += self.client.answer(
-                        sid, event["request_id"], g, event["dtype"]
-                    )
-                elif kind == "token":
+                    pending.bytes_up += self.client.answer(sid, event.request_id, g, event.dtype)
+                elif isinstance(event, TokenEvent):
                     token = self._token(event, pending)
                     pending = _Pending()
                     self.tokens.append(token)
                     self.accounts.add(token)
                     self.accounts.wall_s = time.perf_counter() - started
                     yield token
-                elif kind == "done":
-                    self.status = event["status"]
-                    self.error = event.get("reason", "")
+                elif isinstance(event, DoneEvent):
+                    self.status, self.error = event.status, event.reason
+                    self.accounts.steps = event.steps
             if self.status == "running":
                 raise CloudUnreachable("the cloud ended the event stream without a `done` event")
         except CloudUnreachable as exc:
@@ -208,8 +203,8 @@ class RemoteGeneration:
         except BaseException as exc:  # an error or an interrupt: stop the cloud's work too
             self.status = "failed" if isinstance(exc, Exception) else "cancelled"
             self.error = self.error or str(exc)
-            if self.session:
-                self.client.cancel(self.session["session_id"])
+            if self.session is not None:
+                self.client.cancel(self.session.session_id)
             raise
         finally:
             self.accounts.wall_s = time.perf_counter() - started
@@ -219,15 +214,13 @@ class RemoteGeneration:
             raise DeviceError(f"the cloud could not finish the generation: {self.error}")
 
     @torch.no_grad()
-    def _side(self, event: dict, cache, pending: _Pending) -> torch.Tensor:
+    def _side(self, event: SideRequestEvent, cache, pending: _Pending) -> torch.Tensor:
         """g(x) [rows, H] for the request's last position; taps from `start` (catch-up
         included; beam search: one row per beam, its shared prompt sent once, and the reorder
         of the beams since our last answer). In strict mode the device's own gate decides, on
         f(x) = the last rung's tap: σ = 0 → 0."""
-        shape, rows, shared = event["shape"], event.get("rows", 1), event.get("shared", 0)
-        raw = base64.b64decode(event["taps"])
-        taps = wire.decode_taps(raw, event["dtype"], rows, shared, shape)
-        start = event["start"]
+        taps = event.decode_taps()
+        start, rows, shared, positions = event.start, event.rows, event.shared, event.positions
         if cache.length > start:  # our last answer came too late: undo what it did to the cache
             kv, at = self._before
             cache.kv = list(kv) if at == start else [
@@ -238,9 +231,9 @@ class RemoteGeneration:
                 f"side request starts at position {start}, the side network has seen {cache.length}"
             )
         self._before = (list(cache.kv), start)
-        if event.get("reorder") is not None:
-            cache.reorder(torch.tensor(event["reorder"]))
-        self.accounts.positions += shared + rows * (shape[0] - shared)
+        if event.reorder is not None:
+            cache.reorder(torch.tensor(event.reorder))
+        self.accounts.positions += shared + rows * (positions - shared)
         model = self.model
         g = model.side(taps.to(model.side_dtype), cache)[:, -1]
         if self.strict:
@@ -251,18 +244,18 @@ class RemoteGeneration:
         return g
 
     @staticmethod
-    def _token(event: dict, pending: _Pending) -> TokenCost:
-        wait = event["device_wait_ms"] / 1000
-        branch = event["branch"]
+    def _token(event: TokenEvent, pending: _Pending) -> TokenCost:
+        wait = event.device_wait_ms / 1000
+        branch = event.branch
         if branch == "device" and not pending.sigma:
             branch = "cloud"  # strict mode: asked, but the device's gate kept f's token
         return TokenCost(
-            index=event["index"],
-            id=event["id"],
-            text=event["text"],
+            index=event.index,
+            id=event.id,
+            text=event.text,
             branch=branch,
-            gate_prob=event.get("gate_prob") if pending.gate_prob is None else pending.gate_prob,
-            cloud_s=event["cloud_ms"] / 1000,
+            gate_prob=event.gate_prob if pending.gate_prob is None else pending.gate_prob,
+            cloud_s=event.cloud_ms / 1000,
             device_s=pending.device_s,
             net_s=max(0.0, wait - pending.device_s),
             bytes_down=pending.bytes_down,
@@ -272,4 +265,4 @@ class RemoteGeneration:
 
 
 def _b64(x: torch.Tensor) -> str:
-    return base64.b64encode(wire.encode(x, "float32")).decode("ascii")
+    return wire.b64encode(wire.encode(x, "float32"))

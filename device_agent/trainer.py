@@ -90,8 +90,8 @@ class RemoteFeatures(FeatureSource):
     def __init__(self, client: CloudClient, rungs: Sequence[int], dtype: str):
         info = client.info()
         self.client, self.rungs, self.dtype = client, tuple(rungs), dtype
-        self.batch = int(info["limits"]["features_max_batch"])
-        self.source_id = source_id(info["fingerprint"], self.rungs, dtype)
+        self.batch = int(info.limits["features_max_batch"])
+        self.source_id = source_id(info.fingerprint, self.rungs, dtype)
 
     def __call__(self, examples: Sequence[Example]) -> list[Features]:
         out: list[Features] = []

@@ -47,6 +47,13 @@ def profile(name: str) -> NetworkProfile:
         ) from None
 
 
+def round_trips_per_step(contacts: int, steps: int) -> float:
+    """M: device round trips per decoding step — per generated token for greedy and sampling; in
+    beam search one round trip serves every beam of a step. The one definition every ledger of
+    the project uses (in-process `Books`, the cloud's session totals, the device's accounts)."""
+    return contacts / steps if steps else 0.0
+
+
 @dataclass
 class Books:
     """What one generation cost, measured as it ran."""
@@ -64,9 +71,7 @@ class Books:
 
     @property
     def m(self) -> float:
-        """M: device round trips per decoding step (per generated token; in beam search one
-        round trip serves every beam of a step)."""
-        return self.contacts / self.steps if self.steps else 0.0
+        return round_trips_per_step(self.contacts, self.steps)
 
     @property
     def t_total(self) -> float:

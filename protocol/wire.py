@@ -22,11 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
+from personalization.config import WIRE_DTYPES
+
+#: the wire dtypes (personalization.config.WIRE_DTYPES) as torch dtypes
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WIRE_DTYPES}
 TAP_ENCODING = "raw-le"  # the name events give the raw encoding above
 
 assert sys.byteorder == "little", "the raw encoding assumes a little-endian host"

@@ -21,11 +21,13 @@ from fastapi.responses import JSONResponse
 import personalization.training.checkpoint as checkpoint_module
 from device_agent.agent import DeviceAgent
 from device_agent.client import ClientConfig, CloudClient
-from device_agent.errors import CloudError, CloudUnreachable
+from device_agent.errors import CloudError, CloudUnreachable, ProtocolMismatch
 from device_agent.trainer import DeviceTrainConfig
 from personalization.config import DecodeConfig
 from personalization.latency import NetworkProfile
 from personalization.training.train import TrainConfig
+from protocol import PROTOCOL_VERSION
+from protocol.messages import Info, SessionIn
 
 SIGNATURE = "~zq sig~"
 FAST = DeviceTrainConfig(train=TrainConfig(epochs=30, lr=3e-3, batch_size=8), calibration_prompts=2)
@@ -100,12 +102,12 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
         assert a.m == pytest.approx(a.contacts / a.tokens)
 
         # the device's books agree with the cloud's own record of the session
-        record = agent.client.session_record(generation.session["session_id"])
-        assert record["device_contacts"] == a.contacts
-        assert record["bytes_to_device"] == a.bytes_down
-        assert record["bytes_from_device"] == a.bytes_up
-        assert record["tokens"] == a.tokens
-        assert record["cloud_s"] == pytest.approx(a.t_cloud, abs=1e-3 * a.tokens)
+        record = agent.client.session_record(generation.session.session_id)
+        assert record.device_contacts == a.contacts
+        assert record.bytes_to_device == a.bytes_down
+        assert record.bytes_from_device == a.bytes_up
+        assert record.tokens == a.tokens
+        assert record.cloud_s == pytest.approx(a.t_cloud, abs=1e-3 * a.tokens)
 
         (log,) = agent.store.generations(limit=1)
         assert log.text == generation.text and log.status == "finished"
@@ -155,7 +157,7 @@ def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
         list(generation)
         net = NetworkProfile("test", 0.1, 10e6, 10e6)
         rows = {r.setting: r for r in agent.what_if(generation, net)}
-        L = agent.client.info()["num_layers"]
+        L = agent.client.info().num_layers
         assert set(rows) == {"lora", "adapter", "lst", "full", "choice", "spa"}
         assert (rows["lora"].m, rows["adapter"].m, rows["full"].m) == (L, 2 * L, 1.0)
         assert rows["spa"].m == pytest.approx(generation.accounts.m)
@@ -367,6 +369,15 @@ def test_delay_line_charges_one_way_latency_once_per_burst():
 
 
 # ---- 6. resilience -------------------------------------------------------------------------------
+FLAKY_INFO = {
+    "version": "0", "protocol_version": PROTOCOL_VERSION, "backbone": "flaky", "fingerprint": "0",
+    "num_layers": 2, "hidden_size": 8, "vocab_size": 16, "eos_token_ids": [0],
+    "chat_template": False, "rungs_offered": [1, 2], "default_rungs": [2], "tap_dtype": "float16",
+    "tap_dtypes": ["float16"], "tap_encoding": "raw-le", "settings": ["base"],
+    "strategies": ["greedy"], "limits": {}, "parameters": {"backbone": 1},
+}  # fmt: skip
+
+
 class _Flaky:
     """A real HTTP server whose /v1/info fails with 503 `failures` times, then answers."""
 
@@ -380,7 +391,7 @@ class _Flaky:
         self.calls["info"] += 1
         if self.calls["info"] <= self.failures:
             return JSONResponse({"detail": "warming up"}, status_code=503)
-        return {"backbone": "flaky"}
+        return FLAKY_INFO
 
     def sessions(self):
         self.calls["sessions"] += 1
@@ -391,10 +402,10 @@ def test_idempotent_calls_retry_5xx_with_backoff_others_do_not():
     flaky = _Flaky(failures=2)
     with _serve(flaky.app) as url:
         client = CloudClient(url, config=ClientConfig(attempts=4, backoff_s=0.01))
-        assert client.info() == {"backbone": "flaky"}
+        assert client.info() == Info.model_validate(FLAKY_INFO)
         assert flaky.calls["info"] == 3  # two 503s, then success
         with pytest.raises(CloudError, match="overloaded") as err:
-            client.open_session({"prompt": "hi"})
+            client.open_session(SessionIn(prompt="hi", setting="base"))
         assert err.value.status == 503 and flaky.calls["sessions"] == 1  # never repeated
         client.close()
     flaky = _Flaky(failures=10)
@@ -404,6 +415,19 @@ def test_idempotent_calls_retry_5xx_with_backoff_others_do_not():
             client.info()
         assert flaky.calls["info"] == 3  # gave up after `attempts`
         client.close()
+
+
+def test_a_cloud_of_another_protocol_version_is_refused_with_a_clear_message():
+    app = FastAPI()
+    app.get("/v1/info")(lambda: FLAKY_INFO | {"protocol_version": "999"})
+    with (
+        _serve(app) as url,
+        CloudClient(url) as client,
+        pytest.raises(
+            ProtocolMismatch, match=f"speaks protocol 999, this device speaks {PROTOCOL_VERSION}"
+        ),
+    ):
+        client.facts()
 
 
 def test_unreachable_cloud_is_a_clear_error_after_retries():

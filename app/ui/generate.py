@@ -11,9 +11,8 @@ import pandas as pd
 
 from app.devices import Devices
 from app.ui.common import BRANCH_COLORS, readable
-from device_agent.agent import SESSION_SETTINGS
 from device_agent.generation import Accounts, RemoteGeneration, TokenCost
-from personalization.config import DecodeConfig
+from personalization.config import SERVED_SETTINGS, DecodeConfig
 from personalization.latency import PROFILES, profile
 
 DECODINGS = {"greedy": "greedy", "sampling": "sample", "beam": "beam"}
@@ -60,7 +59,7 @@ def build(devices: Devices) -> gr.Dropdown:
                 devices.example_prompt(devices.users()[0]), label="prompt", lines=3,
                 elem_id="prompt",
             )  # fmt: skip
-            setting = gr.Radio(list(SESSION_SETTINGS), value="spa", label="setting")
+            setting = gr.Radio(list(SERVED_SETTINGS), value="spa", label="setting")
             decoding = gr.Radio(list(DECODINGS), value="greedy", label="decoding")
             net = gr.Dropdown(list(PROFILES), value="lte", label="network profile")
             with gr.Accordion("gate and length", open=False):

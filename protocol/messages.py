@@ -1,25 +1,28 @@
-"""Request and response bodies of the /v1 API (what /openapi.json documents)."""
+"""Request and response bodies of the /v1 API (what /openapi.json documents).
+
+The cloud validates requests with these models and builds its answers from them; the device
+builds its requests and reads the answers with the same models.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cloud_api.settings import WireDtype
-from personalization.config import GATED_SETTINGS
-
-#: the settings a remote session serves; lora / adapter live inside the backbone's layers, so
-#: they stay in-process baselines whose communication cost is computed, not measured
-SESSION_SETTINGS = ("base", "lst", "full", "choice", "spa")
+from personalization.config import (
+    GATED_SETTINGS,
+    SERVED_SETTINGS,
+    Setting,
+    Strategy,
+    WireDtype,
+)
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 #: a prompt or target: text the cloud tokenises, or token ids
 Prompt = Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
-#: every setting is named (lora / adapter only to be refused with a reason)
-Setting = Literal["base", "lst", "full", "choice", "spa", "lora", "adapter"]
 
 
 class Strict(BaseModel):
@@ -39,8 +42,8 @@ class DeviceOut(BaseModel):
 
 # ---- info ----------------------------------------------------------------------------------------
 class Info(BaseModel):
-    version: str
-    api_version: str
+    version: str = Field(description="The server's package version.")
+    protocol_version: str = Field(description="protocol.PROTOCOL_VERSION; a device checks it.")
     backbone: str
     fingerprint: str
     num_layers: int = Field(description="L")
@@ -50,11 +53,11 @@ class Info(BaseModel):
     chat_template: bool
     rungs_offered: list[int] = Field(description="Every rung 1..L can be tapped.")
     default_rungs: list[int]
-    tap_dtype: str = Field(description="Default precision of taps, g(x) and features.")
-    tap_dtypes: list[str]
+    tap_dtype: WireDtype = Field(description="Default precision of taps, g(x) and features.")
+    tap_dtypes: list[WireDtype]
     tap_encoding: str
-    settings: list[str]
-    strategies: list[str]
+    settings: list[str] = Field(description="The settings a session serves.")
+    strategies: list[str] = Field(description="The decoding strategies a session serves.")
     limits: dict[str, float | int]
     parameters: dict[str, int] = Field(
         description="Parameter counts: the backbone's, and what the in-layer baselines lora and "
@@ -72,7 +75,7 @@ class GateIn(Strict):
 
 
 class DecodingIn(Strict):
-    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    strategy: Strategy = "greedy"
     max_new_tokens: int | None = Field(
         None, ge=1, description="Default: 64, or the server's limit where that is lower."
     )
@@ -88,7 +91,7 @@ class SessionIn(Strict):
     prompt: Prompt = Field(description="Text (tokenised by the cloud) or token ids.")
     chat: bool = Field(True, description="Wrap a text prompt in the backbone's chat template.")
     system: str | None = Field(None, description="System message of a text prompt.")
-    setting: Setting = Field("spa", description="base, lst, full, choice or spa")
+    setting: Setting = Field("spa", description=", ".join(SERVED_SETTINGS))
     threshold: Finite = Field(0.5, description="σ = 1 where the gate's p(device) ≥ threshold")
     gate: GateIn | None = Field(None, description="Needed by choice and spa unless strict.")
     strict: bool = Field(
@@ -102,7 +105,7 @@ class SessionIn(Strict):
     @field_validator("setting")
     @classmethod
     def _served(cls, value: str) -> str:
-        if value in ("lora", "adapter"):
+        if value not in SERVED_SETTINGS:
             raise ValueError(
                 f"{value} puts device adapters inside every backbone layer (L or 2L round trips "
                 "per token); it is an in-process baseline, not served over HTTP"
@@ -140,12 +143,27 @@ class SessionOut(BaseModel):
     seed: int | None
 
 
-class SessionRecord(BaseModel):
-    """A session as recorded: settings, status and totals."""
+class SessionTotals(BaseModel):
+    """What a session cost so far: in its record, and in its stream's `done` event."""
 
     model_config = ConfigDict(from_attributes=True)
 
-    session_id: str = Field(validation_alias="id")
+    tokens: int = 0
+    device_tokens: int = Field(0, description="tokens shaped by the device's g(x)")
+    device_contacts: int = Field(0, description="side requests sent")
+    fallbacks: int = Field(0, description="side requests whose deadline passed")
+    tap_positions: int = Field(0, description="positions × rows whose taps were sent")
+    bytes_to_device: int = Field(0, description="NDJSON bytes of the side_request events")
+    bytes_from_device: int = Field(0, description="bodies of the answers")
+    cloud_s: float = Field(0.0, description="backbone, gate and head compute")
+    device_wait_s: float = Field(0.0, description="from each side request to its answer")
+    wall_s: float = Field(0.0, description="stream opened → done")
+
+
+class SessionRecord(SessionTotals):
+    """A session as recorded: settings, status and totals."""
+
+    session_id: str = Field(validation_alias=AliasChoices("id", "session_id"))  # row or JSON
     status: str
     reason: str
     setting: str
@@ -159,16 +177,6 @@ class SessionRecord(BaseModel):
     max_new_tokens: int
     created_at: datetime
     finished_at: datetime | None
-    tokens: int
-    device_tokens: int
-    device_contacts: int
-    fallbacks: int
-    tap_positions: int
-    bytes_to_device: int
-    bytes_from_device: int
-    cloud_s: float
-    device_wait_s: float
-    wall_s: float
 
 
 class AnswerIn(Strict):

@@ -1,0 +1,109 @@
+"""The NDJSON events of a session's stream, one typed model per kind, keyed on `event`.
+
+    start ─▶ (side_request* token)* ─▶ done
+
+The cloud builds each event with these models and writes it with `to_line`; the device reads each
+line with `parse_event`. A `side_request` asks for g(x) at its last position and carries the taps
+of every position the device has not confirmed, from `start` on (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+from torch import Tensor
+
+from personalization.config import WireDtype
+from protocol import wire
+from protocol.messages import SessionTotals
+
+Branch = Literal["cloud", "device", "fallback"]
+#: how a session ended (`created` and `running` are the live states before it)
+EndStatus = Literal["finished", "cancelled", "expired", "failed"]
+
+
+class _Event(BaseModel):
+    def to_line(self) -> bytes:
+        """One NDJSON line: compact JSON and a newline (its length is what the books count)."""
+        return self.model_dump_json().encode() + b"\n"
+
+
+class StartEvent(_Event):
+    """Generation has started: what the session's side requests will look like."""
+
+    event: Literal["start"] = "start"
+    session_id: str
+    prompt_tokens: int
+    setting: str
+    strict: bool
+    rungs: list[int]
+    hidden_size: int
+    tap_dtype: WireDtype
+    deadline_s: float
+
+
+class SideRequestEvent(_Event):
+    """Ask the device for g(x) [rows, H] at the last position, before `deadline_s`.
+
+    `taps` is base64 of `wire.encode_taps`: the first `shared` positions once (beam search: the
+    prompt all rows share), then each row's other positions; `shape` is [positions, R, H] per
+    row. `reorder` lists, per current row, the row of the device's cache it continues (the beams'
+    reorders since the device's last answer; None when unchanged).
+    """
+
+    event: Literal["side_request"] = "side_request"
+    request_id: int
+    start: int = Field(description="first position the device has not confirmed")
+    positions: int
+    shape: list[int]
+    rows: int = 1
+    shared: int = 0
+    reorder: list[int] | None = None
+    dtype: WireDtype
+    encoding: str = wire.TAP_ENCODING
+    deadline_s: float
+    taps: str
+
+    def decode_taps(self) -> Tensor:
+        """The taps as a tensor [rows, positions, R, H] (a `wire.WireError` if malformed)."""
+        raw = wire.b64decode(self.taps, what="taps")
+        return wire.decode_taps(raw, self.dtype, self.rows, self.shared, self.shape)
+
+
+class TokenEvent(_Event):
+    """One output token and what producing it cost the cloud."""
+
+    event: Literal["token"] = "token"
+    index: int
+    id: int
+    text: str
+    branch: Branch
+    gate_prob: float | None = Field(description="the gate's p(device); None in strict mode")
+    request_id: int | None = Field(description="the side request that shaped it, if any")
+    cloud_ms: float
+    device_wait_ms: float
+    bytes_to_device: int
+    bytes_from_device: int
+
+
+class DoneEvent(_Event):
+    """The last event: how the session ended and what it cost."""
+
+    event: Literal["done"] = "done"
+    status: EndStatus
+    reason: str = ""
+    steps: int = Field(0, description="decoding steps (beam search: one per step of all beams)")
+    M: float = Field(description="device round trips per decoding step")
+    totals: SessionTotals
+
+
+Event = Annotated[
+    StartEvent | SideRequestEvent | TokenEvent | DoneEvent, Field(discriminator="event")
+]
+_EVENT: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(line: str | bytes) -> Event:
+    """One NDJSON line → its typed event (pydantic's ValidationError if it is not one)."""
+    return _EVENT.validate_json(line)
