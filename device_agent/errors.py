@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from personalization.errors import SpaError
 
-class DeviceError(Exception):
+
+class DeviceError(SpaError):
     """Base class: the CLI and the UI show `str(error)` and nothing else."""
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from device_agent.agent import DeviceAgent
 from device_agent.history import user_items
 from device_agent.trainer import DeviceTrainConfig
 from personalization.config import DecodeConfig
+from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
 from personalization.training.train import TrainConfig
@@ -61,13 +62,9 @@ class RunConfig:
     def of(cls, context: Context) -> RunConfig:
         c = context.run_config
         if c["strategy"] not in STRATEGIES:
-            raise ValueError(f"unknown strategy {c['strategy']!r}: {', '.join(STRATEGIES)}")
-        return cls(
-            str(c["cloud-url"]), Path(str(c["work-dir"])), Path(str(c["data"])),
-            str(c["strategy"]), str(c["setting"]), int(c["local-epochs"]), int(c["held-out"]),
-            int(c["eval-tokens"]), int(c["calibration-prompts"]), int(c["fail-partition"]),
-            int(c["seed"]),
-        )  # fmt: skip
+            raise ConfigError(f"unknown strategy {c['strategy']!r}: {', '.join(STRATEGIES)}")
+        kinds = {"str": str, "Path": lambda v: Path(str(v)), "int": int}  # field types, by name
+        return cls(**{f.name: kinds[f.type](c[f.name.replace("_", "-")]) for f in fields(cls)})
 
 
 def shared(model: SPAModel, strategy: str) -> dict[str, torch.Tensor]:
@@ -102,7 +99,7 @@ def device(cfg: RunConfig, partition: int) -> Iterator[tuple[DeviceAgent, list[d
     user = user_of(cfg.data, partition)
     items = user_items(cfg.data, user)
     if len(items) <= cfg.held_out:
-        raise ValueError(f"user {user} has {len(items)} items, too few to hold {cfg.held_out} out")
+        raise ConfigError(f"user {user} has {len(items)} items, too few to hold {cfg.held_out} out")
     train_items, held = items[: -cfg.held_out], items[-cfg.held_out :]
     root = cfg.work_dir / "devices" / f"device-{partition}"
     if not (root / "checkpoints").is_dir():

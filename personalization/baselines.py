@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, get_peft_model
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 
-from personalization.backbone.frozen import Backbone
+from personalization.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light
+    from personalization.backbone.frozen import Backbone
 
 #: device round trips per layer per token
 CONTACTS_PER_LAYER = {"lora": 1, "adapter": 2}
@@ -39,6 +41,10 @@ class BottleneckAdapter(nn.Module):
 
 def lora_backbone(backbone: Backbone, rank: int = 8) -> Backbone:
     """A copy of the backbone with peft LoRA on its attention projections (peft's defaults)."""
+    from peft import LoraConfig, get_peft_model  # here: only a lora baseline needs peft
+
+    from personalization.backbone.frozen import Backbone
+
     with warnings.catch_warnings():  # peft calls a transformers API deprecated for v6
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
@@ -80,7 +86,7 @@ def _child_matching(layer: nn.Module, pattern: str) -> nn.Module:
             pattern, type(child).__name__, re.I
         ):
             return child
-    raise ValueError(f"no child matching /{pattern}/ in {type(layer).__name__}")
+    raise ConfigError(f"no child matching /{pattern}/ in {type(layer).__name__}")
 
 
 def _apply(adapter: BottleneckAdapter):
@@ -99,8 +105,10 @@ def baseline_parameters(backbone: Backbone, setting: str, rank: int = 8) -> int:
         H, b = backbone.hidden_size, max(1, backbone.hidden_size // rank)
         return 2 * backbone.num_layers * (2 * H * b + b + H)
     if setting != "lora":
-        raise ValueError(f"{setting!r} is not an in-layer baseline (lora or adapter)")
-    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[backbone.config.model_type]
+        raise ConfigError(f"{setting!r} is not an in-layer baseline (lora or adapter)")
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS
+
+    targets = TARGETS[backbone.config.model_type]
     total = 0
     for name, module in backbone.model.named_modules():
         if name.rsplit(".", 1)[-1] in targets:

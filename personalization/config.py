@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from personalization.errors import ConfigError
+
 Setting = Literal["base", "lst", "full", "choice", "spa", "lora", "adapter"]
 SETTINGS: tuple[str, ...] = get_args(Setting)
 #: settings whose token comes from the backbone plus a side network on the device
@@ -49,15 +51,15 @@ class SideConfig:
             object.__setattr__(self, "rungs", default_rungs(self.num_layers))
         object.__setattr__(self, "rungs", tuple(int(k) for k in self.rungs))
         if any(not 1 <= k <= self.num_layers for k in self.rungs):
-            raise ValueError(f"rungs {self.rungs} must lie in 1..{self.num_layers}")
+            raise ConfigError(f"rungs {self.rungs} must lie in 1..{self.num_layers}")
         if list(self.rungs) != sorted(set(self.rungs)):
-            raise ValueError(f"rungs {self.rungs} must be strictly increasing")
+            raise ConfigError(f"rungs {self.rungs} must be strictly increasing")
         if self.reduction < 1 or self.hidden_size % self.reduction:
-            raise ValueError(f"reduction {self.reduction} must divide H = {self.hidden_size}")
+            raise ConfigError(f"reduction {self.reduction} must divide H = {self.hidden_size}")
         if not self.heads:
             object.__setattr__(self, "heads", max(1, self.width // 32))
         if self.width % self.heads:
-            raise ValueError(f"{self.heads} heads do not divide the side width {self.width}")
+            raise ConfigError(f"{self.heads} heads do not divide the side width {self.width}")
 
     @property
     def width(self) -> int:
@@ -75,11 +77,11 @@ class SPAConfig:
 
     def __post_init__(self):
         if self.wire_dtype not in WIRE_DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown wire dtype {self.wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}"
             )
         if self.setting not in SETTINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}"
             )
 
@@ -99,12 +101,12 @@ class DecodeConfig:
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be ≥ 1")
+            raise ConfigError("max_new_tokens must be ≥ 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+            raise ConfigError("temperature must be > 0 and top_p in (0, 1]")
         if self.num_beams < 1:
-            raise ValueError("num_beams must be ≥ 1")
+            raise ConfigError("num_beams must be ≥ 1")

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from personalization.config import DecodeConfig
+from personalization.errors import ConfigError
 from personalization.latency import Books
 from personalization.model import Device, SPAModel, Step, Stepper
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Generation:
         device: Device | None = None,
     ):
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise ConfigError("the prompt is empty")
         self.model = model
         self.prompt = list(prompt_ids)
         self.config = config

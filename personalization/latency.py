@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from personalization.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class NetworkProfile:
@@ -42,7 +44,7 @@ def profile(name: str) -> NetworkProfile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown network profile {name!r}; choose one of {', '.join(PROFILES)}"
         ) from None
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from personalization.backbone.frozen import Backbone
 from personalization.baselines import CONTACTS_PER_LAYER, adapter_backbone, lora_backbone
 from personalization.config import (
     GATED_SETTINGS,
@@ -31,8 +31,12 @@ from personalization.config import (
     SideConfig,
     SPAConfig,
 )
+from personalization.errors import ConfigError
 from personalization.latency import Books
 from personalization.side import Gate, SideNetwork
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light
+    from personalization.backbone.frozen import Backbone
 
 
 class SPAModel(nn.Module):
@@ -128,7 +132,7 @@ class SPAModel(nn.Module):
             return head(f + s * g)
         if self.setting == "choice":
             return head(torch.where(s, g, f))
-        raise ValueError(f"setting {self.setting} has no side combination")
+        raise ConfigError(f"setting {self.setting} has no side combination")
 
     @torch.no_grad()
     def sequence_logits(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:

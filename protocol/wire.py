@@ -23,6 +23,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from personalization.config import WIRE_DTYPES
+from personalization.errors import SpaError
 
 #: the wire dtypes (personalization.config.WIRE_DTYPES) as torch dtypes
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WIRE_DTYPES}
@@ -31,7 +32,7 @@ TAP_ENCODING = "raw-le"  # the name events give the raw encoding above
 assert sys.byteorder == "little", "the raw encoding assumes a little-endian host"
 
 
-class WireError(ValueError):
+class WireError(SpaError, ValueError):
     """Bytes that do not decode to what the protocol says they must be (a 4xx, not a crash)."""
 
 

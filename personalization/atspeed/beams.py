@@ -21,6 +21,7 @@ from torch import Tensor
 
 from personalization.atspeed.catalogue import ROOT, Catalogue, constrained_logprobs
 from personalization.config import DecodeConfig
+from personalization.errors import ConfigError
 from personalization.model import SPAModel, Stepper
 
 
@@ -136,7 +137,7 @@ def beam_search(
     """The target's own beam search: one incremental `Stepper` pass per step over all live beams
     (KV caches reordered with the beams), the reference speculative search must reproduce."""
     if not prompt:
-        raise ValueError("the prompt is empty")
+        raise ConfigError("the prompt is empty")
     stepper = Stepper(model)
     search = BeamSearch(config, model.backbone.eos_token_ids, catalogue)
     step = stepper.step(torch.tensor([list(prompt)]))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from personalization.backbone.frozen import Backbone
+from personalization.errors import ConfigError
 from personalization.training.data import encode_target
 
 ROOT = 0  # the trie node of the empty prefix
@@ -42,7 +43,7 @@ class Catalogue:
             self._items[node] = index
             self.max_length = max(self.max_length, len(seq))
         if not self._items:
-            raise ValueError("the catalogue is empty")
+            raise ConfigError("the catalogue is empty")
 
     @classmethod
     def from_titles(cls, backbone: Backbone, titles: Sequence[str]) -> Catalogue:

@@ -34,6 +34,7 @@ from personalization.atspeed.speculative import (
 )
 from personalization.atspeed.tree import Path, TreeLayout, additive
 from personalization.config import DecodeConfig
+from personalization.errors import ConfigError
 from personalization.model import SPAModel
 
 Method = Literal["atspeed-s", "atspeed-r"]
@@ -51,9 +52,9 @@ class DistillConfig:
 
     def __post_init__(self):
         if self.method not in ("atspeed-s", "atspeed-r"):
-            raise ValueError(f"unknown alignment {self.method!r}: atspeed-s or atspeed-r")
+            raise ConfigError(f"unknown alignment {self.method!r}: atspeed-s or atspeed-r")
         if not 0 <= self.alpha <= 1:
-            raise ValueError("alpha must lie in [0, 1]")
+            raise ConfigError("alpha must lie in [0, 1]")
 
 
 @dataclass(frozen=True)

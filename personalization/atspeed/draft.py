@@ -29,11 +29,12 @@ from torch import Tensor, nn
 
 from personalization.atspeed.catalogue import Catalogue
 from personalization.backbone.frozen import Backbone, find_layers
+from personalization.errors import ConfigError, SpaError
 
 FORMAT = "spa-draft/1"
 
 
-class DraftError(ValueError):
+class DraftError(SpaError, ValueError):
     """A draft checkpoint that is missing, damaged or made for another backbone."""
 
 
@@ -43,7 +44,7 @@ class DraftConfig:
 
     def __post_init__(self):
         if self.layers < 1:
-            raise ValueError("a draft needs at least one layer")
+            raise ConfigError("a draft needs at least one layer")
 
 
 class Draft:
@@ -52,7 +53,7 @@ class Draft:
     def __init__(self, backbone: Backbone, config: DraftConfig | None = None):
         self.config = config or DraftConfig()
         if self.config.layers >= backbone.num_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"a draft of {self.config.layers} layers is no smaller than the "
                 f"{backbone.num_layers}-layer backbone"
             )

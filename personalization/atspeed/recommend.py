@@ -26,6 +26,7 @@ from personalization.atspeed.speculative import (
 )
 from personalization.backbone.frozen import Backbone
 from personalization.config import DecodeConfig
+from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import DataError, beauty_record, read_jsonl, to_example
 
@@ -44,9 +45,9 @@ class RecommendConfig:
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
+            raise ConfigError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
         if self.k < 1:
-            raise ValueError("k must be ≥ 1")
+            raise ConfigError("k must be ≥ 1")
 
     def decode(self, catalogue: Catalogue) -> DecodeConfig:
         return DecodeConfig(
@@ -81,7 +82,7 @@ def history_prompt(
 ) -> list[int]:
     """The prompt for a purchase history (oldest first), as the Beauty loader builds it."""
     if not history:
-        raise ValueError("the purchase history is empty")
+        raise ConfigError("the purchase history is empty")
     record = beauty_record("user", list(history), "")
     return list(
         to_example(backbone, record, max_prompt_tokens=max_prompt_tokens, keep="end").prompt
@@ -103,7 +104,7 @@ def recommend(
         passes, stats = sum(r.forward_passes for r in results), None
     else:
         if draft is None and config.gamma > 0:
-            raise ValueError(f"strategy {config.strategy} needs a draft model")
+            raise ConfigError(f"strategy {config.strategy} needs a draft model")
         result = speculative_beam_search(
             target, draft, prompts, decode, config.speculative(), catalogue
         )
@@ -136,7 +137,7 @@ def metrics(rankings: Sequence[Sequence[str]], truths: Sequence[str], k: int) ->
     """Mean Recall@k and NDCG@k over users."""
     n = len(truths)
     if n == 0 or len(rankings) != n:
-        raise ValueError("one ranking per true item, at least one")
+        raise ConfigError("one ranking per true item, at least one")
     return {
         f"recall@{k}": sum(recall_at(r, t, k) for r, t in zip(rankings, truths, strict=True)) / n,
         f"ndcg@{k}": sum(ndcg_at(r, t, k) for r, t in zip(rankings, truths, strict=True)) / n,

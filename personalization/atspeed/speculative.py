@@ -37,6 +37,7 @@ from personalization.atspeed.draft import Draft
 from personalization.atspeed.tree import Path, TreeCache, gather_slots
 from personalization.backbone.frozen import BackboneOutput
 from personalization.config import GATED_SETTINGS, SIDE_SETTINGS, DecodeConfig
+from personalization.errors import ConfigError
 from personalization.model import SPAModel
 
 Verify = Literal["strict", "relaxed"]
@@ -51,14 +52,14 @@ class SpeculativeConfig:
 
     def __post_init__(self):
         if self.gamma < 0:
-            raise ValueError("gamma must be ≥ 0")
+            raise ConfigError("gamma must be ≥ 0")
         if self.verify not in ("strict", "relaxed"):
-            raise ValueError(f"unknown verification {self.verify!r}: strict or relaxed")
+            raise ConfigError(f"unknown verification {self.verify!r}: strict or relaxed")
 
     def beams(self, num_beams: int) -> int:
         n = 2 * num_beams if self.draft_beams is None else self.draft_beams
         if n < num_beams:
-            raise ValueError(f"the draft needs N ≥ K beams (N = {n}, K = {num_beams})")
+            raise ConfigError(f"the draft needs N ≥ K beams (N = {n}, K = {num_beams})")
         return n
 
 
@@ -334,9 +335,9 @@ def speculative_beam_search(
     """Top-K beam search of `target` for every prompt (a batch), drafted by `draft`."""
     spec = spec or SpeculativeConfig()
     if not prompts or any(not p for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise ConfigError("every prompt needs at least one token")
     if draft is None and spec.gamma > 0:
-        raise ValueError("drafting (gamma > 0) needs a draft model")
+        raise ConfigError("drafting (gamma > 0) needs a draft model")
     width = spec.beams(decode.num_beams)
     rng = torch.Generator().manual_seed(spec.seed)
     eos = target.backbone.eos_token_ids

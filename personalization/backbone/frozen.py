@@ -23,8 +23,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from personalization.errors import SpaError
 
-class UnsupportedBackboneError(RuntimeError):
+
+class UnsupportedBackboneError(SpaError, RuntimeError):
     """A model whose final norm / LM head cannot be separated from the rest."""
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from personalization.errors import ConfigError
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) · w, computed in float32 like Llama's (torch's RMSNorm rounds differently)."""
@@ -54,7 +56,7 @@ class FrozenHead:
         elif "rms" in norm.lower():
             self.final_norm = RMSNorm(weight, eps)
         else:
-            raise ValueError(f"cannot rebuild a final norm of type {norm!r} from its weights")
+            raise ConfigError(f"cannot rebuild a final norm of type {norm!r} from its weights")
         head = tensors["lm_head.weight"].float()  # the vocabulary × H matrix: never copied
         bias = "lm_head.bias" in tensors
         self.lm_head = nn.utils.skip_init(nn.Linear, head.shape[1], head.shape[0], bias=bias)
@@ -64,7 +66,7 @@ class FrozenHead:
         for module in (self.final_norm, self.lm_head):
             module.eval().requires_grad_(False)
         if head.shape != (facts.vocab_size, facts.hidden_size):
-            raise ValueError(
+            raise ConfigError(
                 f"the head has shape {tuple(head.shape)}, the backbone reports "
                 f"vocab {facts.vocab_size} × H {facts.hidden_size}"
             )

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from personalization.backbone.frozen import Backbone
+from personalization.errors import ConfigError
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -77,7 +78,7 @@ def tiny_model(
         )
         cls = GPT2LMHeadModel
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
+        raise ConfigError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)

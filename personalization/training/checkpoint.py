@@ -14,20 +14,24 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from personalization.backbone.frozen import Backbone
 from personalization.config import SideConfig, SPAConfig
+from personalization.errors import SpaError
 from personalization.model import SPAModel
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light
+    from personalization.backbone.frozen import Backbone
 
 FORMAT = "spa-checkpoint/1"
 _OPTIM = "optim."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SpaError, ValueError):
     """A checkpoint that is missing, damaged, or made for another backbone or shape."""
 
 

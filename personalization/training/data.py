@@ -22,8 +22,12 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from personalization.backbone.frozen import Backbone
+from personalization.errors import SpaError
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light
+    from personalization.backbone.frozen import Backbone
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Example:
         return hashlib.sha256(text).hexdigest()[:32]
 
 
-class DataError(ValueError):
+class DataError(SpaError, ValueError):
     """A data file that cannot be read as the dataset it claims to be."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from personalization.backbone.frozen import Backbone
 from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
+from personalization.errors import ConfigError
 from personalization.latency import NetworkProfile
 from personalization.model import SPAModel
 from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
@@ -93,7 +94,7 @@ def fit(
     if resume and Path(out).is_file():
         model, info, optim = load_checkpoint(out, backbone)
         if info.spa.setting != setting:
-            raise ValueError(f"{out} holds setting {info.spa.setting!r}, not {setting!r}")
+            raise ConfigError(f"{out} holds setting {info.spa.setting!r}, not {setting!r}")
         start_epoch = info.epoch
         optimizer = make_optimizer(model, cfg)
         if optim:

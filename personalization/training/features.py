@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,8 +28,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from personalization.backbone.embedded import cache_dir
-from personalization.backbone.frozen import Backbone
 from personalization.training.data import Example
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light
+    from personalization.backbone.frozen import Backbone
 
 
 @dataclass

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from personalization.config import GATED_SETTINGS, SIDE_SETTINGS, DecodeConfig
 from personalization.decoding import generate
+from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import Example
 from personalization.training.features import Features
@@ -55,9 +56,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be ≥ 1 and lr > 0")
+            raise ConfigError("epochs and batch_size must be ≥ 1 and lr > 0")
         if not 0 < self.target_usage <= 1:
-            raise ValueError("target_usage must lie in (0, 1]")
+            raise ConfigError("target_usage must lie in (0, 1]")
 
 
 @dataclass
@@ -137,7 +138,7 @@ def batch_loss(model: SPAModel, batch: Sequence, cfg: TrainConfig) -> tuple[Tens
 def make_optimizer(model: SPAModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = list(model.trainable().values())
     if not params:
-        raise ValueError(f"setting {model.setting!r} has nothing to train")
+        raise ConfigError(f"setting {model.setting!r} has nothing to train")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -156,9 +157,9 @@ def train(
     adapter) from `start_epoch` to `cfg.epochs`; `on_epoch(epoch, optimizer, losses)` can
     checkpoint and report progress."""
     if model.setting not in SIDE_SETTINGS and model.adapted is None:
-        raise ValueError(f"setting {model.setting!r} has nothing to train")
+        raise ConfigError(f"setting {model.setting!r} has nothing to train")
     if not data:
-        raise ValueError("no training data")
+        raise ConfigError("no training data")
     optimizer = optimizer or make_optimizer(model, cfg)
     params = list(model.trainable().values())
     rng = random.Random(cfg.seed)
@@ -242,7 +243,7 @@ def calibrate(
     the distribution the gate actually meets at inference (its own tokens, not the references).
     The usage reported is measured by one more generation pass at the final threshold."""
     if model.setting not in GATED_SETTINGS:
-        raise ValueError(f"setting {model.setting!r} has no gate to calibrate")
+        raise ConfigError(f"setting {model.setting!r} has no gate to calibrate")
     decode = decode or DecodeConfig(max_new_tokens=32)
 
     def generated_probs(desc: str) -> Tensor:
