@@ -23,6 +23,7 @@ from personalization.backbone.embedded import cache_dir
 from personalization.config import GATED_SETTINGS, SERVED_SETTINGS, DecodeConfig
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
 from personalization.model import SPAModel
+from personalization.side import count_parameters
 from personalization.training.checkpoint import load_checkpoint
 
 #: what a device can ask the cloud for (lora / adapter live inside the backbone's layers)
@@ -158,8 +159,7 @@ class DeviceAgent:
         info, a = self.client.info(), generation.accounts
         model = generation.model or self.model()
         contacts = [t for t in generation.tokens if t.contacts]
-        side_params = sum(p.numel() for p in model.side.parameters())
-        gate_params = sum(p.numel() for p in model.gate.parameters())
+        side_params, gate_params = count_parameters(model.side), count_parameters(model.gate)
         tau = net.rtt_s
         if contacts:  # measured: network time per contact minus its bytes' serialisation
             tau = sum(

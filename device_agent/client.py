@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from tenacity import (
 
 from device_agent.errors import CloudError, CloudUnreachable, ProtocolMismatch
 from device_agent.netem import EmulatedLink
+from personalization.atomic import atomic_path
 from personalization.backbone.head import BackboneFacts
 from personalization.latency import NetworkProfile
 from personalization.training.data import Example, Record
@@ -177,24 +176,16 @@ class CloudClient:
     def head(self, path: Path, dtype: str = "float32") -> None:
         """Download the frozen final norm + LM head (safetensors) to `path`, streamed to disk
         (it is the device's largest download) and renamed into place only once complete."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with (
-                os.fdopen(fd, "wb") as f,
-                self.http.stream("GET", "/v1/head", params={"dtype": dtype}) as response,
-            ):
-                if response.is_error:
-                    response.read()
-                    _raise_for(response)
-                for chunk in response.iter_bytes(1 << 20):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with (
+            atomic_path(path) as tmp,
+            open(tmp, "wb") as f,
+            self.http.stream("GET", "/v1/head", params={"dtype": dtype}) as response,
+        ):
+            if response.is_error:
+                response.read()
+                _raise_for(response)
+            for chunk in response.iter_bytes(1 << 20):
+                f.write(chunk)
 
     @_idempotent
     def tokenize(

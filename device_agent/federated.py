@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from rouge_score import rouge_scorer
 
 from device_agent.agent import DeviceAgent
 from device_agent.history import user_items
@@ -33,6 +32,7 @@ from personalization.config import DecodeConfig
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
+from personalization.training.evaluate import rouge_l
 from personalization.training.train import TrainConfig
 
 STRATEGIES = ("local", "fedavg", "fedper")
@@ -144,7 +144,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     if partition == cfg.fail_partition:
         raise RuntimeError(f"injected failure on partition {partition}")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     decode = DecodeConfig(max_new_tokens=cfg.eval_tokens)
     scores = {"rouge-l": 0.0, "rouge-l-base": 0.0}
     tokens = device_tokens = 0
@@ -167,9 +166,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             for key, setting in (("rouge-l", cfg.setting), ("rouge-l-base", "base")):
                 generation = agent.generate(prompt, setting=setting, decode=decode)
                 list(generation)
-                scores[key] += (
-                    100 * scorer.score(item["output"], generation.text)["rougeL"].fmeasure
-                )
+                scores[key] += rouge_l(item["output"], generation.text)
                 if setting != "base":
                     tokens += generation.accounts.tokens
                     device_tokens += generation.accounts.device_tokens

@@ -60,6 +60,8 @@ def lora_backbone(backbone: Backbone, rank: int = 8) -> Backbone:
 
 def adapter_backbone(backbone: Backbone, reduction: int = 8) -> Backbone:
     """A copy of the backbone with bottleneck adapters after attention and MLP in every layer."""
+    from personalization.backbone.frozen import Backbone
+
     model = copy.deepcopy(backbone.model)
     H = backbone.hidden_size
     adapters = nn.ModuleList()

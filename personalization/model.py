@@ -134,23 +134,6 @@ class SPAModel(nn.Module):
             return head(torch.where(s, g, f))
         raise ConfigError(f"setting {self.setting} has no side combination")
 
-    @torch.no_grad()
-    def sequence_logits(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits [B, T, V] and σ [B, T] for every position at once (the reference decoding must
-        reproduce, and the shape training works with)."""
-        if self.adapted is not None:
-            logits = self.adapted(input_ids, logits="all").logits
-            return logits, torch.ones(logits.shape[:-1], dtype=torch.bool)
-        if self.setting == "base":
-            logits = self.backbone(input_ids, logits="all").logits
-            return logits, torch.zeros(logits.shape[:-1], dtype=torch.bool)
-        out = self.backbone(input_ids, rungs=self.rungs, logits=None)
-        f = out.hidden
-        p = self.gate_prob(f) if self.setting in GATED_SETTINGS else None
-        sigma = self.sigma(p, f)
-        g = self.wire(self.side(self.wire(out.taps, self.side_dtype)), f.dtype)
-        return self.combine(f, g, sigma), sigma
-
 
 @dataclass
 class Step:

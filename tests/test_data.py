@@ -15,7 +15,6 @@ from personalization.training.data import (
     load_splits,
     read_jsonl,
     to_example,
-    write_jsonl,
 )
 
 SHARED = Path(os.environ.get("SPA_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
@@ -40,7 +39,7 @@ def _personachat(tmp_path: Path, users: int = 30) -> Path:
 
 def test_records_round_trip_in_the_papers_format(tmp_path):
     records = [Record("Summarize.", "a text", "a summary"), Record("Reply.", "hi", "yo", user="u1")]
-    write_jsonl(records, tmp_path / "r.jsonl")
+    (tmp_path / "r.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
     rows = list(read_jsonl(tmp_path / "r.jsonl"))
     assert rows[0] == {"instruction": "Summarize.", "input": "a text", "output": "a summary"}
     assert [Record(**r) for r in rows] == records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import sequence_logits
 
 from personalization.backbone.frozen import Backbone
 from personalization.config import SETTINGS, DecodeConfig, SideConfig, SPAConfig, default_rungs
@@ -72,7 +73,7 @@ def test_incremental_logits_equal_full_recomputation(tiny: Backbone, setting: st
     generated = torch.cat(
         [torch.tensor([prompt])] + [lg.argmax(-1, keepdim=True) for lg in stepped_logits[:-1]], 1
     )
-    full_logits, full_sigma = model.sequence_logits(generated)
+    full_logits, full_sigma = sequence_logits(model, generated)
     n = len(prompt) - 1
     torch.testing.assert_close(
         torch.stack(stepped_logits, 1), full_logits[:, n:], atol=1e-4, rtol=0
@@ -311,7 +312,7 @@ def test_beam_hypotheses_match_recomputation_with_a_trained_side_network(
     assert len(generation.hypotheses) == 4
     for hyp in generation.hypotheses:
         ids = torch.tensor([prompt + list(hyp.ids)])
-        logits, sigma = model.sequence_logits(ids)
+        logits, sigma = sequence_logits(model, ids)
         n = len(prompt) - 1
         logprobs = torch.log_softmax(logits[0, n:-1].float(), -1)
         score = logprobs.gather(1, ids[0, n + 1 :, None]).sum() / len(hyp.ids)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import sequence_logits
 
 from personalization.atspeed.beams import beam_search
 from personalization.atspeed.catalogue import Catalogue
@@ -242,7 +243,7 @@ def test_rollback_leaves_caches_equal_to_a_fresh_computation(tiny_llama: Backbon
     outputs = tree.extend(children)
     for row, paths in enumerate(children):
         for path in paths:
-            logits, _ = model.sequence_logits(torch.tensor([prompts[row] + list(path)]))
+            logits, _ = sequence_logits(model, torch.tensor([prompts[row] + list(path)]))
             torch.testing.assert_close(outputs[row][path], logits[0, -1], atol=1e-4, rtol=1e-4)
 
 

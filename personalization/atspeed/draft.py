@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from personalization.atomic import atomic_path
 from personalization.atspeed.catalogue import Catalogue
 from personalization.backbone.frozen import Backbone, find_layers
 from personalization.errors import ConfigError, SpaError
@@ -114,15 +113,8 @@ class Draft:
             "info": json.dumps(info or {}),
         }
         tensors = {n: p.detach().contiguous() for n, p in self.trainable().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

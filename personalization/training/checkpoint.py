@@ -10,8 +10,6 @@ target only once complete: a crash mid-write leaves the previous checkpoint inta
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from personalization.atomic import atomic_path
 from personalization.config import SideConfig, SPAConfig
 from personalization.errors import SpaError
 from personalization.model import SPAModel
@@ -107,17 +106,8 @@ def save_checkpoint(
             for key, value in entries.items():
                 tensors[f"{_OPTIM}{index}.{key}"] = torch.as_tensor(value).contiguous()
         meta["optimizer"] = json.dumps(state["param_groups"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

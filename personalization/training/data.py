@@ -77,10 +77,6 @@ class DataError(SpaError, ValueError):
 
 
 # ---- reading and writing the paper's format ---------------------------------------------------
-def write_jsonl(records: Iterable[Record], path: str | Path) -> None:
-    Path(path).write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
-
-
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():

@@ -8,6 +8,7 @@ a network profile: measured cloud and device compute plus T_net = M·τ + bytes/
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,16 @@ from personalization.decoding import generate
 from personalization.latency import Books, NetworkProfile, t_net
 from personalization.model import SPAModel
 from personalization.training.data import Example
+
+
+@functools.cache
+def _scorer() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(reference: str, text: str) -> float:
+    """Rouge-L F-measure × 100 (`rouge-score`, stemmed): the one scorer every figure uses."""
+    return 100 * _scorer().score(reference, text)["rougeL"].fmeasure
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,6 @@ def evaluate(
 ) -> EvalReport:
     """Generate for every example's prompt and score against its reference."""
     decode = decode or DecodeConfig()
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     total, score = Books(), 0.0
     for example, reference in tqdm(
         list(zip(examples, references, strict=True)), desc=f"eval {model.setting}",
@@ -91,7 +101,7 @@ def evaluate(
         generation = generate(model, example.prompt, decode)
         for _ in generation:
             pass
-        score += scorer.score(reference, generation.text)["rougeL"].fmeasure
+        score += rouge_l(reference, generation.text)
         for key, value in vars(generation.books).items():
             setattr(total, key, getattr(total, key) + value)
     n = max(total.tokens, 1)
@@ -101,7 +111,7 @@ def evaluate(
         setting=model.setting,
         dataset=dataset,
         examples=len(examples),
-        rouge_l=100 * score / max(len(examples), 1),
+        rouge_l=score / max(len(examples), 1),
         usage=total.device_tokens / n,
         m=total.m,
         bytes_per_token=(total.bytes_to_device + total.bytes_from_device) / n,

@@ -15,8 +15,6 @@ the same `source_id` / `__call__` shape — a device fetching them from the clou
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from personalization.atomic import atomic_path
 from personalization.backbone.embedded import cache_dir
 from personalization.training.data import Example
 
@@ -117,16 +116,8 @@ class FeatureCache:
 
     def put(self, example: Example, features: Features) -> None:
         """Write atomically: a crash leaves the old file or none, never half of one."""
-        path = self.path(example)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(self.path(example)) as tmp:
             save_file({k: v.contiguous() for k, v in features.to_dict().items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def ensure(self, examples: Sequence[Example], *, batch: int = 8, progress: bool = True) -> int:
         """Compute and store every missing example; returns how many were computed."""
