@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,10 @@ class Backbone:
         self.name = name
         self.config = model.config
         self.decoder = model.base_model
+        # transformers 5.24 renamed the decoder's `past_key_values` to `cache` (the old name goes
+        # in 5.40); older 5.x releases only know the old one
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.layers = find_layers(model)
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
@@ -168,8 +173,8 @@ class Backbone:
         try:
             self.decoder(
                 input_ids=input_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_kwarg: cache},
                 attention_mask=attention_mask,
                 position_ids=position_ids,
             )
