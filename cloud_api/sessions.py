@@ -1,4 +1,4 @@
-"""Generation sessions: the cloud half of DESIGN.md's protocol, one state machine per session.
+"""Generation sessions: the cloud half of docs/protocol.md, one state machine per session.
 
     created ──(device opens the event stream)──▶ running ──▶ finished | cancelled | expired | failed
        └──────────────(cancel, idle past the TTL)──────────▶ cancelled | expired

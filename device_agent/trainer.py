@@ -35,6 +35,7 @@ from personalization.config import (
     DecodeConfig,
     SideConfig,
     SPAConfig,
+    WireDtype,
 )
 from personalization.model import SPAModel
 from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
@@ -51,7 +52,7 @@ class DeviceTrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15))
     reduction: int = 8  # side width H / r
     rungs: tuple[int, ...] = ()  # () = the backbone's default (about L/4)
-    wire_dtype: str = "float16"
+    wire_dtype: WireDtype = "float16"
     valid_fraction: float = 0.2  # held-out share of the history (calibration, validation loss)
     max_prompt_tokens: int = 384
     max_target_tokens: int = 64

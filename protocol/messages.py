@@ -86,7 +86,7 @@ class DecodingIn(Strict):
 
 
 class SessionIn(Strict):
-    """Open a generation session (DESIGN.md, "The generation protocol")."""
+    """Open a generation session (docs/protocol.md, "Generation")."""
 
     prompt: Prompt = Field(description="Text (tokenised by the cloud) or token ids.")
     chat: bool = Field(True, description="Wrap a text prompt in the backbone's chat template.")

@@ -12,10 +12,11 @@ import pandas as pd
 from app.devices import Devices
 from app.ui.common import BRANCH_COLORS, readable
 from device_agent.generation import Accounts, RemoteGeneration, TokenCost
-from personalization.config import SERVED_SETTINGS, DecodeConfig
+from personalization.config import SERVED_SETTINGS, STRATEGIES, DecodeConfig
 from personalization.latency import PROFILES, profile
 
-DECODINGS = {"greedy": "greedy", "sampling": "sample", "beam": "beam"}
+#: the decoding strategies a session serves, by the label the page shows
+DECODINGS = {{"sample": "sampling"}.get(s, s): s for s in STRATEGIES}
 BOOKS = ["tokens", "tokens/s", "M", "device contacts", "bytes up", "bytes down",
          "T_cloud ms", "T_device ms", "T_net ms", "T_total ms"]  # fmt: skip
 WHAT_IF = ["setting", "% params", "inference ms", "network ms", "total ms / token", "M"]
