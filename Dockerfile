@@ -20,12 +20,14 @@ COPY app/__init__.py app/
 COPY device_agent/__init__.py device_agent/
 COPY cloud_api/__init__.py cloud_api/
 COPY personalization/__init__.py personalization/
+COPY protocol/__init__.py protocol/
 RUN make install VENV=/opt/venv TORCH_INDEX=$TORCH_INDEX && rm -rf /root/.cache/pip
 
 COPY app app
 COPY device_agent device_agent
 COPY cloud_api cloud_api
 COPY personalization personalization
+COPY protocol protocol
 # Build time: convert the embedded backbone and train the demo users' side networks, so a
 # container serves device-coloured tokens seconds after it starts.
 RUN spa prepare && spa demo --prepare-only && chown -R spa:spa $SPA_CACHE_DIR

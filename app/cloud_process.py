@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from personalization.errors import SpaError
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class CloudStartError(SpaError, RuntimeError):
+    """The cloud this process started exited, or was not ready in time (its log says why)."""
 
 
 @contextlib.contextmanager
@@ -45,13 +51,15 @@ def cloud(
         started = time.monotonic()
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the cloud exited ({process.returncode}); see {log.name}")
+                raise CloudStartError(f"the cloud exited ({process.returncode}); see {log.name}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
             waited = time.monotonic() - started
             if waited > timeout_s:
-                raise RuntimeError(f"the cloud was not ready in {timeout_s:.0f} s; see {log.name}")
+                raise CloudStartError(
+                    f"the cloud was not ready in {timeout_s:.0f} s; see {log.name}"
+                )
             if on_wait is not None:
                 on_wait(waited)
             time.sleep(0.3)

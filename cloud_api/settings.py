@@ -25,25 +25,36 @@ class CloudSettings(BaseSettings):
         env_prefix="SPA_CLOUD_", extra="ignore", populate_by_name=True
     )
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     # SPA_BACKBONE is honoured too, so the cloud and the CLI agree on the default backbone
     backbone: str | None = Field(
-        None, validation_alias=AliasChoices("backbone", "SPA_CLOUD_BACKBONE", "SPA_BACKBONE")
+        None,
+        validation_alias=AliasChoices("backbone", "SPA_CLOUD_BACKBONE", "SPA_BACKBONE"),
+        description="The frozen backbone (default: $SPA_BACKBONE, else the embedded smollm2).",
     )
-    database_url: str = Field(default_factory=default_database_url)
-    tap_dtype: WireDtype = "float16"  # default precision of taps, g(x) and features in transit
-    max_prompt_tokens: int = Field(1024, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    max_body_bytes: int = Field(1 << 20, ge=1024)  # any request body; larger → 413
-    max_sessions: int = Field(16, ge=1)  # sessions created or running at once; more → 429
-    session_ttl_s: float = Field(300.0, gt=0)  # a session idle this long is expired and dropped
-    sweep_interval_s: float = Field(5.0, gt=0)  # how often expired sessions are looked for
-    default_deadline_s: float = Field(5.0, gt=0)  # how long the cloud waits for g(x) by default
-    max_deadline_s: float = Field(60.0, gt=0)
-    features_max_batch: int = Field(16, ge=1)  # examples per features request; more → 413
-    features_max_tokens: int = Field(1024, ge=2)  # prompt + target tokens per example; more → 413
-    log_level: str = "info"
+    database_url: str = Field(
+        default_factory=default_database_url,
+        description="SQLAlchemy URL of the records (devices, sessions).",
+    )
+    tap_dtype: WireDtype = Field(
+        "float16", description="Default precision of taps, g(x) and features in transit."
+    )
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 413.")
+    max_new_tokens: int = Field(256, ge=1, description="A session asking for more gets 422.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    max_sessions: int = Field(16, ge=1, description="Sessions open at once; more get 429.")
+    session_ttl_s: float = Field(300.0, gt=0, description="Idle sessions expire after this.")
+    sweep_interval_s: float = Field(5.0, gt=0, description="How often expiry is checked.")
+    default_deadline_s: float = Field(
+        5.0, gt=0, description="How long the cloud waits for g(x) unless a session says."
+    )
+    max_deadline_s: float = Field(60.0, gt=0, description="The longest deadline a session gets.")
+    features_max_batch: int = Field(16, ge=1, description="Examples per features request (413).")
+    features_max_tokens: int = Field(
+        1024, ge=2, description="Prompt + target tokens per features example (413)."
+    )
+    log_level: str = Field("info", description="uvicorn's log level.")
 
     def limits(self) -> dict[str, float | int]:
         """The limits a device must respect (reported by /v1/info)."""

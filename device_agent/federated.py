@@ -28,14 +28,13 @@ from flwr.clientapp import ClientApp
 from device_agent.agent import DeviceAgent
 from device_agent.history import user_items
 from device_agent.trainer import DeviceTrainConfig
-from personalization.config import DecodeConfig
+from personalization.config import FEDERATED_STRATEGIES, DecodeConfig
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
 from personalization.training.evaluate import rouge_l
 from personalization.training.train import TrainConfig
 
-STRATEGIES = ("local", "fedavg", "fedper")
 #: the side network's output layers: personal under fedper (with the gate)
 PERSONAL_PREFIXES = ("side.up.", "side.out_norm.", "gate.")
 
@@ -61,8 +60,9 @@ class RunConfig:
     @classmethod
     def of(cls, context: Context) -> RunConfig:
         c = context.run_config
-        if c["strategy"] not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {c['strategy']!r}: {', '.join(STRATEGIES)}")
+        if c["strategy"] not in FEDERATED_STRATEGIES:
+            strategies = ", ".join(FEDERATED_STRATEGIES)
+            raise ConfigError(f"unknown strategy {c['strategy']!r}; choose one of {strategies}")
         kinds = {"str": str, "Path": lambda v: Path(str(v)), "int": int}  # field types, by name
         return cls(**{f.name: kinds[f.type](c[f.name.replace("_", "-")]) for f in fields(cls)})
 

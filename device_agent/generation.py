@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
+from pydantic import ValidationError
 
 from device_agent.client import CloudClient
 from device_agent.errors import CloudUnreachable, DeviceError
@@ -143,6 +144,20 @@ class RemoteGeneration:
                 "strict mode needs setting spa and the last rung L among the taps: the device "
                 "then reads f(x) from the taps and applies its own gate (answering 0 when σ = 0)"
             )
+        try:
+            return self._body()
+        except ValidationError as exc:  # refused here, as the cloud would refuse it (422)
+            reasons = "; ".join(
+                ": ".join(
+                    filter(
+                        None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
+                    )
+                )
+                for e in exc.errors()
+            )
+            raise DeviceError(f"the cloud would refuse this session: {reasons}") from None
+
+    def _body(self) -> SessionIn:
         d = self.decode
         decoding = DecodingIn(
             strategy=d.strategy, max_new_tokens=d.max_new_tokens, temperature=d.temperature,

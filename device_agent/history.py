@@ -99,6 +99,15 @@ def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
     if row is None:
         raise DeviceError(f"{path}: no user {user_id!r}")
     source = f"{Path(path).name}:{user_id}"
+    try:
+        return _user_items(row, user_id, source)
+    except DeviceError as exc:
+        raise DeviceError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a row of another shape
+        raise DeviceError(f"{path}: user {user_id!r} is not a history row ({exc!r})") from None
+
+
+def _user_items(row: dict, user_id: str, source: str) -> list[dict[str, Any]]:
     if "items" in row:
         return [_item(dict(item), f"{source}:{n}") for n, item in enumerate(row["items"], 1)]
     if "turns" in row:
@@ -109,9 +118,7 @@ def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
             beauty_record(user_id, purchases[:k], purchases[k]) for k in range(2, len(purchases))
         ]
     else:
-        raise DeviceError(
-            f"{path}: user rows need `turns` (PersonaChat), `history` (Beauty) or `items`"
-        )
+        raise DeviceError("user rows need `turns` (PersonaChat), `history` (Beauty) or `items`")
     return [pair_item(r.instruction, r.output, r.input, source) for r in records]
 
 

@@ -27,6 +27,15 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 #: precisions of taps, g(x) and features in transit
 WireDtype = Literal["float16", "bfloat16", "float32"]
 WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
+#: how speculative beam search (AtSpeed) verifies a draft: exact top-K, or relaxed sampling
+Verify = Literal["strict", "relaxed"]
+SPECULATIVE_STRATEGIES: tuple[str, ...] = tuple(f"speculative-{v}" for v in get_args(Verify))
+#: next-item recommendation: beam search, or speculative beam search
+RECOMMEND_STRATEGIES: tuple[str, ...] = ("beam", *SPECULATIVE_STRATEGIES)
+#: what a federated device shares with the server: metrics only, its whole plug-in, or the
+#: side network's body (gate and head stay personal)
+FederatedStrategy = Literal["local", "fedavg", "fedper"]
+FEDERATED_STRATEGIES: tuple[str, ...] = get_args(FederatedStrategy)
 
 
 def default_rungs(num_layers: int) -> tuple[int, ...]:

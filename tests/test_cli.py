@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
+from personalization.config import (
+    FEDERATED_STRATEGIES,
+    RECOMMEND_STRATEGIES,
+    SERVED_SETTINGS,
+    SETTINGS,
+    SIDE_SETTINGS,
+    SPECULATIVE_STRATEGIES,
+    STRATEGIES,
+)
+from personalization.errors import SpaError
+from personalization.latency import PROFILES
 
-runner = CliRunner()
+# typer's help and error panels wrap at the terminal width: wide enough to keep a line whole
+runner = CliRunner(env={"COLUMNS": "250"})
 
 
 def test_help_lists_commands():
@@ -16,6 +29,60 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("prepare", "generate", "train", "eval", "demo"):
         assert command in result.output
+
+
+SPECULATIVE = SPECULATIVE_STRATEGIES
+CHOICES = [
+    (["generate"], "--setting", SETTINGS),
+    (["generate"], "--strategy", (*STRATEGIES, *SPECULATIVE)),
+    (["train"], "--setting", tuple(s for s in SETTINGS if s != "base")),
+    (["eval"], "--setting", SETTINGS),
+    (["eval"], "--profile", PROFILES),
+    (["recommend"], "--strategy", RECOMMEND_STRATEGIES),
+    (["federate"], "--strategy", FEDERATED_STRATEGIES),
+    (["device", "train"], "--setting", SIDE_SETTINGS),
+    (["device", "generate"], "--setting", SERVED_SETTINGS),
+    (["device", "generate"], "--strategy", STRATEGIES),
+    (["device", "generate"], "--profile", PROFILES),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "names"), CHOICES, ids=[" ".join([*c, o]) for c, o, _ in CHOICES]
+)
+def test_help_lists_the_choices(command, option, names):
+    """Choices come from the project's vocabularies, and `--help` shows every one of them."""
+    result = runner.invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.output.splitlines() if ln.strip("│ ").startswith(option))
+    assert f"[{'|'.join(names)}]" in line
+
+
+def test_a_wrong_choice_is_refused_before_any_work():
+    result = runner.invoke(cli, ["generate", "hi", "--strategy", "nucleus", "-b", "none"])
+    assert result.exit_code == 2
+    assert "unknown strategy 'nucleus'; choose one of greedy, sample, beam" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_project_error_is_one_line_on_stderr(monkeypatch):
+    """Whatever command raises a SpaError, `spa` prints its message on one line, exit code 2."""
+
+    def broken(spec):
+        raise SpaError("the backbone\nis broken")
+
+    monkeypatch.setattr("personalization.backbone.loading.load_backbone", broken)
+    result = runner.invoke(cli, ["prepare"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == "error: the backbone is broken\n"
+    assert not isinstance(result.exception, SpaError)
+
+
+def test_an_error_deep_in_a_command_is_one_line_too(tmp_path):
+    result = runner.invoke(cli, ["generate", "hi", "-b", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
 
 
 def test_generate_streams_tokens_on_tiny_backbone():

@@ -15,7 +15,8 @@ from app.cli import cli
 from device_agent.history import TEXT_INSTRUCTION
 from personalization.latency import PROFILES
 
-runner = CliRunner()
+# typer's error panel wraps at the terminal width: wide enough to keep each message whole
+runner = CliRunner(env={"COLUMNS": "250"})
 
 SUBCOMMANDS = (
     ["init"],
@@ -381,3 +382,10 @@ def test_generate_with_an_unknown_setting(trained):
     assert_clean_error(
         result, "unknown setting 'bogus'; choose one of base, lst, full, choice, spa"
     )
+
+
+def test_generate_with_options_the_protocol_refuses(trained):
+    root, _ = trained
+    result = device("generate", "hello", "--strict", "--strategy", "beam", "--dir", root)
+    assert_clean_error(result, "strict mode decides σ on the device")
+    assert result.stderr.count("\n") == 1  # one line, though pydantic's message has several

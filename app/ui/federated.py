@@ -17,7 +17,7 @@ from app.devices import Devices
 from app.federation.launch import federate
 from app.federation.records import COLUMNS, Records
 from app.ui.common import readable
-from device_agent.federated import STRATEGIES
+from personalization.config import FEDERATED_STRATEGIES
 from personalization.training.data import read_jsonl
 
 DEMO_USERS = "the demo users"
@@ -76,7 +76,7 @@ def build(devices: Devices, root: Path) -> None:
         source = gr.Dropdown(list(found), value=DEMO_USERS, label="users")
         users = gr.Slider(2, 8, 3, step=1, label="devices")
         rounds = gr.Slider(1, 5, 2, step=1, label="rounds")
-        strategy = gr.Radio(list(STRATEGIES), value="fedper", label="strategy")
+        strategy = gr.Radio(list(FEDERATED_STRATEGIES), value="fedper", label="strategy")
         epochs = gr.Slider(1, 10, 2, step=1, label="local epochs per round")
         start = gr.Button("Start simulation", variant="primary")
     status = gr.Markdown()

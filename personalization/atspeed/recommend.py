@@ -25,13 +25,12 @@ from personalization.atspeed.speculative import (
     speculative_beam_search,
 )
 from personalization.backbone.frozen import Backbone
-from personalization.config import DecodeConfig
+from personalization.config import RECOMMEND_STRATEGIES, DecodeConfig
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import DataError, beauty_record, read_jsonl, to_example
 
 Strategy = Literal["beam", "speculative-strict", "speculative-relaxed"]
-STRATEGIES: tuple[str, ...] = ("beam", "speculative-strict", "speculative-relaxed")
 KS = (1, 5, 10, 20)
 
 
@@ -44,8 +43,11 @@ class RecommendConfig:
     seed: int = 0  # speculative-relaxed sampling
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
+        if self.strategy not in RECOMMEND_STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; "
+                f"choose one of {', '.join(RECOMMEND_STRATEGIES)}"
+            )
         if self.k < 1:
             raise ConfigError("k must be ≥ 1")
 

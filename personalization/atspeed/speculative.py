@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -36,11 +35,9 @@ from personalization.atspeed.catalogue import Catalogue, constrained_logprobs
 from personalization.atspeed.draft import Draft
 from personalization.atspeed.tree import Path, TreeCache, gather_slots
 from personalization.backbone.frozen import BackboneOutput
-from personalization.config import GATED_SETTINGS, SIDE_SETTINGS, DecodeConfig
+from personalization.config import GATED_SETTINGS, SIDE_SETTINGS, DecodeConfig, Verify
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
-
-Verify = Literal["strict", "relaxed"]
 
 
 @dataclass(frozen=True, kw_only=True)

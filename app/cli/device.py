@@ -1,6 +1,6 @@
 """`spa device …`: the user's device from the command line — init, history, train, generate,
-status. Every failure a person can fix (cloud down, empty history, untrained device, bad file)
-ends with one line on stderr and exit code 2, never a traceback."""
+status. Failures a person can fix (cloud down, empty history, untrained device, bad file) are
+`DeviceError`s: `spa` prints them on one line (see app.cli)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ from typing import Annotated
 
 import typer
 
-device = typer.Typer(
+from app.cli.options import PROFILE, Choice
+from personalization.config import SERVED_SETTINGS, SIDE_SETTINGS, STRATEGIES
+from personalization.errors import ConfigError
+
+app = typer.Typer(
     help="The private device: local history, side-network training against the remote "
     "backbone, generation through the cloud with live accounting.",
     no_args_is_help=True,
 )
 history = typer.Typer(help="The local history the side network learns from.", no_args_is_help=True)
-device.add_typer(history, name="history")
+app.add_typer(history, name="history")
 
 Dir = Annotated[
     Path | None,
@@ -39,34 +43,25 @@ Profile = Annotated[
     str | None,
     typer.Option(
         "--profile",
-        help="Emulate a network: datacenter, fiber, cable, lte, 4g, 3g (RTT and bandwidth added "
-        "to every request).",
+        click_type=PROFILE,
+        help="Emulate a network (RTT and bandwidth added to every request).",
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
-
-
 @contextlib.contextmanager
 def _agent(root: Path | None, cloud_url: str | None = None, profile: str | None = None) -> Iterator:
-    """The device at `root`, with every DeviceError turned into a one-line error."""
+    """The device at `root`, open for one command."""
     from device_agent.agent import DeviceAgent, default_dir
-    from device_agent.errors import DeviceError
     from personalization.latency import profile as named_profile
 
-    try:
-        net = named_profile(profile) if profile else None
-        with DeviceAgent(root or default_dir(), cloud_url=cloud_url, profile=net) as agent:
-            yield agent
-    except (DeviceError, ValueError) as exc:
-        _fail(str(exc))
+    net = named_profile(profile) if profile else None
+    with DeviceAgent(root or default_dir(), cloud_url=cloud_url, profile=net) as agent:
+        yield agent
 
 
-@device.command()
+@app.command()
 def init(
     cloud_url: Annotated[
         str, typer.Option("--cloud-url", help="The cloud API, e.g. http://127.0.0.1:8000")
@@ -82,17 +77,12 @@ def init(
 ) -> None:
     """Register with the cloud and create the device directory."""
     from device_agent.agent import DeviceAgent, default_dir
-    from device_agent.errors import DeviceError
 
     root = dir or default_dir()
-    try:
-        with DeviceAgent.init(root, cloud_url, name, database_url=database_url) as agent:
-            typer.echo(
-                f"device {agent.store.get('device_id')} registered with {cloud_url}; "
-                f"store at {root}"
-            )
-    except DeviceError as exc:
-        _fail(str(exc))
+    with DeviceAgent.init(root, cloud_url, name, database_url=database_url) as agent:
+        typer.echo(
+            f"device {agent.store.get('device_id')} registered with {cloud_url}; store at {root}"
+        )
 
 
 # ---- history ------------------------------------------------------------------------------------
@@ -106,16 +96,12 @@ def history_add(
     dir: Dir = None,
 ) -> None:
     """Add one item: free text, or --prompt with --response."""
-    from device_agent.errors import DeviceError
     from device_agent.history import pair_item, text_item
 
     if (text is None) == (prompt is None and response is None):
-        _fail("give either TEXT or --prompt with --response")
+        raise ConfigError("give either TEXT or --prompt with --response")
     with _agent(dir) as agent:
-        try:
-            item = text_item(text) if text is not None else pair_item(prompt or "", response or "")
-        except DeviceError as exc:
-            _fail(str(exc))
+        item = text_item(text) if text is not None else pair_item(prompt or "", response or "")
         (item_id,) = agent.store.add_items([item])
         typer.echo(f"added history item {item_id}")
 
@@ -136,10 +122,7 @@ def history_import(
     from device_agent.history import read_items, user_items
 
     with _agent(dir) as agent:
-        try:
-            items = user_items(path, user) if user else read_items(path)
-        except Exception as exc:  # DeviceError, or a malformed file
-            _fail(str(exc))
+        items = user_items(path, user) if user else read_items(path)
         ids = agent.store.add_items(items)
         typer.echo(f"imported {len(ids)} history items from {path}")
 
@@ -170,20 +153,25 @@ def history_delete(
     ids: Annotated[list[int], typer.Argument(help="Item ids.")], dir: Dir = None
 ) -> None:
     """Delete items by id."""
-    from device_agent.errors import DeviceError
-
     with _agent(dir) as agent:
-        try:
-            n = agent.store.delete_items(ids)
-        except DeviceError as exc:
-            _fail(str(exc))
+        n = agent.store.delete_items(ids)
         typer.echo(f"deleted {n} items")
 
 
 # ---- train, generate, status ---------------------------------------------------------------
-@device.command()
+@app.command()
 def train(
-    setting: Annotated[str, typer.Option(help="lst, full, choice or spa.")] = "spa",
+    setting: Annotated[
+        str,
+        typer.Option(
+            click_type=Choice(
+                SIDE_SETTINGS,
+                "setting",
+                refusal="a device trains a side network: setting one of {choices}, not {value!r}",
+            ),
+            help="The side network's setting.",
+        ),
+    ] = "spa",
     epochs: int = 15,
     batch_size: int = 8,
     lr: float = 1e-3,
@@ -232,16 +220,23 @@ def train(
 COLOURS = {"cloud": None, "device": typer.colors.GREEN, "fallback": typer.colors.YELLOW}
 
 
-@device.command()
+@app.command()
 def generate(
     prompt: Annotated[
         str, typer.Argument(help="The prompt (wrapped in the backbone's chat template).")
     ],
     setting: Annotated[
-        str | None, typer.Option(help="base, lst, full, choice or spa (default: the checkpoint's).")
+        str | None,
+        typer.Option(
+            click_type=Choice(SERVED_SETTINGS, "setting"),
+            help="Default: the checkpoint's.",
+            show_default=False,
+        ),
     ] = None,
     max_new_tokens: int = 64,
-    strategy: Annotated[str, typer.Option(help="greedy or sample.")] = "greedy",
+    strategy: Annotated[
+        str, typer.Option(click_type=Choice(STRATEGIES, "strategy"), help="Decoding.")
+    ] = "greedy",
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
@@ -260,29 +255,28 @@ def generate(
     json_out: Json = False,
 ) -> None:
     """Generate through the cloud; tokens coloured by branch (device green, fallback yellow)."""
-    from device_agent.errors import DeviceError
     from personalization.config import DecodeConfig
     from personalization.latency import profile as named_profile
     from personalization.latency import what_if_table
 
     with _agent(dir, cloud_url, profile) as agent:
+        decode = DecodeConfig(
+            strategy=strategy,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        generation = agent.generate(
+            prompt, setting=setting, decode=decode, strict=strict, threshold=threshold
+        )
         try:
-            decode = DecodeConfig(
-                strategy=strategy,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-            )
-            generation = agent.generate(
-                prompt, setting=setting, decode=decode, strict=strict, threshold=threshold
-            )
             for token in generation:
                 if not json_out:
                     typer.secho(token.text, fg=COLOURS.get(token.branch), nl=False)
-        except (DeviceError, ValueError) as exc:
-            typer.echo("")
-            _fail(str(exc))
+        except Exception:
+            typer.echo("")  # end the streamed line: the error gets its own
+            raise
         a = generation.accounts
         rows = agent.what_if(generation, named_profile(profile or "lte")) if what_if else []
         if json_out:
@@ -304,7 +298,7 @@ def generate(
             typer.echo(f"\nwhat if, under profile {profile or 'lte'}:\n{what_if_table(rows)}")
 
 
-@device.command()
+@app.command()
 def status(dir: Dir = None, json_out: Json = False) -> None:
     """The device: history size, training runs, current checkpoint."""
     with _agent(dir) as agent:

@@ -1,0 +1,45 @@
+"""Options several commands share, and `Choice`: a typer choice over one of the project's own
+vocabularies, so `--help` lists the names and a wrong one is refused before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated
+
+import click
+import typer
+
+from personalization.config import SETTINGS
+from personalization.latency import PROFILES
+
+
+class Choice(click.Choice):
+    """One of `names` (a vocabulary of personalization.config), refused in the words the
+    project's configs use (exit 2, like any usage error)."""
+
+    def __init__(
+        self,
+        names: Iterable[str],
+        what: str,
+        refusal: str = "unknown {what} {value!r}; choose one of {choices}",
+    ):
+        super().__init__(tuple(names), case_sensitive=True)
+        self.what, self.refusal = what, refusal
+
+    def get_invalid_choice_message(self, value: object, ctx: click.Context | None) -> str:
+        return self.refusal.format(what=self.what, value=value, choices=", ".join(self.choices))
+
+
+SETTING = Choice(SETTINGS, "setting")
+PROFILE = Choice(PROFILES, "network profile")
+
+Backbone = Annotated[
+    str | None,
+    typer.Option(
+        "--backbone",
+        "-b",
+        help="'smollm2' (embedded default), 'tiny-llama'/'tiny-gpt2' (random, for tests), a local "
+        "model directory or a Hugging Face hub id. Default: $SPA_BACKBONE, else smollm2.",
+        show_default=False,
+    ),
+]
