@@ -187,18 +187,11 @@ def open_session(request: Request, body: SessionIn, device: Device) -> SessionOu
     session = _cloud(request).open_session(device.id, body)
     base = f"/v1/sessions/{session.id}"
     return SessionOut(
-        session_id=session.id,
+        **dict(session.facts()),
         status=session.status,
         events_url=f"{base}/events",
         answer_url=base + "/side-requests/{request_id}/answer",
         cancel_url=f"{base}/cancel",
-        prompt_tokens=len(session.prompt_ids),
-        setting=session.model.setting,
-        strict=session.strict,
-        rungs=list(session.model.rungs),
-        hidden_size=session.hidden_size,
-        tap_dtype=session.tap_dtype,
-        deadline_s=session.deadline_s,
         seed=session.decode.seed,
     )
 

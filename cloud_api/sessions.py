@@ -35,7 +35,7 @@ from personalization.latency import Books, round_trips_per_step
 from personalization.model import Ask, SPAModel
 from protocol import wire
 from protocol.events import DoneEvent, SideRequestEvent, StartEvent, TokenEvent
-from protocol.messages import SessionTotals
+from protocol.messages import SessionFacts, SessionTotals
 
 log = logging.getLogger("cloud_api.sessions")
 
@@ -166,7 +166,7 @@ class Session:
             generation = generate(self.model, self.prompt_ids, self.decode, device=self._ask)
             books, tokens = generation.books, iter(generation)
             self.books = books
-            self._emit(self._start_event())
+            self._emit(StartEvent(**dict(self.facts())))
             for index in range(self.decode.max_new_tokens):
                 with self.compute:
                     if self._stop:
@@ -240,8 +240,8 @@ class Session:
         self.totals.device_tokens += branch == "device"
         self.totals.cloud_s += step.cloud_s
 
-    def _start_event(self) -> StartEvent:
-        return StartEvent(
+    def facts(self) -> SessionFacts:
+        return SessionFacts(
             session_id=self.id,
             prompt_tokens=len(self.prompt_ids),
             setting=self.model.setting,

@@ -27,8 +27,8 @@ from tenacity import (
 
 from device_agent.errors import CloudError, CloudUnreachable, ProtocolMismatch
 from device_agent.netem import EmulatedLink
-from personalization.atomic import atomic_path
 from personalization.backbone.head import BackboneFacts
+from personalization.files import atomic_path
 from personalization.latency import NetworkProfile
 from personalization.training.data import Example, Record
 from personalization.training.features import Features

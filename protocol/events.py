@@ -16,7 +16,7 @@ from torch import Tensor
 
 from personalization.config import WireDtype
 from protocol import wire
-from protocol.messages import SessionTotals
+from protocol.messages import SessionFacts, SessionTotals
 
 Branch = Literal["cloud", "device", "fallback"]
 #: how a session ended (`created` and `running` are the live states before it)
@@ -24,23 +24,17 @@ EndStatus = Literal["finished", "cancelled", "expired", "failed"]
 
 
 class _Event(BaseModel):
+    event: str  # each kind narrows it to its own name (declared here, so it is written first)
+
     def to_line(self) -> bytes:
         """One NDJSON line: compact JSON and a newline (its length is what the books count)."""
         return self.model_dump_json().encode() + b"\n"
 
 
-class StartEvent(_Event):
+class StartEvent(SessionFacts, _Event):
     """Generation has started: what the session's side requests will look like."""
 
     event: Literal["start"] = "start"
-    session_id: str
-    prompt_tokens: int
-    setting: str
-    strict: bool
-    rungs: list[int]
-    hidden_size: int
-    tap_dtype: WireDtype
-    deadline_s: float
 
 
 class SideRequestEvent(_Event):

@@ -127,19 +127,24 @@ class SessionIn(Strict):
         return self
 
 
-class SessionOut(BaseModel):
+class SessionFacts(BaseModel):
+    """What a session is: answered when it opens, repeated by its stream's `start` event."""
+
     session_id: str
-    status: str
-    events_url: str = Field(description="GET: the NDJSON event stream; generation starts there.")
-    answer_url: str = Field(description="POST g(x) here; {request_id} from the side_request.")
-    cancel_url: str
     prompt_tokens: int
     setting: str
     strict: bool
     rungs: list[int]
     hidden_size: int
-    tap_dtype: str
+    tap_dtype: WireDtype
     deadline_s: float
+
+
+class SessionOut(SessionFacts):
+    status: str
+    events_url: str = Field(description="GET: the NDJSON event stream; generation starts there.")
+    answer_url: str = Field(description="POST g(x) here; {request_id} from the side_request.")
+    cancel_url: str
     seed: int | None
 
 

@@ -16,8 +16,10 @@ from safetensors.torch import load
 
 from personalization.backbone.frozen import Backbone
 from personalization.backbone.tiny import tiny_backbone
+from personalization.config import SERVED_SETTINGS, STRATEGIES
 from personalization.training.data import Example
 from personalization.training.features import backbone_features, source_id
+from protocol import PROTOCOL_VERSION
 
 MAX_PROMPT, MAX_NEW, MAX_BODY, MAX_BATCH, MAX_TOKENS = 64, 32, 32 * 1024, 4, 96
 
@@ -60,6 +62,9 @@ def test_health_ready_info_and_openapi(server, client, backbone):
     assert info["backbone"] == "tiny-llama" and info["fingerprint"] == backbone.fingerprint
     assert info["rungs_offered"] == [1, 2] and info["tap_dtype"] == "float16"
     assert info["limits"]["max_prompt_tokens"] == MAX_PROMPT and info["version"]
+    # the protocol version a device checks, and the vocabulary the cloud serves
+    assert info["protocol_version"] == PROTOCOL_VERSION
+    assert info["settings"] == list(SERVED_SETTINGS) and info["strategies"] == list(STRATEGIES)
     spec = httpx.get(f"{server.url}/openapi.json").json()
     paths = set(spec["paths"])
     assert {"/v1/devices", "/v1/info", "/v1/features", "/v1/head", "/v1/sessions"} <= paths

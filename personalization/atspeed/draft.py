@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from personalization.atomic import atomic_path
 from personalization.atspeed.catalogue import Catalogue
 from personalization.backbone.frozen import Backbone, find_layers
 from personalization.errors import ConfigError, SpaError
+from personalization.files import atomic_path, read_safetensors
 
 FORMAT = "spa-draft/1"
 
@@ -120,15 +119,7 @@ class Draft:
     @classmethod
     def load(cls, path: str | Path, backbone: Backbone) -> tuple[Draft, dict]:
         """A saved draft on `backbone` and the info saved with it; refuses another backbone's."""
-        path = Path(path)
-        if not path.is_file():
-            raise DraftError(f"{path}: no such draft checkpoint")
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DraftError(f"{path}: not a readable safetensors file ({exc})") from None
+        meta, tensors = read_safetensors(path, DraftError, "draft checkpoint")
         if meta.get("format") != FORMAT:
             raise DraftError(f"{path}: not a draft checkpoint (format {meta.get('format')!r})")
         if meta.get("fingerprint") != backbone.fingerprint:

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from personalization.atomic import atomic_path
 from personalization.config import SideConfig, SPAConfig
 from personalization.errors import SpaError
+from personalization.files import atomic_path, read_safetensors
 from personalization.model import SPAModel
 
 if TYPE_CHECKING:  # annotations only: importing this module stays light
@@ -113,15 +112,7 @@ def save_checkpoint(
 
 def read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor], dict]:
     """Info, parameters and (possibly empty) optimizer state of a checkpoint file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    meta, tensors = read_safetensors(path, CheckpointError, "checkpoint")
     try:
         info = CheckpointInfo.from_metadata(meta)
     except (KeyError, TypeError, ValueError) as exc:

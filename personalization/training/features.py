@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from personalization.atomic import atomic_path
 from personalization.backbone.embedded import cache_dir
+from personalization.files import atomic_path
 from personalization.training.data import Example
 
 if TYPE_CHECKING:  # annotations only: importing this module stays light

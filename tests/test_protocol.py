@@ -1,0 +1,60 @@
+"""The protocol's typed events: what the cloud writes, the device reads back unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from protocol import wire
+from protocol.events import (
+    DoneEvent,
+    SideRequestEvent,
+    StartEvent,
+    TokenEvent,
+    parse_event,
+)
+from protocol.messages import SessionTotals
+
+EVENTS = [
+    StartEvent(
+        session_id="s1", prompt_tokens=7, setting="spa", strict=False, rungs=[1, 2],
+        hidden_size=4, tap_dtype="float16", deadline_s=5.0,
+    ),
+    SideRequestEvent(
+        request_id=1, start=0, positions=3, shape=[3, 2, 4], rows=2, shared=2, reorder=[1, 0],
+        dtype="float16", deadline_s=5.0, taps="",
+    ),
+    TokenEvent(
+        index=0, id=42, text=" hi", branch="device", gate_prob=0.75, request_id=1, cloud_ms=1.5,
+        device_wait_ms=3.25, bytes_to_device=120, bytes_from_device=16,
+    ),
+    DoneEvent(status="finished", steps=3, M=1 / 3, totals=SessionTotals(tokens=3)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.event)
+def test_every_event_round_trips_through_one_ndjson_line(event):
+    line = event.to_line()
+    assert line.startswith(b'{"event":"' + event.event.encode()) and line.endswith(b"}\n")
+    assert line.count(b"\n") == 1
+    assert parse_event(line) == event and type(parse_event(line)) is type(event)
+
+
+def test_side_request_taps_decode_to_rows_with_the_shared_prompt_once():
+    taps = torch.randn(2, 3, 2, 4)
+    taps[1, :2] = taps[0, :2]  # the shared prompt positions are identical in every row
+    raw = wire.encode_taps(taps, shared=2, dtype="float16")
+    assert len(raw) == (2 + 2 * 1) * 2 * 4 * 2  # shared positions once, then each row's own
+    event = EVENTS[1].model_copy(update={"taps": wire.b64encode(raw)})
+    assert torch.equal(parse_event(event.to_line()).decode_taps(), taps.half())
+
+
+def test_malformed_lines_are_refused():
+    with pytest.raises(ValidationError):
+        parse_event(b'{"event":"teleport"}')
+    with pytest.raises(ValidationError):
+        parse_event(b'{"event":"token","index":0}')  # fields missing
+    bad = EVENTS[1].model_copy(update={"taps": "not base64!"})
+    with pytest.raises(wire.WireError, match="taps: not valid base64"):
+        bad.decode_taps()
