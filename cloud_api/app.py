@@ -166,6 +166,14 @@ def head(request: Request, _device: Device, dtype: WireDtype = "float16") -> Res
     return Response(_cloud(request).head(dtype), media_type=BINARY)
 
 
+@_v1.get("/codec/{name}", tags=["sessions"], response_class=Response, responses=_BINARY_RESPONSE)
+def codec(request: Request, _device: Device, name: Annotated[str, Path(max_length=64)]) -> Response:
+    """The public basis of a tap encoding (safetensors `mean` [L, H], `vectors` [L, H, K], with
+    the backbone's fingerprint): the cloud fits it on its own public corpus, never on user data;
+    a device fetches it once to decode (and train on) low-rank taps."""
+    return Response(_cloud(request).codec(name), media_type=BINARY)
+
+
 @_v1.post("/tokenize", tags=["training"])
 def tokenize(request: Request, body: TokenizeIn, _device: Device) -> TokenizeOut:
     """Training records → token ids, prepared exactly as in-process training prepares them, so

@@ -197,7 +197,8 @@ class Session:
                 return None
             request = SideRequest(len(self._requests) + 1, self._acked, positions, rows)
             self._requests[request.id] = request
-        payload = wire.encode_taps(ask.taps, ask.shared, self.tap_dtype)
+        codec = self.model.codec
+        payload = wire.encode_taps(ask.taps, ask.shared, codec)
         sent = self._emit(
             SideRequestEvent(
                 request_id=request.id,
@@ -208,6 +209,7 @@ class Session:
                 shared=ask.shared,
                 reorder=None if ask.reorder is None else ask.reorder.tolist(),
                 dtype=self.tap_dtype,
+                encoding=codec.name,
                 deadline_s=self.deadline_s,
                 taps=wire.b64encode(payload),
             )
@@ -249,6 +251,7 @@ class Session:
             rungs=list(self.model.rungs),
             hidden_size=self.hidden_size,
             tap_dtype=self.tap_dtype,
+            tap_encoding=self.model.config.tap_encoding,
             deadline_s=self.deadline_s,
         )
 

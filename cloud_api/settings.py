@@ -10,7 +10,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from personalization.backbone.embedded import cache_dir
-from personalization.config import WireDtype
+from personalization.config import TapEncoding, WireDtype
 
 
 def default_database_url() -> str:
@@ -39,6 +39,9 @@ class CloudSettings(BaseSettings):
     )
     tap_dtype: WireDtype = Field(
         "float16", description="Default precision of taps, g(x) and features in transit."
+    )
+    tap_encoding: TapEncoding = Field(
+        "raw-le", description="Default encoding of taps in sessions (personalization.codecs)."
     )
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 413.")
     max_new_tokens: int = Field(256, ge=1, description="A session asking for more gets 422.")

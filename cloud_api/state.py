@@ -26,6 +26,7 @@ from personalization.config import (
     GATED_SETTINGS,
     SERVED_SETTINGS,
     STRATEGIES,
+    TAP_ENCODINGS,
     DecodeConfig,
     SideConfig,
     SPAConfig,
@@ -49,6 +50,7 @@ class Cloud:
         self.load_error: str | None = None
         self.loaded = threading.Event()
         self._heads: dict[str, bytes] = {}
+        self._codecs: dict[str, bytes] = {}
         if backbone is not None:
             self.loaded.set()
 
@@ -91,7 +93,8 @@ class Cloud:
             default_rungs=list(training.check_rungs(None, f.num_layers)),
             tap_dtype=self.settings.tap_dtype,
             tap_dtypes=list(wire.DTYPES),
-            tap_encoding=wire.TAP_ENCODING,
+            tap_encoding=self.settings.tap_encoding,
+            tap_encodings=list(TAP_ENCODINGS),
             settings=list(SERVED_SETTINGS),
             strategies=list(STRATEGIES),
             limits=self.settings.limits(),
@@ -108,6 +111,17 @@ class Cloud:
         if dtype not in self._heads:
             self._heads[dtype] = training.head(f, dtype)
         return self._heads[dtype]
+
+    def codec(self, name: str) -> bytes:
+        """The public basis of a tap encoding (empty for those that need none), once each."""
+        f = self.require_backbone()
+        if name not in TAP_ENCODINGS:
+            offered = ", ".join(TAP_ENCODINGS)
+            raise ApiError(404, f"no tap encoding {name!r}; the cloud offers {offered}")
+        if name not in self._codecs:
+            with self.compute:  # fitting the basis runs the backbone once
+                self._codecs[name] = training.codec(f, name)
+        return self._codecs[name]
 
     # ---- sessions --------------------------------------------------------------------------------
     def open_session(self, device_id: str, body: SessionIn) -> Session:
@@ -152,7 +166,14 @@ class Cloud:
             hidden_size=f.hidden_size, num_layers=f.num_layers, rungs=rungs, reduction=f.hidden_size
         )
         model = SPAModel(
-            f, SPAConfig(setting=body.setting, threshold=threshold, wire_dtype=dtype), side
+            f,
+            SPAConfig(
+                setting=body.setting,
+                threshold=threshold,
+                wire_dtype=dtype,
+                tap_encoding=body.tap_encoding or limits.tap_encoding,
+            ),
+            side,  # fmt: skip
         )
         if gated and not body.strict and body.gate is not None:
             weight, bias = _gate_tensors(body.gate, f.hidden_size)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from cloud_api.errors import ApiError
 from cloud_api.settings import CloudSettings
 from personalization.backbone.frozen import Backbone
+from personalization.codecs import basis_for, rank_of
 from personalization.config import default_rungs
 from personalization.training.data import DataError, Example, Record, encode_target
 from personalization.training.data import to_example as record_example
@@ -29,6 +30,7 @@ from protocol.messages import ExampleIn, FeaturesIn, TokenizedExample, TokenizeI
 
 FEATURES_FORMAT = "spa-features/1"
 HEAD_FORMAT = "spa-head/1"
+CODEC_FORMAT = "spa-codec/1"
 
 
 def check_rungs(rungs: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
@@ -116,6 +118,28 @@ def features(
             "backbone": backbone.name,
             "fingerprint": backbone.fingerprint,
             "source_id": source_id(backbone.fingerprint, rungs, dtype),
+        },
+    )
+
+
+def codec(backbone: Backbone, name: str) -> bytes:
+    """The public basis a tap encoding needs (`personalization.codecs.fit_basis`, truncated to
+    its rank; fitted on the package's public corpus, never on user data) for every rung 1..L,
+    as safetensors: `mean` [L, H], `vectors` [L, H, K]. Encodings without a basis: no tensors."""
+    k = rank_of(name)
+    tensors = {}
+    if k is not None:
+        basis = basis_for(backbone).truncate(k)
+        tensors = {"mean": basis.mean, "vectors": basis.vectors}
+    return wire.pack(
+        tensors,
+        {
+            "format": CODEC_FORMAT,
+            "name": name,
+            "rank": str(k or 0),
+            "rungs": ",".join(map(str, range(1, backbone.num_layers + 1))),
+            "backbone": backbone.name,
+            "fingerprint": backbone.fingerprint,
         },
     )
 

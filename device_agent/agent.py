@@ -176,8 +176,8 @@ class DeviceAgent:
             ),
             num_layers=info.num_layers,
             hidden_size=info.hidden_size,
-            rungs=len(model.rungs),
             wire_bytes=model.wire_bytes,
+            tap_bytes=model.tap_bytes,
             backbone_parameters=info.parameters["backbone"],
             parameters={
                 "lora": info.parameters["lora"], "adapter": info.parameters["adapter"],

@@ -174,12 +174,21 @@ class CloudClient:
 
     @_idempotent
     def head(self, path: Path, dtype: str = "float32") -> None:
-        """Download the frozen final norm + LM head (safetensors) to `path`, streamed to disk
-        (it is the device's largest download) and renamed into place only once complete."""
+        """Download the frozen final norm + LM head (safetensors) to `path` (the device's
+        largest download)."""
+        self._download(path, "/v1/head", {"dtype": dtype})
+
+    @_idempotent
+    def codec(self, path: Path, name: str) -> None:
+        """Download the public basis of tap encoding `name` (safetensors) to `path`."""
+        self._download(path, f"/v1/codec/{name}", {})
+
+    def _download(self, path: Path, url: str, params: dict) -> None:
+        """A GET streamed to disk and renamed into place only once complete."""
         with (
             atomic_path(path) as tmp,
             open(tmp, "wb") as f,
-            self.http.stream("GET", "/v1/head", params={"dtype": dtype}) as response,
+            self.http.stream("GET", url, params=params) as response,
         ):
             if response.is_error:
                 response.read()

@@ -165,7 +165,12 @@ class RemoteGeneration:
         )  # fmt: skip
         side: dict = {}
         if self.model is not None and self.setting != "base":
-            side = {"rungs": list(self.model.rungs), "tap_dtype": self.model.config.wire_dtype}
+            cfg = self.model.config
+            side = {
+                "rungs": list(self.model.rungs),
+                "tap_dtype": cfg.wire_dtype,
+                "tap_encoding": cfg.tap_encoding,
+            }
             if self.setting in GATED_SETTINGS:
                 side["threshold"] = self.model.config.threshold
                 if not self.strict:
@@ -234,7 +239,7 @@ class RemoteGeneration:
         included; beam search: one row per beam, its shared prompt sent once, and the reorder
         of the beams since our last answer). In strict mode the device's own gate decides, on
         f(x) = the last rung's tap: σ = 0 → 0."""
-        taps = event.decode_taps()
+        taps = event.decode_taps(self.model.codec)
         start, rows, shared, positions = event.start, event.rows, event.shared, event.positions
         if cache.length > start:  # our last answer came too late: undo what it did to the cache
             kv, at = self._before

@@ -29,14 +29,17 @@ from device_agent.generation import RemoteGeneration
 from device_agent.history import to_record
 from device_agent.store import Store, TrainingRun
 from personalization.backbone.head import FrozenHead
+from personalization.codecs import BASIS_RANK, Basis
 from personalization.config import (
     GATED_SETTINGS,
     SIDE_SETTINGS,
     DecodeConfig,
     SideConfig,
     SPAConfig,
+    TapEncoding,
     WireDtype,
 )
+from personalization.files import read_safetensors
 from personalization.model import SPAModel
 from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
 from personalization.training.data import Example
@@ -53,6 +56,7 @@ class DeviceTrainConfig:
     reduction: int = 8  # side width H / r
     rungs: tuple[int, ...] = ()  # () = the backbone's default (about L/4)
     wire_dtype: WireDtype = "float16"
+    tap_encoding: TapEncoding = "raw-le"  # how taps cross the wire; training sees them so
     valid_fraction: float = 0.2  # held-out share of the history (calibration, validation loss)
     max_prompt_tokens: int = 384
     max_target_tokens: int = 64
@@ -110,7 +114,8 @@ class RemoteFeatures(FeatureSource):
 
 
 def frozen_head(client: CloudClient, store: Store) -> FrozenHead:
-    """The backbone's head, fetched once per weight fingerprint and kept in the store."""
+    """The backbone's head and the public basis of its taps (what low-rank tap encodings need),
+    each fetched once per weight fingerprint and kept in the store."""
     facts = client.facts()
     path = store.path(f"head/{facts.fingerprint}.safetensors")
     if not path.is_file():
@@ -118,7 +123,14 @@ def frozen_head(client: CloudClient, store: Store) -> FrozenHead:
     with safe_open(path, "pt") as f:  # memory-mapped: the head is the device's largest tensor
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    return FrozenHead(facts, tensors, meta.get("norm", ""), float(meta.get("eps") or 1e-5))
+    name = f"lowrank{BASIS_RANK}-int8"
+    basis_path = store.path(f"codec/{facts.fingerprint}-{name}.safetensors")
+    if not basis_path.is_file():
+        client.codec(basis_path, name)
+    _meta, b = read_safetensors(basis_path, DeviceError, "tap-encoding basis")
+    basis = Basis(tuple(range(1, facts.num_layers + 1)), b["mean"], b["vectors"])
+    eps = float(meta.get("eps") or 1e-5)
+    return FrozenHead(facts, tensors, meta.get("norm", ""), eps, basis)
 
 
 def train_device(
@@ -275,7 +287,10 @@ def _start(
             rungs=cfg.rungs,
             reduction=cfg.reduction,
         )
-        model = SPAModel(head, SPAConfig(setting=cfg.setting, wire_dtype=cfg.wire_dtype), side)
+        spa = SPAConfig(
+            setting=cfg.setting, wire_dtype=cfg.wire_dtype, tap_encoding=cfg.tap_encoding
+        )
+        model = SPAModel(head, spa, side)
     params = model.trainable()
     unknown = sorted(set(initial) - set(params))
     if unknown:

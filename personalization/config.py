@@ -27,6 +27,10 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 #: precisions of taps, g(x) and features in transit
 WireDtype = Literal["float16", "bfloat16", "float32"]
 WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
+#: how taps are encoded on the wire (personalization.codecs): raw values of the wire dtype, int8
+#: with a scale, or K coefficients on a public low-rank basis, int8
+TapEncoding = Literal["raw-le", "int8", "lowrank64-int8", "lowrank32-int8"]
+TAP_ENCODINGS: tuple[str, ...] = get_args(TapEncoding)
 #: how speculative beam search (AtSpeed) verifies a draft: exact top-K, or relaxed sampling
 Verify = Literal["strict", "relaxed"]
 SPECULATIVE_STRATEGIES: tuple[str, ...] = tuple(f"speculative-{v}" for v in get_args(Verify))
@@ -81,13 +85,19 @@ class SPAConfig:
 
     setting: Setting = "spa"
     threshold: float = 0.5  # σ = 1 when the gate's device probability ≥ threshold
-    wire_dtype: WireDtype = "float16"  # taps and g(x) in transit
+    wire_dtype: WireDtype = "float16"  # taps (raw-le) and g(x) in transit
+    tap_encoding: TapEncoding = "raw-le"  # how taps cross the wire (personalization.codecs)
     adapter_rank: int = 8  # r of the `lora` baseline / bottleneck width divisor of `adapter`
 
     def __post_init__(self):
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(
                 f"unknown wire dtype {self.wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}"
+            )
+        if self.tap_encoding not in TAP_ENCODINGS:
+            raise ConfigError(
+                f"unknown tap encoding {self.tap_encoding!r}; "
+                f"choose one of {', '.join(TAP_ENCODINGS)}"
             )
         if self.setting not in SETTINGS:
             raise ConfigError(

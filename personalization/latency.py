@@ -103,8 +103,8 @@ class Measured:
     usage: float  # share of tokens the gate sends to the device (choice, spa)
     num_layers: int  # L
     hidden_size: int  # H
-    rungs: int  # R, taps per position
-    wire_bytes: int  # bytes per value on the wire
+    wire_bytes: int  # bytes per value of an H-vector on the wire (g(x), a layer's hidden state)
+    tap_bytes: int  # bytes per tap position (R rungs) under the session's tap encoding
     backbone_parameters: int
     parameters: dict[str, int]  # trainable parameters per setting
 
@@ -135,10 +135,11 @@ _CONTACTS = {
 def what_if(m: Measured, net: NetworkProfile) -> list[WhatIf]:
     """T_total per token of every device setting under `net`, from measured compute and τ.
 
-    Side settings send every position's R taps once (catch-up included) and get one H-vector
-    back per contact; lora / adapter send one H-vector to the device and back per contact. Side
-    compute is the measured time per position; the in-layer baselines' device compute is scaled
-    from it by their parameter count (FLOPs per token ∝ parameters)."""
+    Side settings send every position's taps once (catch-up included; `tap_bytes` of the
+    encoding in use) and get one H-vector back per contact; lora / adapter send one H-vector to
+    the device and back per contact. Side compute is the measured time per position; the
+    in-layer baselines' device compute is scaled from it by their parameter count (FLOPs per
+    token ∝ parameters)."""
     rows = []
     per_value = m.hidden_size * m.wire_bytes
     side_params = max(1, m.parameters.get("lst", 1))
@@ -148,7 +149,7 @@ def what_if(m: Measured, net: NetworkProfile) -> list[WhatIf]:
             down = up = k * per_value
             t_device = m.t_side * m.parameters[setting] / side_params
         else:
-            down, up = m.rungs * per_value, k * per_value
+            down, up = m.tap_bytes, k * per_value
             t_device = m.t_side
         network = k * m.tau + net.transfer_s(down, up)
         inference = m.t_cloud + t_device

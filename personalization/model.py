@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from personalization.baselines import CONTACTS_PER_LAYER, adapter_backbone, lora_backbone
+from personalization.codecs import Basis, TapCodec, basis_for, make_codec, rank_of
 from personalization.config import (
     GATED_SETTINGS,
     SIDE_SETTINGS,
@@ -59,6 +60,8 @@ class SPAModel(nn.Module):
             self.adapted = adapter_backbone(backbone, self.config.adapter_rank)
         if self.adapted is not None:  # registered, so its adapters are among our parameters
             self.baseline = self.adapted.model
+        self._basis: Basis | None = None
+        self._codec: TapCodec | None = None
 
     @property
     def setting(self) -> str:
@@ -81,6 +84,35 @@ class SPAModel(nn.Module):
         """What survives a trip over the wire: rounded to the wire dtype, then cast to `dtype`
         (default: back to x's own) for the receiver to compute on."""
         return x.to(self.wire_dtype).to(dtype or x.dtype)
+
+    @property
+    def basis(self) -> Basis:
+        """The public low-rank basis of the backbone's taps (codecs.fit_basis); a device holds no
+        backbone, so its FrozenHead carries the cloud's (GET /v1/codec/{name})."""
+        if self._basis is None:
+            self._basis = getattr(self.backbone, "basis", None) or basis_for(self.backbone)
+        return self._basis
+
+    @property
+    def codec(self) -> TapCodec:
+        """How this model's taps cross the wire (SPAConfig.tap_encoding, at its rungs)."""
+        if self._codec is None or self._codec.name != self.config.tap_encoding:
+            name = self.config.tap_encoding
+            self._codec = (
+                make_codec(name, dtype=self.wire_dtype)
+                if rank_of(name) is None
+                else make_codec(name, basis=self.basis.select(self.rungs))
+            )
+        return self._codec
+
+    def wire_taps(self, taps: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Taps as the side network receives them: the codec's round trip, in `dtype`."""
+        return self.codec.roundtrip(taps).to(dtype or taps.dtype)
+
+    @property
+    def tap_bytes(self) -> int:
+        """Bytes one tap position costs on the wire."""
+        return self.codec.bytes_per_position(len(self.rungs), self.backbone.hidden_size)
 
     @property
     def side_dtype(self) -> torch.dtype:
@@ -196,7 +228,7 @@ class Stepper:
             return Step(out.logits[:, -1], device, None)
         out = self.backbone(input_ids, cache=self.cache, rungs=model.rungs, logits=None)
         f = out.hidden[:, -1:]
-        self.pending.append(model.wire(out.taps, model.side_dtype))
+        self.pending.append(model.wire_taps(out.taps, model.side_dtype))
         p = None
         if model.setting in GATED_SETTINGS:
             p = model.gate_prob(f)[:, 0]
@@ -245,7 +277,7 @@ class Stepper:
         R, H = taps.shape[2:]
         books.contacts += 1
         books.tap_positions += positions
-        books.bytes_to_device += positions * R * H * model.wire_bytes
+        books.bytes_to_device += positions * model.tap_bytes
         books.bytes_from_device += rows * H * model.wire_bytes
         return g
 

@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, TypeAdapter
 from torch import Tensor
 
-from personalization.config import WireDtype
+from personalization.codecs import TapCodec
+from personalization.config import TapEncoding, WireDtype
 from protocol import wire
 from protocol.messages import SessionFacts, SessionTotals
 
@@ -54,15 +55,18 @@ class SideRequestEvent(_Event):
     rows: int = 1
     shared: int = 0
     reorder: list[int] | None = None
-    dtype: WireDtype
-    encoding: str = wire.TAP_ENCODING
+    dtype: WireDtype = Field(description="of g(x), and of raw-le taps")
+    encoding: TapEncoding = "raw-le"
     deadline_s: float
     taps: str
 
-    def decode_taps(self) -> Tensor:
-        """The taps as a tensor [rows, positions, R, H] (a `wire.WireError` if malformed)."""
+    def decode_taps(self, codec: TapCodec) -> Tensor:
+        """The taps as float32 [rows, positions, R, H] (a `wire.WireError` if malformed, or if
+        `codec` is not the encoding the event names)."""
+        if codec.name != self.encoding:
+            raise wire.WireError(f"taps are {self.encoding}, the device expects {codec.name}")
         raw = wire.b64decode(self.taps, what="taps")
-        return wire.decode_taps(raw, self.dtype, self.rows, self.shared, self.shape)
+        return wire.decode_taps(raw, codec, self.rows, self.shared, self.shape)
 
 
 class TokenEvent(_Event):

@@ -16,6 +16,7 @@ from personalization.config import (
     SERVED_SETTINGS,
     Setting,
     Strategy,
+    TapEncoding,
     WireDtype,
 )
 
@@ -55,7 +56,8 @@ class Info(BaseModel):
     default_rungs: list[int]
     tap_dtype: WireDtype = Field(description="Default precision of taps, g(x) and features.")
     tap_dtypes: list[WireDtype]
-    tap_encoding: str
+    tap_encoding: TapEncoding = Field(description="Default encoding of taps in sessions.")
+    tap_encodings: list[TapEncoding] = Field(description="GET /v1/codec/{name}: their bases.")
     settings: list[str] = Field(description="The settings a session serves.")
     strategies: list[str] = Field(description="The decoding strategies a session serves.")
     limits: dict[str, float | int]
@@ -99,6 +101,7 @@ class SessionIn(Strict):
     )
     rungs: list[int] | None = Field(None, description="Rungs the side network reads; default L/4.")
     tap_dtype: WireDtype | None = Field(None, description="Precision of taps and g(x).")
+    tap_encoding: TapEncoding | None = Field(None, description="How taps cross the wire.")
     deadline_s: Finite | None = Field(None, gt=0, description="How long to wait for g(x).")
     decoding: DecodingIn = Field(default_factory=DecodingIn)
 
@@ -137,6 +140,7 @@ class SessionFacts(BaseModel):
     rungs: list[int]
     hidden_size: int
     tap_dtype: WireDtype
+    tap_encoding: TapEncoding
     deadline_s: float
 
 

@@ -1,9 +1,11 @@
 """The binary encodings that cross the wire between cloud and device (both sides use this).
 
-* Taps and g(x): raw values of the wire dtype (float16 by default), little-endian, C order, no
-  header — the shape and dtype travel in the JSON event that carries them (base64 inside an NDJSON
-  line) or are fixed by the session (an answer is exactly H values). The most compact form: bytes
-  on the wire are what the latency model charges for.
+* Taps: the session's tap encoding (`personalization.codecs`: raw-le values of the wire dtype,
+  int8, or int8 coefficients on a public low-rank basis), no header — the shape and encoding
+  travel in the JSON event that carries them (base64 inside an NDJSON line). Bytes on the wire
+  are what the latency model charges for.
+* g(x): raw values of the wire dtype (float16 by default), little-endian, C order, no header —
+  fixed by the session (an answer is exactly H values per row).
 * Features and the frozen head: safetensors bytes (a JSON header naming every tensor's dtype and
   shape, then the raw data), readable by `safetensors.torch.load` on the device.
 """
@@ -22,12 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
+from personalization.codecs import TapCodec
 from personalization.config import WIRE_DTYPES
 from personalization.errors import SpaError
 
 #: the wire dtypes (personalization.config.WIRE_DTYPES) as torch dtypes
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WIRE_DTYPES}
-TAP_ENCODING = "raw-le"  # the name events give the raw encoding above
 
 assert sys.byteorder == "little", "the raw encoding assumes a little-endian host"
 
@@ -66,21 +68,33 @@ def decode(data: bytes, dtype: str, shape: Sequence[int], *, what: str = "tensor
     return x
 
 
-def encode_taps(taps: Tensor, shared: int, dtype: str) -> bytes:
-    """Taps [B, t, R, H] of a side request: the `shared` leading positions once (identical in
-    every row: a beam search's prompt), then each row's remaining positions."""
-    return encode(taps[0, :shared], dtype) + encode(taps[:, shared:], dtype)
+def encode_taps(taps: Tensor, shared: int, codec: TapCodec) -> bytes:
+    """Taps [B, t, R, H] of a side request in the session's encoding: the `shared` leading
+    positions once (identical in every row: a beam search's prompt), then each row's others."""
+    return codec.encode(taps[0, :shared]) + codec.encode(taps[:, shared:])
 
 
-def decode_taps(data: bytes, dtype: str, rows: int, shared: int, shape: Sequence[int]) -> Tensor:
-    """`encode_taps` back to [rows, t, R, H] (`shape` = [t, R, H])."""
+def decode_taps(
+    data: bytes, codec: TapCodec, rows: int, shared: int, shape: Sequence[int]
+) -> Tensor:
+    """`encode_taps` back to float32 [rows, t, R, H] (`shape` = [t, R, H]); a wrong length or a
+    value that is not finite is a WireError."""
     t, rungs, hidden = shape
     if not 0 <= shared <= t or rows < 1:
         raise WireError(f"taps: {rows} rows with {shared} shared of {t} positions is not a shape")
-    cut = shared * rungs * hidden * itemsize(dtype) if dtype in DTYPES else 0
-    head = decode(data[:cut], dtype, (1, shared, rungs, hidden), what="taps")
-    rest = decode(data[cut:], dtype, (rows, t - shared, rungs, hidden), what="taps")
-    return torch.cat([head.expand(rows, -1, -1, -1), rest], dim=1)
+    per = codec.bytes_per_position(rungs, hidden)
+    cut, expected = shared * per, (shared + rows * (t - shared)) * per
+    if len(data) != expected:
+        raise WireError(
+            f"taps: {codec.name} needs {expected} bytes for {shared} shared + {rows} × "
+            f"{t - shared} positions of {rungs} rungs × {hidden}, got {len(data)}"
+        )
+    head = codec.decode(data[:cut], (1, shared, rungs, hidden))
+    rest = codec.decode(data[cut:], (rows, t - shared, rungs, hidden))
+    taps = torch.cat([head.expand(rows, -1, -1, -1), rest], dim=1)
+    if not bool(torch.isfinite(taps).all()):
+        raise WireError("taps: contains NaN or infinite values")
+    return taps
 
 
 def b64encode(data: bytes) -> str:

@@ -23,5 +23,5 @@ def sequence_logits(model: SPAModel, input_ids: Tensor) -> tuple[Tensor, Tensor]
     f = out.hidden
     p = model.gate_prob(f) if model.setting in GATED_SETTINGS else None
     sigma = model.sigma(p, f)
-    g = model.wire(model.side(model.wire(out.taps, model.side_dtype)), f.dtype)
+    g = model.wire(model.side(model.wire_taps(out.taps, model.side_dtype)), f.dtype)
     return model.combine(f, g, sigma), sigma

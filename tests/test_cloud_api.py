@@ -20,6 +20,7 @@ from personalization.config import SERVED_SETTINGS, STRATEGIES
 from personalization.training.data import Example
 from personalization.training.features import backbone_features, source_id
 from protocol import PROTOCOL_VERSION
+from protocol.wire import unpack_with_metadata
 
 MAX_PROMPT, MAX_NEW, MAX_BODY, MAX_BATCH, MAX_TOKENS = 64, 32, 32 * 1024, 4, 96
 
@@ -137,6 +138,23 @@ def test_head_reproduces_the_backbones_logits(client, backbone):
     assert half["lm_head.weight"].dtype == torch.float16
 
 
+def test_codec_publishes_the_public_basis_with_the_backbones_fingerprint(client, backbone):
+    from personalization.codecs import fit_basis
+
+    response = client.http.get("/v1/codec/lowrank32-int8")
+    tensors, meta = unpack_with_metadata(response.content)
+    assert meta["fingerprint"] == backbone.fingerprint and meta["rank"] == "32"
+    expected = fit_basis(backbone).truncate(32)  # fitted on the public corpus alone
+    assert torch.equal(tensors["mean"], expected.mean)
+    assert torch.equal(tensors["vectors"], expected.vectors)
+    assert unpack_with_metadata(client.http.get("/v1/codec/int8").content)[0] == {}
+    missing = client.http.get("/v1/codec/zip")
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == (
+        "no tap encoding 'zip'; the cloud offers raw-le, int8, lowrank64-int8, lowrank32-int8"
+    )
+
+
 # ---- auth isolation ----------------------------------------------------------------------------
 def test_a_device_cannot_touch_another_devices_sessions(server, backbone):
     with device(server.url, "a") as a, device(server.url, "b") as b:
@@ -198,6 +216,9 @@ BAD_REQUESTS = [
      422, "colour: Extra inputs are not permitted"),
     ("no prompt", "POST", "/v1/sessions", lambda b: {"json": {"setting": "base"}},
      422, "prompt: Field required"),
+    ("unknown tap encoding", "POST", "/v1/sessions",
+     lambda b: {"json": _session(b, tap_encoding="zip")}, 422,
+     "tap_encoding: Input should be 'raw-le', 'int8', 'lowrank64-int8' or 'lowrank32-int8'"),
     ("empty prompt", "POST", "/v1/sessions", lambda b: {"json": _session(b, prompt=[])},
      422, "at least 1 item"),
     ("over-long prompt", "POST", "/v1/sessions",

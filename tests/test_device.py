@@ -151,6 +151,39 @@ def test_beam_search_over_http_equals_in_process_beam_search(trained, tiny_llama
     assert remote.status == "finished"
 
 
+@pytest.mark.parametrize("encoding", ["int8", "lowrank32-int8"])
+def test_compact_tap_encodings_train_and_serve_the_same_inputs(
+    cloud, tmp_path, tiny_llama, encoding
+):
+    """A device trained under a compact encoding (its basis fetched from the cloud) generates
+    remotely exactly what the same checkpoint generates in-process with the same round trip."""
+    from dataclasses import replace
+
+    from device_agent.history import pair_item
+    from personalization.decoding import generate
+    from personalization.training.checkpoint import load_checkpoint
+
+    prompt = tiny_llama.encode_prompt("Tell me about topic 3.")
+    decode = DecodeConfig(max_new_tokens=12)
+    with DeviceAgent.init(tmp_path / "dev", cloud, encoding) as agent:
+        agent.store.add_items([pair_item(i["instruction"], i["output"]) for i in _history(12)])
+        agent.train(replace(FAST, tap_encoding=encoding, train=replace(FAST.train, epochs=8)))
+        model = load_checkpoint(
+            agent.store.path(agent.store.current_checkpoint().path), tiny_llama
+        )[0]
+        assert model.config.tap_encoding == encoding  # the checkpoint remembers it
+        model.config = replace(model.config, threshold=0.0)  # ask the device every token
+        expected = generate(model.eval(), prompt, decode)
+        want = list(expected)
+        remote = agent.generate(prompt, threshold=0.0, decode=decode)
+        got = list(remote)
+    assert [t.id for t in got] == [t.id for t in want]
+    assert [t.branch for t in got] == [t.branch for t in want] == ["device"] * len(want)
+    assert [t.gate_prob for t in got] == pytest.approx([t.gate_prob for t in want], abs=1e-5)
+    assert remote.accounts.positions == expected.books.tap_positions
+    assert remote.session.tap_encoding == encoding
+
+
 def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
     with DeviceAgent(trained) as agent:
         generation = agent.generate("Tell me about topic 5.", decode=DecodeConfig(max_new_tokens=8))
@@ -373,7 +406,8 @@ FLAKY_INFO = {
     "version": "0", "protocol_version": PROTOCOL_VERSION, "backbone": "flaky", "fingerprint": "0",
     "num_layers": 2, "hidden_size": 8, "vocab_size": 16, "eos_token_ids": [0],
     "chat_template": False, "rungs_offered": [1, 2], "default_rungs": [2], "tap_dtype": "float16",
-    "tap_dtypes": ["float16"], "tap_encoding": "raw-le", "settings": ["base"],
+    "tap_dtypes": ["float16"], "tap_encoding": "raw-le", "tap_encodings": ["raw-le"],
+    "settings": ["base"],
     "strategies": ["greedy"], "limits": {}, "parameters": {"backbone": 1},
 }  # fmt: skip
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from personalization.codecs import Int8, Raw
 from protocol import wire
 from protocol.events import (
     DoneEvent,
@@ -19,7 +20,7 @@ from protocol.messages import SessionTotals
 EVENTS = [
     StartEvent(
         session_id="s1", prompt_tokens=7, setting="spa", strict=False, rungs=[1, 2],
-        hidden_size=4, tap_dtype="float16", deadline_s=5.0,
+        hidden_size=4, tap_dtype="float16", tap_encoding="int8", deadline_s=5.0,
     ),
     SideRequestEvent(
         request_id=1, start=0, positions=3, shape=[3, 2, 4], rows=2, shared=2, reorder=[1, 0],
@@ -44,10 +45,12 @@ def test_every_event_round_trips_through_one_ndjson_line(event):
 def test_side_request_taps_decode_to_rows_with_the_shared_prompt_once():
     taps = torch.randn(2, 3, 2, 4)
     taps[1, :2] = taps[0, :2]  # the shared prompt positions are identical in every row
-    raw = wire.encode_taps(taps, shared=2, dtype="float16")
+    raw = wire.encode_taps(taps, 2, Raw())
     assert len(raw) == (2 + 2 * 1) * 2 * 4 * 2  # shared positions once, then each row's own
     event = EVENTS[1].model_copy(update={"taps": wire.b64encode(raw)})
-    assert torch.equal(parse_event(event.to_line()).decode_taps(), taps.half())
+    assert torch.equal(parse_event(event.to_line()).decode_taps(Raw()), taps.half().float())
+    with pytest.raises(wire.WireError, match="taps are raw-le, the device expects int8"):
+        event.decode_taps(Int8())
 
 
 def test_malformed_lines_are_refused():
@@ -57,4 +60,4 @@ def test_malformed_lines_are_refused():
         parse_event(b'{"event":"token","index":0}')  # fields missing
     bad = EVENTS[1].model_copy(update={"taps": "not base64!"})
     with pytest.raises(wire.WireError, match="taps: not valid base64"):
-        bad.decode_taps()
+        bad.decode_taps(Raw())

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.options import PROFILE, Choice
+from app.cli.options import PROFILE, Choice, TapEncodingOption
 from personalization.config import SERVED_SETTINGS, SIDE_SETTINGS, STRATEGIES
 from personalization.errors import ConfigError
 
@@ -179,6 +179,7 @@ def train(
         float, typer.Option(help="Share of tokens the gate may send to the device.")
     ] = 0.5,
     reduction: Annotated[int, typer.Option(help="Side width = H / reduction.")] = 8,
+    tap_encoding: TapEncodingOption = "raw-le",
     calibration_prompts: Annotated[
         int, typer.Option(help="Held-out prompts generated to calibrate the gate.")
     ] = 8,
@@ -199,6 +200,7 @@ def train(
                 epochs=epochs, batch_size=batch_size, lr=lr, target_usage=target_usage
             ),
             reduction=reduction,
+            tap_encoding=tap_encoding,
             calibration_prompts=calibration_prompts,
         )
         run = agent.train(cfg, resume=resume, progress=True)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.options import PROFILE, SETTING, Backbone, Choice
+from app.cli.options import PROFILE, SETTING, Backbone, Choice, TapEncodingOption
 from personalization.config import SETTINGS
 from personalization.errors import ConfigError
 
@@ -76,6 +76,7 @@ def train(
         float, typer.Option(help="Calibrate the gate to send this share of tokens to the device.")
     ] = 0.5,
     reduction: Annotated[int, typer.Option(min=1, help="Side width = H / reduction.")] = 8,
+    tap_encoding: TapEncodingOption = "raw-le",
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="Continue from --out if it exists.")] = False,
     cache: CacheRoot = None,
@@ -99,7 +100,10 @@ def train(
         f"{prepared.splits.dataset}: {len(prepared.train)} train, {len(prepared.valid)} valid, "
         f"{len(prepared.test)} test examples"
     )
-    result = fit(model, prepared, setting, cfg, out, side=side, resume=resume, cache_root=cache)
+    result = fit(
+        model, prepared, setting, cfg, out, side=side, tap_encoding=tap_encoding, resume=resume,
+        cache_root=cache,
+    )  # fmt: skip
     typer.echo(result.model.parameter_report())
     for row in result.epochs:
         valid = row.get("valid", {})

@@ -9,7 +9,7 @@ from typing import Annotated
 import click
 import typer
 
-from personalization.config import SETTINGS
+from personalization.config import SETTINGS, TAP_ENCODINGS
 from personalization.latency import PROFILES
 
 
@@ -32,6 +32,14 @@ class Choice(click.Choice):
 
 SETTING = Choice(SETTINGS, "setting")
 PROFILE = Choice(PROFILES, "network profile")
+TapEncodingOption = Annotated[
+    str,
+    typer.Option(
+        click_type=Choice(TAP_ENCODINGS, "tap encoding"),
+        help="How taps cross the wire (training sees them exactly so): raw fp16, int8, or int8 "
+        "coefficients on the backbone's public low-rank basis.",
+    ),
+]
 
 Backbone = Annotated[
     str | None,

@@ -151,7 +151,9 @@ class TargetTree(_TreeModel):
         if self.side_cache is None:
             return self.tree.backbone.head(f[real])
         # the device's side network sees the wire-rounded taps of the whole tree in one message
-        g = model.wire(model.side(model.wire(out.taps, model.side_dtype), self.side_cache, mask))
+        g = model.wire(
+            model.side(model.wire_taps(out.taps, model.side_dtype), self.side_cache, mask)
+        )
         f, g = f[real], g[real].to(f.dtype)
         p = model.gate_prob(f) if model.setting in GATED_SETTINGS else None
         sigma = model.sigma(p, f)

@@ -9,11 +9,15 @@ holding the backbone's weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from personalization.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only
+    from personalization.codecs import Basis
 
 
 class RMSNorm(nn.Module):
@@ -45,10 +49,18 @@ class BackboneFacts:
 
 
 class FrozenHead:
-    """Stands in for `Backbone` wherever only `head()`, `final_norm` and its facts are used."""
+    """Stands in for `Backbone` wherever only `head()`, `final_norm` and its facts are used —
+    and, with the cloud's public `basis` of the backbone's taps, wherever taps are encoded."""
 
-    def __init__(self, facts: BackboneFacts, tensors: dict[str, Tensor], norm: str, eps: float):
-        self.facts = facts
+    def __init__(
+        self,
+        facts: BackboneFacts,
+        tensors: dict[str, Tensor],
+        norm: str,
+        eps: float,
+        basis: Basis | None = None,
+    ):
+        self.facts, self.basis = facts, basis
         weight = tensors["final_norm.weight"].float()
         if "final_norm.bias" in tensors:  # LayerNorm (GPT-2 family)
             self.final_norm: nn.Module = nn.LayerNorm(weight.shape[0], eps=eps)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from personalization.backbone.frozen import Backbone
-from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig
+from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig, TapEncoding
 from personalization.errors import ConfigError
 from personalization.latency import NetworkProfile
 from personalization.model import SPAModel
@@ -82,6 +82,7 @@ def fit(
     out: str | Path,
     *,
     side: SideConfig | None = None,
+    tap_encoding: TapEncoding = "raw-le",
     resume: bool = False,
     cache_root: str | Path | None = None,
     calibration_prompts: int = 30,
@@ -100,7 +101,7 @@ def fit(
         if optim:
             optimizer.load_state_dict(optim)
     else:
-        model = SPAModel(backbone, SPAConfig(setting=setting), side)
+        model = SPAModel(backbone, SPAConfig(setting=setting, tap_encoding=tap_encoding), side)
     optimizer = optimizer or make_optimizer(model, cfg)
     cache: FeatureCache | None = None
     passes = 0

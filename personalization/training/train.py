@@ -88,7 +88,7 @@ def side_loss(model: SPAModel, batch: Sequence[Features], cfg: TrainConfig) -> t
     R, H = batch[0].taps.shape[1:]
     taps = torch.zeros(B, T, R, H, dtype=dtype)
     for i, f in enumerate(batch):  # right padding: causal attention never looks at it
-        taps[i, : f.taps.shape[0]] = f.taps
+        taps[i, : f.taps.shape[0]] = model.wire_taps(f.taps)  # as they arrive when serving
     g_all = model.side(taps)
     g = torch.cat([g_all[i, f.start : f.taps.shape[0]] for i, f in enumerate(batch)])
     final = torch.cat([f.final for f in batch]).to(dtype)
