@@ -34,7 +34,13 @@ from personalization.decoding import generate
 from personalization.latency import Books, round_trips_per_step
 from personalization.model import Ask, SPAModel
 from protocol import wire
-from protocol.events import DoneEvent, SideRequestEvent, StartEvent, TokenEvent
+from protocol.events import (
+    DoneEvent,
+    SideRequestEvent,
+    StartEvent,
+    TapsEvent,
+    TokenEvent,
+)
 from protocol.messages import SessionFacts, SessionTotals
 
 log = logging.getLogger("cloud_api.sessions")
@@ -65,13 +71,14 @@ class Session:
         decode: DecodeConfig,
         deadline_s: float,
         strict: bool,
+        streamed: bool = False,
         compute: threading.Lock,
         records: Records,
         on_end: Callable[[Session], None],
     ):
         self.id, self.device_id = session_id, device_id
         self.model, self.prompt_ids, self.decode = model, prompt_ids, decode
-        self.deadline_s, self.strict = deadline_s, strict
+        self.deadline_s, self.strict, self.streamed = deadline_s, strict, streamed
         self.tap_dtype = model.config.wire_dtype
         self.hidden_size = model.backbone.hidden_size
         self.compute, self.records, self.on_end = compute, records, on_end
@@ -82,6 +89,7 @@ class Session:
         self._lock = threading.Lock()
         self._requests: dict[int, SideRequest] = {}
         self._acked = 0  # tap positions the device has confirmed by answering
+        self._pushed = 0  # streamed mode: tap positions sent so far
         self._stop: tuple[str, str] | None = None  # (status, reason) asked for by cancel / TTL
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
@@ -163,7 +171,10 @@ class Session:
         status, reason = "finished", ""
         try:
             self.records.update_session(self.id, status="running")
-            generation = generate(self.model, self.prompt_ids, self.decode, device=self._ask)
+            stream = self._push if self.streamed else None
+            generation = generate(
+                self.model, self.prompt_ids, self.decode, device=self._ask, stream=stream
+            )
             books, tokens = generation.books, iter(generation)
             self.books = books
             self._emit(StartEvent(**dict(self.facts())))
@@ -191,27 +202,19 @@ class Session:
     def _ask(self, ask: Ask) -> Tensor | None:
         """The `Device` of this session: publish a side request, wait for g(x) or the deadline.
         Beam search sends its B rows (the shared prompt once) and how rows were reordered."""
-        rows, positions, rungs, hidden = ask.taps.shape
+        rows, positions = ask.taps.shape[:2]
         with self._lock:
             if self._stop:
                 return None
             request = SideRequest(len(self._requests) + 1, self._acked, positions, rows)
             self._requests[request.id] = request
-        codec = self.model.codec
-        payload = wire.encode_taps(ask.taps, ask.shared, codec)
         sent = self._emit(
             SideRequestEvent(
                 request_id=request.id,
-                start=request.start,
-                positions=positions,
-                shape=[positions, rungs, hidden],
-                rows=rows,
-                shared=ask.shared,
+                at=self._pushed - 1 if self.streamed else request.start + positions - 1,
                 reorder=None if ask.reorder is None else ask.reorder.tolist(),
-                dtype=self.tap_dtype,
-                encoding=codec.name,
                 deadline_s=self.deadline_s,
-                taps=wire.b64encode(payload),
+                **self._taps(request.start, ask.taps, ask.shared),
             )
         )
         self.totals.device_contacts += 1
@@ -237,6 +240,24 @@ class Session:
             self._acked = request.start + positions
         return request.g
 
+    def _push(self, taps: Tensor) -> None:
+        """Streamed mode: new positions' taps go to the device as soon as they exist."""
+        sent = self._emit(TapsEvent(**self._taps(self._pushed, taps, 0)))
+        self._pushed += taps.shape[1]
+        self.totals.tap_positions += taps.shape[1]
+        self.totals.bytes_to_device += sent
+        self._step.bytes_to_device += sent
+
+    def _taps(self, start: int, taps: Tensor, shared: int) -> dict:
+        """The fields of an event that carries taps [rows, t, R, H] in the session's encoding."""
+        rows, positions, rungs, hidden = taps.shape
+        codec = self.model.codec
+        return {
+            "start": start, "positions": positions, "shape": [positions, rungs, hidden],
+            "rows": rows, "shared": shared, "dtype": self.tap_dtype, "encoding": codec.name,
+            "taps": wire.b64encode(wire.encode_taps(taps, shared, codec)),
+        }  # fmt: skip
+
     def _account(self, branch: str, step: _StepCost) -> None:
         self.totals.tokens += 1
         self.totals.device_tokens += branch == "device"
@@ -252,6 +273,7 @@ class Session:
             hidden_size=self.hidden_size,
             tap_dtype=self.tap_dtype,
             tap_encoding=self.model.config.tap_encoding,
+            tap_mode="streamed" if self.streamed else "pull",
             deadline_s=self.deadline_s,
         )
 
@@ -290,7 +312,9 @@ class Session:
         self._put(END)
 
     # ---- events ----------------------------------------------------------------------------------
-    def _emit(self, event: StartEvent | SideRequestEvent | TokenEvent | DoneEvent) -> int:
+    def _emit(
+        self, event: StartEvent | TapsEvent | SideRequestEvent | TokenEvent | DoneEvent
+    ) -> int:
         """Queue one NDJSON line for the device; returns its size in bytes."""
         line = event.to_line()
         self._put(line)

@@ -10,7 +10,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from personalization.backbone.embedded import cache_dir
-from personalization.config import TapEncoding, WireDtype
+from personalization.config import TapEncoding, TapMode, WireDtype
 
 
 def default_database_url() -> str:
@@ -42,6 +42,9 @@ class CloudSettings(BaseSettings):
     )
     tap_encoding: TapEncoding = Field(
         "raw-le", description="Default encoding of taps in sessions (personalization.codecs)."
+    )
+    tap_mode: TapMode = Field(
+        "pull", description="Default tap mode: pull (with side requests) or streamed (pushed)."
     )
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 413.")
     max_new_tokens: int = Field(256, ge=1, description="A session asking for more gets 422.")

@@ -25,8 +25,10 @@ from personalization.baselines import baseline_parameters
 from personalization.config import (
     GATED_SETTINGS,
     SERVED_SETTINGS,
+    SIDE_SETTINGS,
     STRATEGIES,
     TAP_ENCODINGS,
+    TAP_MODES,
     DecodeConfig,
     SideConfig,
     SPAConfig,
@@ -95,6 +97,8 @@ class Cloud:
             tap_dtypes=list(wire.DTYPES),
             tap_encoding=self.settings.tap_encoding,
             tap_encodings=list(TAP_ENCODINGS),
+            tap_mode=self.settings.tap_mode,
+            tap_modes=list(TAP_MODES),
             settings=list(SERVED_SETTINGS),
             strategies=list(STRATEGIES),
             limits=self.settings.limits(),
@@ -196,6 +200,8 @@ class Cloud:
             decode=decode,
             deadline_s=deadline,
             strict=body.strict and gated,
+            streamed=(body.tap_mode or limits.tap_mode) == "streamed"
+            and body.setting in SIDE_SETTINGS,
             compute=self.compute,
             records=self.records,
             on_end=self.registry.remove,

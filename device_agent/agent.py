@@ -20,7 +20,7 @@ from device_agent.generation import RemoteGeneration
 from device_agent.store import Store
 from device_agent.trainer import DeviceTrainConfig, Progress, frozen_head, train_device
 from personalization.backbone.embedded import cache_dir
-from personalization.config import GATED_SETTINGS, SERVED_SETTINGS, DecodeConfig
+from personalization.config import GATED_SETTINGS, SERVED_SETTINGS, DecodeConfig, TapMode
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
 from personalization.model import SPAModel
 from personalization.side import count_parameters
@@ -129,6 +129,7 @@ class DeviceAgent:
         strict: bool = False,
         threshold: float | None = None,
         deadline_s: float | None = None,
+        tap_mode: TapMode | None = None,
     ) -> RemoteGeneration:
         """A streaming generation (iterate it); logged in the store when it ends, however."""
         if setting is not None and setting not in SERVED_SETTINGS:
@@ -144,7 +145,7 @@ class DeviceAgent:
         profile = self.client.link.profile
         return RemoteGeneration(
             self.client, model, prompt, setting, decode or DecodeConfig(), strict=strict,
-            deadline_s=deadline_s,
+            tap_mode=tap_mode, deadline_s=deadline_s,
             on_end=lambda g: self.store.log_generation(
                 session_id=g.session.session_id if g.session else "",
                 setting=g.setting, strict=g.strict,

@@ -19,11 +19,11 @@ from pydantic import ValidationError
 
 from device_agent.client import CloudClient
 from device_agent.errors import CloudUnreachable, DeviceError
-from personalization.config import GATED_SETTINGS, DecodeConfig
+from personalization.config import GATED_SETTINGS, DecodeConfig, TapMode
 from personalization.latency import round_trips_per_step
 from personalization.model import SPAModel
 from protocol import wire
-from protocol.events import DoneEvent, SideRequestEvent, TokenEvent
+from protocol.events import DoneEvent, SideRequestEvent, TapsEvent, TokenEvent
 from protocol.messages import DecodingIn, GateIn, SessionIn, SessionOut
 
 
@@ -64,6 +64,7 @@ class Accounts:
     t_net: float = 0.0
     wall_s: float = 0.0  # stream opened → last event, measured on the device
     positions: int = 0  # tap positions received
+    t_device_ahead: float = 0.0  # streamed taps: side-network seconds spent before being asked
 
     def add(self, token: TokenCost) -> None:
         self.tokens += 1
@@ -119,6 +120,7 @@ class RemoteGeneration:
     setting: str = "spa"
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     strict: bool = False  # keep the gate on the device: asked every token
+    tap_mode: TapMode | None = None  # pull or streamed taps; None: the cloud's default
     chat: bool = True
     deadline_s: float | None = None
     on_end: Callable[[RemoteGeneration], None] | None = None
@@ -170,6 +172,7 @@ class RemoteGeneration:
                 "rungs": list(self.model.rungs),
                 "tap_dtype": cfg.wire_dtype,
                 "tap_encoding": cfg.tap_encoding,
+                "tap_mode": self.tap_mode,
             }
             if self.setting in GATED_SETTINGS:
                 side["threshold"] = self.model.config.threshold
@@ -189,13 +192,19 @@ class RemoteGeneration:
         self.status = "running"
         cache = self.model.side.new_cache() if self.model is not None else None
         self._before = ([], -1)  # the side cache before the last side request (late answers)
+        self._ready = None  # streamed taps: (position, g, its taps) of the newest position
         pending = _Pending()
         started = time.perf_counter()
         try:
             self.session = self.client.open_session(self.body())
             sid = self.session.session_id
             for event, size in self.client.events(sid):
-                if isinstance(event, SideRequestEvent):
+                if isinstance(event, TapsEvent):
+                    pending.bytes_down += size
+                    t = time.perf_counter()
+                    self._feed(event, cache)
+                    self.accounts.t_device_ahead += time.perf_counter() - t
+                elif isinstance(event, SideRequestEvent):
                     pending.bytes_down += size
                     pending.contacts += 1
                     t = time.perf_counter()
@@ -239,6 +248,11 @@ class RemoteGeneration:
         included; beam search: one row per beam, its shared prompt sent once, and the reorder
         of the beams since our last answer). In strict mode the device's own gate decides, on
         f(x) = the last rung's tap: σ = 0 → 0."""
+        if self._ready is not None:  # streamed taps: g was computed as they arrived
+            at, g, last = self._ready
+            if event.at != at:
+                raise DeviceError(f"asked for g at position {event.at}, the taps reached {at}")
+            return self._strict(g, last, pending)
         taps = event.decode_taps(self.model.codec)
         start, rows, shared, positions = event.start, event.rows, event.shared, event.positions
         if cache.length > start:  # our last answer came too late: undo what it did to the cache
@@ -256,12 +270,30 @@ class RemoteGeneration:
         self.accounts.positions += shared + rows * (positions - shared)
         model = self.model
         g = model.side(taps.to(model.side_dtype), cache)[:, -1]
-        if self.strict:
-            p = float(model.gate_prob(taps[0, -1, -1].to(model.side_dtype)))
-            pending.gate_prob, pending.sigma = p, p >= model.config.threshold
-            if not pending.sigma:
-                return torch.zeros_like(g)  # f + 0·g: the backbone's own token
-        return g
+        return self._strict(g, taps[:, -1], pending)
+
+    @torch.no_grad()
+    def _feed(self, event: TapsEvent, cache) -> None:
+        """Streamed taps: run the side network over them as they arrive (off the critical
+        path), so that a side request finds g of the newest position ready."""
+        if cache.length != event.start:
+            raise DeviceError(
+                f"taps start at position {event.start}, the side network has seen {cache.length}"
+            )
+        taps = event.decode_taps(self.model.codec)
+        g = self.model.side(taps.to(self.model.side_dtype), cache)[:, -1]
+        self._ready = (event.start + event.positions - 1, g, taps[:, -1])
+        self.accounts.positions += event.positions
+
+    def _strict(self, g: torch.Tensor, last: torch.Tensor, pending: _Pending) -> torch.Tensor:
+        """In strict mode the device's own gate decides on f(x) = the last rung's tap of the
+        position asked (`last` [rows, R, H]): σ = 0 → answer 0 (f's own token)."""
+        if not self.strict:
+            return g
+        model = self.model
+        p = float(model.gate_prob(last[0, -1].to(model.side_dtype)))
+        pending.gate_prob, pending.sigma = p, p >= model.config.threshold
+        return g if pending.sigma else torch.zeros_like(g)
 
     @staticmethod
     def _token(event: TokenEvent, pending: _Pending) -> TokenCost:

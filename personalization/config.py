@@ -31,6 +31,10 @@ WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
 #: with a scale, or K coefficients on a public low-rank basis, int8
 TapEncoding = Literal["raw-le", "int8", "lowrank64-int8", "lowrank32-int8"]
 TAP_ENCODINGS: tuple[str, ...] = get_args(TapEncoding)
+#: when taps travel: `pull` — a side request carries every position the device has not seen;
+#: `streamed` — the cloud pushes each position's taps as they exist, a side request only asks
+TapMode = Literal["pull", "streamed"]
+TAP_MODES: tuple[str, ...] = get_args(TapMode)
 #: how speculative beam search (AtSpeed) verifies a draft: exact top-K, or relaxed sampling
 Verify = Literal["strict", "relaxed"]
 SPECULATIVE_STRATEGIES: tuple[str, ...] = tuple(f"speculative-{v}" for v in get_args(Verify))

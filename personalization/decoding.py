@@ -11,11 +11,12 @@ processors of its own (e.g. a repetition penalty) and names the same EOS ids.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from personalization.config import DecodeConfig
 from personalization.errors import ConfigError
@@ -73,13 +74,14 @@ class Generation:
         prompt_ids: Sequence[int],
         config: DecodeConfig,
         device: Device | None = None,
+        stream: Callable[[Tensor], None] | None = None,
     ):
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
         self.model = model
         self.prompt = list(prompt_ids)
         self.config = config
-        self.stepper = Stepper(model, device)
+        self.stepper = Stepper(model, device, stream)
         self.tokens: list[Token] = []
         self.hypotheses: list[Hypothesis] = []  # beam search: the finished beams, best first
         self._detok = Detokenizer(model.backbone.tokenizer)
@@ -179,10 +181,14 @@ def generate(
     prompt_ids: Sequence[int],
     config: DecodeConfig | None = None,
     device: Device | None = None,
+    stream: Callable[[Tensor], None] | None = None,
 ) -> Generation:
     """Stream tokens from `model` for one prompt (see `Generation`); `device` answers side
-    requests in place of the in-process side network (a remote device, in the cloud API)."""
-    return Generation(model, prompt_ids, config or DecodeConfig(), device)
+    requests in place of the in-process side network (a remote device, in the cloud API), and
+    `stream`, where given, receives every position's taps as soon as they exist."""
+    if stream is not None and (config or DecodeConfig()).strategy == "beam":
+        raise ConfigError("streamed taps serve greedy and sampling; beam search pulls its rows")
+    return Generation(model, prompt_ids, config or DecodeConfig(), device, stream)
 
 
 def _label(step: Step, row: int) -> tuple[str, float | None]:

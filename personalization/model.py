@@ -200,9 +200,17 @@ class Stepper:
     `model.side` runs here on its own cache, exactly as a remote device would.
     """
 
-    def __init__(self, model: SPAModel, device: Device | None = None):
+    def __init__(
+        self,
+        model: SPAModel,
+        device: Device | None = None,
+        stream: Callable[[Tensor], None] | None = None,
+    ):
         self.model = model
         self.device = device or self._side_network
+        # streamed taps: every new position's wire taps go to `stream` as soon as they exist,
+        # and a device round trip then carries none (greedy and sampling: one row)
+        self.stream = stream
         self.backbone = model.adapted or model.backbone
         self.cache = self.backbone.new_cache()
         self.side_cache = model.side.new_cache()
@@ -228,7 +236,13 @@ class Stepper:
             return Step(out.logits[:, -1], device, None)
         out = self.backbone(input_ids, cache=self.cache, rungs=model.rungs, logits=None)
         f = out.hidden[:, -1:]
-        self.pending.append(model.wire_taps(out.taps, model.side_dtype))
+        taps = model.wire_taps(out.taps, model.side_dtype)
+        if self.stream is None:
+            self.pending.append(taps)
+        else:
+            self.stream(taps)
+            books.tap_positions += B * T
+            books.bytes_to_device += B * T * model.tap_bytes
         p = None
         if model.setting in GATED_SETTINGS:
             p = model.gate_prob(f)[:, 0]
@@ -262,7 +276,10 @@ class Stepper:
         """
         model, books = self.model, self.books
         positions = sum(t.shape[0] * t.shape[1] for t in self.pending)
-        taps = torch.cat([t.expand(rows, -1, -1, -1) for t in self.pending], dim=1)
+        R, H = len(model.rungs), model.backbone.hidden_size
+        taps = torch.cat(
+            [torch.zeros(rows, 0, R, H)] + [t.expand(rows, -1, -1, -1) for t in self.pending], dim=1
+        )
         shared = 0
         for chunk in self.pending:
             if chunk.shape[0] != 1 or rows == 1:
@@ -274,7 +291,6 @@ class Stepper:
         if g is None:
             return None
         self.pending, self.reordered = [], None
-        R, H = taps.shape[2:]
         books.contacts += 1
         books.tap_positions += positions
         books.bytes_to_device += positions * model.tap_bytes

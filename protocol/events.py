@@ -1,6 +1,11 @@
 """The NDJSON events of a session's stream, one typed model per kind, keyed on `event`.
 
-    start ─▶ (side_request* token)* ─▶ done
+    start ─▶ (taps* side_request* token)* ─▶ done
+
+Pull mode (the default): a `side_request` carries the taps of every position the device has not
+seen. Streamed mode: a `taps` event carries each position's taps as soon as the cloud has them
+(the prompt's after prefill, then one per token), and a `side_request` carries none — it asks
+for g at position `at`, which the device has usually computed already.
 
 The cloud builds each event with these models and writes it with `to_line`; the device reads each
 line with `parse_event`. A `side_request` asks for g(x) at its last position and carries the taps
@@ -38,7 +43,34 @@ class StartEvent(SessionFacts, _Event):
     event: Literal["start"] = "start"
 
 
-class SideRequestEvent(_Event):
+class _Taps(_Event):
+    """Encoded taps: `shape` [positions, R, H] per row, `taps` base64 of `wire.encode_taps`."""
+
+    start: int = Field(description="the first position these taps belong to")
+    positions: int
+    shape: list[int]
+    rows: int = 1
+    shared: int = 0
+    dtype: WireDtype = Field(description="of g(x), and of raw-le taps")
+    encoding: TapEncoding = "raw-le"
+    taps: str
+
+    def decode_taps(self, codec: TapCodec) -> Tensor:
+        """The taps as float32 [rows, positions, R, H] (a `wire.WireError` if malformed, or if
+        `codec` is not the encoding the event names)."""
+        if codec.name != self.encoding:
+            raise wire.WireError(f"taps are {self.encoding}, the device expects {codec.name}")
+        raw = wire.b64decode(self.taps, what="taps")
+        return wire.decode_taps(raw, codec, self.rows, self.shared, self.shape)
+
+
+class TapsEvent(_Taps):
+    """Streamed mode: new positions' taps, pushed as soon as the backbone computed them."""
+
+    event: Literal["taps"] = "taps"
+
+
+class SideRequestEvent(_Taps):
     """Ask the device for g(x) [rows, H] at the last position, before `deadline_s`.
 
     `taps` is base64 of `wire.encode_taps`: the first `shared` positions once (beam search: the
@@ -49,24 +81,9 @@ class SideRequestEvent(_Event):
 
     event: Literal["side_request"] = "side_request"
     request_id: int
-    start: int = Field(description="first position the device has not confirmed")
-    positions: int
-    shape: list[int]
-    rows: int = 1
-    shared: int = 0
+    at: int = Field(-1, description="the position g is asked for (-1: the last one sent)")
     reorder: list[int] | None = None
-    dtype: WireDtype = Field(description="of g(x), and of raw-le taps")
-    encoding: TapEncoding = "raw-le"
     deadline_s: float
-    taps: str
-
-    def decode_taps(self, codec: TapCodec) -> Tensor:
-        """The taps as float32 [rows, positions, R, H] (a `wire.WireError` if malformed, or if
-        `codec` is not the encoding the event names)."""
-        if codec.name != self.encoding:
-            raise wire.WireError(f"taps are {self.encoding}, the device expects {codec.name}")
-        raw = wire.b64decode(self.taps, what="taps")
-        return wire.decode_taps(raw, codec, self.rows, self.shared, self.shape)
 
 
 class TokenEvent(_Event):
@@ -97,7 +114,8 @@ class DoneEvent(_Event):
 
 
 Event = Annotated[
-    StartEvent | SideRequestEvent | TokenEvent | DoneEvent, Field(discriminator="event")
+    StartEvent | TapsEvent | SideRequestEvent | TokenEvent | DoneEvent,
+    Field(discriminator="event"),
 ]
 _EVENT: TypeAdapter[Event] = TypeAdapter(Event)
 

@@ -17,6 +17,7 @@ from personalization.config import (
     Setting,
     Strategy,
     TapEncoding,
+    TapMode,
     WireDtype,
 )
 
@@ -58,6 +59,8 @@ class Info(BaseModel):
     tap_dtypes: list[WireDtype]
     tap_encoding: TapEncoding = Field(description="Default encoding of taps in sessions.")
     tap_encodings: list[TapEncoding] = Field(description="GET /v1/codec/{name}: their bases.")
+    tap_mode: TapMode = Field(description="Default tap mode of sessions.")
+    tap_modes: list[TapMode]
     settings: list[str] = Field(description="The settings a session serves.")
     strategies: list[str] = Field(description="The decoding strategies a session serves.")
     limits: dict[str, float | int]
@@ -102,6 +105,9 @@ class SessionIn(Strict):
     rungs: list[int] | None = Field(None, description="Rungs the side network reads; default L/4.")
     tap_dtype: WireDtype | None = Field(None, description="Precision of taps and g(x).")
     tap_encoding: TapEncoding | None = Field(None, description="How taps cross the wire.")
+    tap_mode: TapMode | None = Field(
+        None, description="pull: taps ride on side requests; streamed: pushed as they exist."
+    )
     deadline_s: Finite | None = Field(None, gt=0, description="How long to wait for g(x).")
     decoding: DecodingIn = Field(default_factory=DecodingIn)
 
@@ -122,6 +128,11 @@ class SessionIn(Strict):
                 f"setting {self.setting} needs the device's gate weights (gate) or strict mode "
                 "(strict: true, the device is asked every token)"
             )
+        if self.tap_mode == "streamed" and self.decoding.strategy == "beam":
+            raise ValueError(
+                "streamed taps serve greedy and sampling; beam search sends its rows with each "
+                "side request (tap_mode: pull)"
+            )
         if self.strict and self.decoding.strategy == "beam":
             raise ValueError(
                 "strict mode decides σ on the device token by token; with beam search use the "
@@ -141,6 +152,7 @@ class SessionFacts(BaseModel):
     hidden_size: int
     tap_dtype: WireDtype
     tap_encoding: TapEncoding
+    tap_mode: TapMode
     deadline_s: float
 
 

@@ -182,6 +182,72 @@ def test_compact_tap_encodings_train_and_serve_the_same_inputs(
     assert [t.gate_prob for t in got] == pytest.approx([t.gate_prob for t in want], abs=1e-5)
     assert remote.accounts.positions == expected.books.tap_positions
     assert remote.session.tap_encoding == encoding
+    with DeviceAgent(tmp_path / "dev") as agent:  # the same, with the taps streamed
+        streamed = agent.generate(prompt, threshold=0.0, decode=decode, tap_mode="streamed")
+        assert [(t.id, t.branch, t.gate_prob) for t in streamed] == [
+            (t.id, t.branch, t.gate_prob) for t in got
+        ]
+    assert streamed.session.tap_mode == "streamed" and streamed.accounts.t_device_ahead > 0
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_streamed_taps_give_the_tokens_of_pull_mode(trained, strict):
+    """Streamed: each position's taps arrive as they exist and a contact only asks for g; the
+    tokens, branches and gate probabilities are pull mode's, and so are the device's contacts."""
+    prompt, decode = "Tell me about topic 7.", DecodeConfig(max_new_tokens=16)
+    with DeviceAgent(trained) as agent:
+        runs = {}
+        for mode in ("pull", "streamed"):
+            g = agent.generate(prompt, decode=decode, strict=strict, tap_mode=mode)
+            runs[mode] = ([(t.id, t.branch, t.gate_prob) for t in g], g)
+    (pull, p), (streamed, s) = runs["pull"], runs["streamed"]
+    assert streamed == pull and {b for _, b, _ in pull} >= {"device"}
+    assert s.accounts.contacts == p.accounts.contacts
+    assert s.session.tap_mode == "streamed" and p.session.tap_mode == "pull"
+    # streamed taps arrive ahead of need: each contact carries none
+    assert s.accounts.positions == len(s.tokens) - 1 + s.session.prompt_tokens
+
+
+def test_a_device_that_stalls_in_streamed_mode_resumes_with_correct_answers(trained, tiny_llama):
+    """The device misses one deadline (the cloud falls back to f's token) and catches up: every
+    later token is what the same checkpoint gives in-process when that one answer is missing."""
+    from personalization.decoding import generate
+    from personalization.training.checkpoint import load_checkpoint
+
+    prompt = tiny_llama.encode_prompt("Tell me about topic 2.")
+    decode = DecodeConfig(max_new_tokens=10)
+    with DeviceAgent(trained) as agent:
+        model = load_checkpoint(
+            agent.store.path(agent.store.current_checkpoint().path), tiny_llama
+        )[0].eval()
+        remote = agent.generate(
+            prompt, threshold=0.0, decode=decode, tap_mode="streamed", deadline_s=1.0
+        )
+        answer, calls = remote._side, []
+
+        def stalling(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                time.sleep(1.5)  # past the deadline: the cloud moves on
+            return answer(*args)
+
+        remote._side = stalling
+        got = [(t.id, t.branch) for t in remote]
+    from dataclasses import replace
+
+    model.config = replace(model.config, threshold=0.0)
+    # one contact per token (threshold 0): the answers the cloud did not get in time
+    missed = {i for i, (_, branch) in enumerate(got) if branch == "fallback"}
+    cache, asked = model.side.new_cache(), []
+
+    def device(ask):  # in-process, missing the answers the remote device missed
+        asked.append(1)
+        if len(asked) - 1 in missed:
+            return None
+        return model.wire(model.side(ask.taps, cache)[:, -1])
+
+    want = [(t.id, t.branch) for t in generate(model, prompt, decode, device=device)]
+    assert got == want and 1 in missed and got[-1][1] == "device"
 
 
 def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
@@ -256,6 +322,9 @@ def test_privacy_no_side_network_parameter_leaves_the_device(cloud, tmp_path):
         agent.store.add_items(_history(16))
         agent.train(FAST)
         list(agent.generate("Tell me about topic 1.", decode=DecodeConfig(max_new_tokens=8)))
+        streamed = agent.generate("Tell me about topic 1.", tap_mode="streamed",
+                                  decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
+        assert len(list(streamed)) > 0 and streamed.session.tap_mode == "streamed"
         model = agent.model()
         side = {n: p for n, p in model.side.named_parameters()}
         gate = dict(model.gate.named_parameters())
@@ -407,6 +476,7 @@ FLAKY_INFO = {
     "num_layers": 2, "hidden_size": 8, "vocab_size": 16, "eos_token_ids": [0],
     "chat_template": False, "rungs_offered": [1, 2], "default_rungs": [2], "tap_dtype": "float16",
     "tap_dtypes": ["float16"], "tap_encoding": "raw-le", "tap_encodings": ["raw-le"],
+    "tap_mode": "pull", "tap_modes": ["pull"],
     "settings": ["base"],
     "strategies": ["greedy"], "limits": {}, "parameters": {"backbone": 1},
 }  # fmt: skip

@@ -12,6 +12,7 @@ from protocol.events import (
     DoneEvent,
     SideRequestEvent,
     StartEvent,
+    TapsEvent,
     TokenEvent,
     parse_event,
 )
@@ -20,8 +21,10 @@ from protocol.messages import SessionTotals
 EVENTS = [
     StartEvent(
         session_id="s1", prompt_tokens=7, setting="spa", strict=False, rungs=[1, 2],
-        hidden_size=4, tap_dtype="float16", tap_encoding="int8", deadline_s=5.0,
+        hidden_size=4, tap_dtype="float16", tap_encoding="int8", tap_mode="streamed",
+        deadline_s=5.0,
     ),
+    TapsEvent(start=7, positions=1, shape=[1, 2, 4], dtype="float16", encoding="int8", taps=""),
     SideRequestEvent(
         request_id=1, start=0, positions=3, shape=[3, 2, 4], rows=2, shared=2, reorder=[1, 0],
         dtype="float16", deadline_s=5.0, taps="",
@@ -47,7 +50,7 @@ def test_side_request_taps_decode_to_rows_with_the_shared_prompt_once():
     taps[1, :2] = taps[0, :2]  # the shared prompt positions are identical in every row
     raw = wire.encode_taps(taps, 2, Raw())
     assert len(raw) == (2 + 2 * 1) * 2 * 4 * 2  # shared positions once, then each row's own
-    event = EVENTS[1].model_copy(update={"taps": wire.b64encode(raw)})
+    event = EVENTS[2].model_copy(update={"taps": wire.b64encode(raw)})
     assert torch.equal(parse_event(event.to_line()).decode_taps(Raw()), taps.half().float())
     with pytest.raises(wire.WireError, match="taps are raw-le, the device expects int8"):
         event.decode_taps(Int8())
@@ -58,6 +61,6 @@ def test_malformed_lines_are_refused():
         parse_event(b'{"event":"teleport"}')
     with pytest.raises(ValidationError):
         parse_event(b'{"event":"token","index":0}')  # fields missing
-    bad = EVENTS[1].model_copy(update={"taps": "not base64!"})
+    bad = EVENTS[2].model_copy(update={"taps": "not base64!"})
     with pytest.raises(wire.WireError, match="taps: not valid base64"):
         bad.decode_taps(Raw())

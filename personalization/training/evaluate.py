@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
@@ -33,6 +34,19 @@ def rouge_l(reference: str, text: str) -> float:
     return 100 * _scorer().score(reference, text)["rougeL"].fmeasure
 
 
+def bootstrap_interval(
+    values: Sequence[float], *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap 95 % interval of the mean of `values`."""
+    if not values:
+        return (float("nan"), float("nan"))
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(low), float(high)
+
+
 @dataclass(frozen=True)
 class EvalReport:
     setting: str
@@ -50,6 +64,11 @@ class EvalReport:
     t_total_ms: float
     threshold: float | None = None
     target_usage: float | None = None  # the budget the threshold was calibrated to
+    scores: tuple[float, ...] = ()  # Rouge-L of each example (for bootstrap intervals)
+
+    def rouge_l_interval(self, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """Bootstrap 95 % interval of the mean Rouge-L over the examples."""
+        return bootstrap_interval(self.scores, resamples=resamples, seed=seed)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -93,7 +112,7 @@ def evaluate(
 ) -> EvalReport:
     """Generate for every example's prompt and score against its reference."""
     decode = decode or DecodeConfig()
-    total, score = Books(), 0.0
+    total, scores = Books(), []
     for example, reference in tqdm(
         list(zip(examples, references, strict=True)), desc=f"eval {model.setting}",
         disable=not progress,
@@ -101,7 +120,7 @@ def evaluate(
         generation = generate(model, example.prompt, decode)
         for _ in generation:
             pass
-        score += rouge_l(reference, generation.text)
+        scores.append(rouge_l(reference, generation.text))
         for key, value in vars(generation.books).items():
             setattr(total, key, getattr(total, key) + value)
     n = max(total.tokens, 1)
@@ -111,7 +130,8 @@ def evaluate(
         setting=model.setting,
         dataset=dataset,
         examples=len(examples),
-        rouge_l=score / max(len(examples), 1),
+        rouge_l=sum(scores) / max(len(examples), 1),
+        scores=tuple(scores),
         usage=total.device_tokens / n,
         m=total.m,
         bytes_per_token=(total.bytes_to_device + total.bytes_from_device) / n,

@@ -1,0 +1,153 @@
+"""What each tap encoding costs on the wire and in quality (issue 17), on the real backbone.
+
+Two phases, each resumable (finished cells are skipped; progress in the log):
+
+* `quality` — per dataset (XSum, PersonaChat), one `spa` side network trained per tap encoding
+  from the same cached backbone features (the encoding's round trip applied in training, as when
+  serving), its gate calibrated to the budget on validation data, then Rouge-L (bootstrap 95 %
+  interval), usage and bytes per token on the test split; `base` beside them.
+* `cost` — a real cloud (`spa cloud`, its own process) and a device through the emulated link:
+  bytes per tap position, bytes per generated token (prompt included), first-device-token latency
+  and T_total(spa) ÷ T_total(base) per network profile, measured side by side in one run.
+
+    python benchmarks/wire.py quality --data ../shared/data      (long: run it in the background)
+    python benchmarks/wire.py cost --data ../shared/data         (on a quiet machine)
+    python benchmarks/wire.py table                              (the README's table)
+
+Writes benchmarks/results/wire.json (figures, config, hardware, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from _hardware import hardware
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from personalization.config import TAP_ENCODINGS  # noqa: E402
+
+RESULTS = ROOT / "benchmarks/results/wire.json"
+DATASETS = ("xsum", "personachat")
+PROFILES = ("fiber", "lte", "4g", "3g")
+
+
+def _load(path: Path = RESULTS) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"quality": {}, "cost": {}}
+
+
+def _save(results: dict, config: dict, path: Path = RESULTS) -> None:
+    results |= {"hardware": hardware(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    results.setdefault("config", {}).update(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def quality(args: argparse.Namespace) -> None:
+    from personalization.backbone.loading import load_backbone
+    from personalization.latency import profile
+    from personalization.model import SPAModel
+    from personalization.training.experiment import DataConfig, assess, fit, prepare_data
+    from personalization.training.train import TrainConfig
+
+    results, backbone = _load(args.out), load_backbone(args.backbone)
+    config = {
+        "backbone": backbone.name, "train_size": args.train_size, "valid_size": args.valid_size,
+        "test_size": args.test_size, "epochs": args.epochs, "lr": args.lr,
+        "target_usage": args.target_usage, "max_prompt_tokens": args.max_prompt_tokens,
+    }  # fmt: skip
+    work = Path(args.work)
+    for dataset in args.datasets:
+        data = prepare_data(
+            backbone,
+            DataConfig(
+                path=str(Path(args.data) / f"{dataset}.jsonl"), train_size=args.train_size,
+                valid_size=args.valid_size, test_size=args.test_size,
+                max_prompt_tokens=args.max_prompt_tokens,
+            ),
+        )  # fmt: skip
+        cells = results["quality"].setdefault(dataset, {})
+        for encoding in ("base", *args.encodings):
+            if encoding in cells:
+                print(f"{dataset} {encoding}: done, skipped", flush=True)
+                continue
+            started = time.perf_counter()
+            if encoding == "base":
+                from personalization.config import SPAConfig
+
+                model = SPAModel(backbone, SPAConfig(setting="base"))
+                report, _ = assess(model, data, profile("lte"), progress=False)
+            else:
+                out = work / f"{dataset}-spa-{encoding}.safetensors"
+                cfg = TrainConfig(epochs=args.epochs, lr=args.lr, target_usage=args.target_usage)
+                model = fit(
+                    backbone, data, "spa", cfg, out, tap_encoding=encoding, resume=True,
+                    cache_root=args.cache, calibration_prompts=10, progress=False,
+                ).model  # fmt: skip
+                report, _ = assess(
+                    model, data, profile("lte"), target_usage=args.target_usage,
+                    cache_root=args.cache, progress=False,
+                )  # fmt: skip
+            low, high = report.rouge_l_interval()
+            cells[encoding] = asdict(report) | {
+                "rouge_l_ci": [low, high],
+                "tap_bytes": None if encoding == "base" else model.tap_bytes,
+                "seconds": time.perf_counter() - started,
+            }
+            print(
+                f"{dataset} {encoding}: Rouge-L {report.rouge_l:.2f} [{low:.2f}, {high:.2f}], "
+                f"usage {report.usage:.2f}, {report.bytes_per_token:,.0f} B/token "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+            _save(results, {"quality": config}, args.out)
+
+
+def table(path: Path) -> None:
+    results = _load(path)
+    print(f"Hardware: {results.get('hardware')}; {results.get('date')}")
+    print("\n| dataset | encoding | B / tap position | B / token | Rouge-L [95 % CI] | usage |")
+    print("|---|---|---|---|---|---|")
+    for dataset, cells in results.get("quality", {}).items():
+        for encoding, r in cells.items():
+            low, high = r["rouge_l_ci"]
+            print(
+                f"| {dataset} | {encoding} | {r['tap_bytes'] or '—'} | "
+                f"{r['bytes_per_token']:,.0f} | {r['rouge_l']:.2f} [{low:.2f}, {high:.2f}] | "
+                f"{r['usage']:.2f} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", choices=("quality", "table"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data"))
+    parser.add_argument("--backbone", default="smollm2")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--encodings", nargs="+", default=list(TAP_ENCODINGS))
+    parser.add_argument("--train-size", type=int, default=300)
+    parser.add_argument("--valid-size", type=int, default=50)
+    parser.add_argument("--test-size", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--target-usage", type=float, default=0.5)
+    parser.add_argument("--max-prompt-tokens", type=int, default=384)
+    parser.add_argument("--work", default=str(ROOT / ".bench/wire"), help="checkpoints")
+    parser.add_argument("--cache", default=None, help="feature cache root")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.phase == "quality":
+        quality(args)
+    else:
+        table(args.out)
+
+
+if __name__ == "__main__":
+    main()
