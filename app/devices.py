@@ -23,6 +23,7 @@ from device_agent.client import CloudClient
 from device_agent.errors import CloudError, DeviceError
 from device_agent.trainer import DeviceTrainConfig, Progress
 from personalization.backbone.embedded import cache_dir
+from personalization.config import TapEncoding
 from personalization.latency import NetworkProfile
 from personalization.training.train import TrainConfig
 
@@ -43,18 +44,25 @@ class DemoConfig:
     lr: float = 5e-3
     target_usage: float = 0.5
     calibration_prompts: int = 4
+    tap_encoding: TapEncoding = "raw-le"  # how the demo devices' taps cross the wire
 
     def fingerprint(self) -> str:
         """Demo users trained under another configuration are trained again."""
         return repr(self)
 
-    def train_config(self, epochs: int | None = None, target_usage: float | None = None):
+    def train_config(
+        self,
+        epochs: int | None = None,
+        target_usage: float | None = None,
+        tap_encoding: TapEncoding | None = None,
+    ) -> DeviceTrainConfig:
         train = TrainConfig(
             epochs=epochs or self.epochs, lr=self.lr, target_usage=target_usage or self.target_usage
         )
         return DeviceTrainConfig(
-            setting="spa", train=train, calibration_prompts=self.calibration_prompts
-        )
+            setting="spa", train=train, calibration_prompts=self.calibration_prompts,
+            tap_encoding=tap_encoding or self.tap_encoding,
+        )  # fmt: skip
 
 
 class Devices:

@@ -32,7 +32,7 @@ from _hardware import hardware
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from personalization.config import TAP_ENCODINGS  # noqa: E402
+from personalization.config import TAP_ENCODINGS, TAP_MODES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results/wire.json"
 DATASETS = ("xsum", "personachat")
@@ -110,6 +110,104 @@ def quality(args: argparse.Namespace) -> None:
             _save(results, {"quality": config}, args.out)
 
 
+def cost(args: argparse.Namespace) -> None:
+    """Every encoding × mode through a real cloud and the emulated link, `base` beside them."""
+    import httpx
+
+    from app.cloud_process import cloud
+    from device_agent.client import CloudClient
+    from device_agent.generation import RemoteGeneration
+    from personalization.backbone.loading import load_backbone
+    from personalization.config import DecodeConfig
+    from personalization.latency import profile
+    from personalization.training.checkpoint import load_checkpoint
+    from personalization.training.experiment import DataConfig, prepare_data
+
+    results, backbone = _load(args.out), load_backbone(args.backbone)
+    data = prepare_data(
+        backbone,
+        DataConfig(
+            path=str(Path(args.data) / f"{args.cost_dataset}.jsonl"), train_size=args.train_size,
+            valid_size=args.valid_size, test_size=args.test_size,
+            max_prompt_tokens=args.max_prompt_tokens,
+        ),
+    )  # fmt: skip
+    prompts = [list(e.prompt) for e in data.test[: args.prompts]]
+    decode = DecodeConfig(max_new_tokens=args.tokens)
+    config = {
+        "dataset": args.cost_dataset, "prompts": len(prompts), "max_new_tokens": args.tokens,
+        "profiles": list(args.profiles), "target_usage": args.target_usage,
+    }  # fmt: skip
+    cells = results.setdefault("cost", {})
+    work = Path(args.work)
+    with cloud(args.backbone, work / "cloud") as url:
+        token = httpx.post(f"{url}/v1/devices", json={"name": "wire-bench"}).json()["token"]
+        for name in args.profiles:
+            net = profile(name)
+            with CloudClient(url, token, profile=net) as client:
+                runs = [("base", None, None)] + [
+                    (f"{e}/{mode}", e, mode) for e in args.encodings for mode in TAP_MODES
+                ]
+                for key, encoding, mode in runs:
+                    if key in cells.get(name, {}):
+                        continue
+                    model = None
+                    if encoding is not None:
+                        ckpt = work / f"{args.cost_dataset}-spa-{encoding}.safetensors"
+                        model = load_checkpoint(ckpt, backbone)[0].eval()
+                    cells.setdefault(name, {})[key] = _measure(
+                        client, model, prompts, decode, mode, RemoteGeneration
+                    )
+                    r = cells[name][key]
+                    print(
+                        f"{name} {key}: {r['bytes_per_token']:,.0f} B/token, "
+                        f"{r['bytes_per_position']:,.0f} B/position, T_total "
+                        f"{1e3 * r['t_total_per_token']:.1f} ms/token, first device token "
+                        f"{r['first_device_token_s']}",
+                        flush=True,
+                    )
+                    _save(results, {"cost": config}, args.out)
+            for r in cells[name].values():
+                r["vs_base"] = r["t_total_per_token"] / cells[name]["base"]["t_total_per_token"]
+                first = cells[name]["base"]["first_token_s"]
+                if r["first_device_token_s"] is not None:
+                    r["first_device_vs_base_first"] = r["first_device_token_s"] / first
+            _save(results, {"cost": config}, args.out)
+
+
+def _measure(client, model, prompts, decode, mode, generation) -> dict:
+    """Generate every prompt once; totals per token, first (device) token latency per prompt."""
+    tokens = t_total = bytes_down = bytes_up = positions = 0.0
+    firsts, device_firsts, contacts = [], [], 0
+    for prompt in prompts:
+        run = generation(
+            client, model, prompt, "base" if model is None else "spa", decode, tap_mode=mode
+        )
+        first_device = None
+        for i, token in enumerate(run):
+            if i == 0:
+                firsts.append(run.accounts.wall_s)
+            if first_device is None and token.branch == "device":
+                first_device = run.accounts.wall_s
+        if first_device is not None:
+            device_firsts.append(first_device)
+        a = run.accounts
+        tokens += a.tokens
+        t_total += a.t_total
+        bytes_down += a.bytes_down
+        bytes_up += a.bytes_up
+        positions += a.positions
+        contacts += a.contacts
+    return {
+        "tokens": tokens, "contacts": contacts, "M": contacts / max(tokens, 1),
+        "bytes_per_token": (bytes_down + bytes_up) / max(tokens, 1),
+        "bytes_per_position": bytes_down / positions if positions else 0.0,
+        "t_total_per_token": t_total / max(tokens, 1),
+        "first_token_s": sum(firsts) / len(firsts),
+        "first_device_token_s": sum(device_firsts) / len(device_firsts) if device_firsts else None,
+    }  # fmt: skip
+
+
 def table(path: Path) -> None:
     results = _load(path)
     print(f"Hardware: {results.get('hardware')}; {results.get('date')}")
@@ -127,7 +225,7 @@ def table(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("quality", "table"))
+    parser.add_argument("phase", choices=("quality", "cost", "table"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data"))
     parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
@@ -142,9 +240,15 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / ".bench/wire"), help="checkpoints")
     parser.add_argument("--cache", default=None, help="feature cache root")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cost-dataset", default="personachat")
+    parser.add_argument("--profiles", nargs="+", default=list(PROFILES))
+    parser.add_argument("--prompts", type=int, default=3, help="test prompts per cost cell")
+    parser.add_argument("--tokens", type=int, default=24, help="tokens per cost generation")
     args = parser.parse_args()
     if args.phase == "quality":
         quality(args)
+    elif args.phase == "cost":
+        cost(args)
     else:
         table(args.out)
 

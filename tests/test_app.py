@@ -43,7 +43,7 @@ def demo(tmp_path_factory):
 
 def generate(client, user="haiku", prompt="Any tips for a rainy Sunday?", setting="spa", **kw):
     args = dict(decoding="greedy", net="datacenter", calibrated=True, threshold=0.5,
-                max_tokens=24, seed=0, beams=4) | kw  # fmt: skip
+                max_tokens=24, seed=0, beams=4, tap_mode="pull") | kw  # fmt: skip
     return client.submit(user, prompt, setting, *args.values(), api_name="/generate")
 
 
@@ -96,6 +96,20 @@ def test_beam_search_through_the_cloud(demo):
     assert row["device contacts"] > 0 and "shaped by the device" in status
 
 
+def test_streamed_taps_give_the_same_answer_and_show_their_bytes(demo):
+    from gradio_client import Client
+
+    url, _devices = demo
+    client = Client(url, verbose=False)
+    pull = generate(client, tap_mode="pull").result()
+    streamed = generate(client, tap_mode="streamed").result()
+    assert streamed[0] == pull[0]  # the same tokens, the same colours
+    assert "raw-le (streamed)" in streamed[-1] and "raw-le (pull)" in pull[-1]
+    for books in (pull[2], streamed[2]):
+        row = dict(zip(books["headers"], books["data"][0], strict=True))
+        assert row["B / tap position"] > 0 and row["B / token"] > 0
+
+
 def test_base_never_asks_the_device(demo):
     from gradio_client import Client
 
@@ -133,12 +147,14 @@ def test_the_device_tab_trains_with_progress_and_a_loss_curve(demo):
         agent.store.add_items(
             [pair_item(f"Question {i}?", f"Answer {i}, as always.") for i in range(8)]
         )
-    updates = list(Client(url, verbose=False).submit(MY_DEVICE, 2, 0.5, api_name="/train"))
+    train = Client(url, verbose=False).submit(MY_DEVICE, 2, 0.5, "int8", api_name="/train")
+    updates = list(train)
     curves = [u[1]["data"] for u in updates]
     assert len(curves[-1]) == 2 * 2  # two epochs, train and validation loss
     assert "trainable parameters" in updates[-1][0]
     final = generate(Client(url, verbose=False), user=MY_DEVICE).result()
     assert len(final[0]) == 24  # the visitor's own device now generates
+    assert "taps int8" in final[-1]  # trained on int8 taps, served with int8 taps
 
 
 def test_the_federated_tab_runs_a_simulation_and_fills_in_rounds(demo):

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from app.cli.options import PROFILE, Choice, TapEncodingOption
-from personalization.config import SERVED_SETTINGS, SIDE_SETTINGS, STRATEGIES
+from personalization.config import SERVED_SETTINGS, SIDE_SETTINGS, STRATEGIES, TAP_MODES
 from personalization.errors import ConfigError
 
 app = typer.Typer(
@@ -249,6 +249,15 @@ def generate(
         bool, typer.Option(help="Keep the gate on the device (asked every token).")
     ] = False,
     profile: Profile = None,
+    tap_mode: Annotated[
+        str | None,
+        typer.Option(
+            click_type=Choice(TAP_MODES, "tap mode"),
+            help="pull: taps ride on each contact; streamed: pushed as they exist (greedy and "
+            "sampling). Default: the cloud's.",
+            show_default=False,
+        ),
+    ] = None,
     what_if: Annotated[
         bool, typer.Option("--what-if", help="Also print paper Table 2 for every setting.")
     ] = False,
@@ -270,8 +279,9 @@ def generate(
             seed=seed,
         )
         generation = agent.generate(
-            prompt, setting=setting, decode=decode, strict=strict, threshold=threshold
-        )
+            prompt, setting=setting, decode=decode, strict=strict, threshold=threshold,
+            tap_mode=tap_mode,
+        )  # fmt: skip
         try:
             for token in generation:
                 if not json_out:

@@ -16,6 +16,7 @@ from app.ui.common import readable
 from device_agent.agent import DeviceAgent
 from device_agent.history import pair_item, read_items, text_item
 from device_agent.trainer import Progress
+from personalization.config import TAP_ENCODINGS
 
 HISTORY = ["id", "prompt", "response", "source"]
 
@@ -89,6 +90,10 @@ def build(devices: Devices, user: gr.Dropdown, page: gr.Blocks) -> None:
         epochs = gr.Slider(1, 60, devices.config.epochs, step=1, label="epochs")
         budget = gr.Slider(0.05, 1, devices.config.target_usage, step=0.05,
                            label="usage budget (share of tokens the device shapes)")  # fmt: skip
+        encoding = gr.Dropdown(
+            list(TAP_ENCODINGS), value=devices.config.tap_encoding,
+            label="tap encoding (the side network trains on taps as they will arrive)",
+        )  # fmt: skip
         train = gr.Button("Train", variant="primary")
     curve = gr.LinePlot(loss_frame([]), x="epoch", y="loss", color="split",
                         title="training loss (live)", height=300)  # fmt: skip
@@ -124,9 +129,13 @@ def build(devices: Devices, user: gr.Dropdown, page: gr.Blocks) -> None:
             return facts(agent), history_frame(agent), None
 
     @readable
-    def train_device(key: str, n: float, usage: float, progress=gr.Progress()) -> Iterator:
+    def train_device(
+        key: str, n: float, usage: float, tap_encoding: str = "raw-le", progress=gr.Progress()
+    ) -> Iterator:
         events: queue.Queue[Progress | BaseException | None] = queue.Queue()
-        cfg = devices.config.train_config(epochs=int(n), target_usage=float(usage))
+        cfg = devices.config.train_config(
+            epochs=int(n), target_usage=float(usage), tap_encoding=tap_encoding
+        )
 
         def work() -> None:
             try:
@@ -156,4 +165,4 @@ def build(devices: Devices, user: gr.Dropdown, page: gr.Blocks) -> None:
     add.click(add_item, [user, prompt, response], [info, history, prompt, response])
     delete.click(delete_items, [user, ids], [info, history, ids])
     upload.upload(import_file, [user, upload], [info, history, upload])
-    train.click(train_device, [user, epochs, budget], [info, curve], api_name="train")
+    train.click(train_device, [user, epochs, budget, encoding], [info, curve], api_name="train")

@@ -12,13 +12,14 @@ import pandas as pd
 from app.devices import Devices
 from app.ui.common import BRANCH_COLORS, readable
 from device_agent.generation import Accounts, RemoteGeneration, TokenCost
-from personalization.config import SERVED_SETTINGS, STRATEGIES, DecodeConfig
+from personalization.config import SERVED_SETTINGS, STRATEGIES, TAP_MODES, DecodeConfig
 from personalization.latency import PROFILES, profile
 
 #: the decoding strategies a session serves, by the label the page shows
 DECODINGS = {{"sample": "sampling"}.get(s, s): s for s in STRATEGIES}
 BOOKS = ["tokens", "tokens/s", "M", "device contacts", "bytes up", "bytes down",
-         "T_cloud ms", "T_device ms", "T_net ms", "T_total ms"]  # fmt: skip
+         "B / tap position", "B / token", "T_cloud ms", "T_device ms", "T_net ms",
+         "T_total ms"]  # fmt: skip
 WHAT_IF = ["setting", "% params", "inference ms", "network ms", "total ms / token", "M"]
 PARTS = {"cloud": "cloud_s", "device": "device_s", "network": "net_s"}
 PART_COLORS = {"cloud": "#3b82f6", "device": "#f97316", "network": "#9ca3af"}
@@ -27,8 +28,10 @@ PART_COLORS = {"cloud": "#3b82f6", "device": "#f97316", "network": "#9ca3af"}
 def books_frame(a: Accounts) -> pd.DataFrame:
     """The live accounting panel: one row, the sums of the per-token bills so far."""
     row = [a.tokens, round(a.tokens_per_s, 1), round(a.m, 2), a.contacts, a.bytes_up,
-           a.bytes_down, *(round(1e3 * t, 1) for t in (a.t_cloud, a.t_device, a.t_net,
-                                                        a.t_total))]  # fmt: skip
+           a.bytes_down, round(a.bytes_down / a.positions) if a.positions else 0,
+           round((a.bytes_up + a.bytes_down) / a.tokens) if a.tokens else 0,
+           *(round(1e3 * t, 1) for t in (a.t_cloud, a.t_device, a.t_net,
+                                         a.t_total))]  # fmt: skip
     return pd.DataFrame([row], columns=BOOKS)
 
 
@@ -63,6 +66,10 @@ def build(devices: Devices) -> gr.Dropdown:
             setting = gr.Radio(list(SERVED_SETTINGS), value="spa", label="setting")
             decoding = gr.Radio(list(DECODINGS), value="greedy", label="decoding")
             net = gr.Dropdown(list(PROFILES), value="lte", label="network profile")
+            tap_mode = gr.Radio(
+                list(TAP_MODES), value="pull", label="taps: pull (with each contact) or "
+                "streamed (pushed as they exist; greedy and sampling)",
+            )  # fmt: skip
             with gr.Accordion("gate and length", open=False):
                 calibrated = gr.Checkbox(
                     True, label="gate threshold calibrated to the device's usage budget"
@@ -98,6 +105,7 @@ def build(devices: Devices) -> gr.Dropdown:
     def generate(
         key: str, text: str, setting: str, decoding: str, net: str, calibrated: bool,
         threshold: float, max_tokens: float, seed: float, beams: float = 4,
+        tap_mode: str = "pull",
     ) -> Iterator[tuple]:  # fmt: skip
         if not text or not text.strip():
             raise gr.Error("the prompt is empty: type something to ask")
@@ -114,8 +122,12 @@ def build(devices: Devices) -> gr.Dropdown:
             mine = agent.generate(
                 text, setting=setting, decode=decode,
                 threshold=None if calibrated else float(threshold),
+                tap_mode=None if decoding == "beam" else tap_mode,
             )  # fmt: skip
             what = f"**{setting}** over an emulated **{net}** link"
+            if mine.model is not None:
+                mode = "pull" if decoding == "beam" else tap_mode
+                what += f", taps {mine.model.config.tap_encoding} ({mode})"
             for _ in mine:
                 live = books_frame(mine.accounts), latency_frame(mine.tokens)
                 yield highlighted(mine), [], *live, None, f"generating ({what}) …"
@@ -142,7 +154,19 @@ def build(devices: Devices) -> gr.Dropdown:
 
     run.click(
         generate,
-        [user, prompt, setting, decoding, net, calibrated, threshold, max_tokens, seed, beams],
+        [
+            user,
+            prompt,
+            setting,
+            decoding,
+            net,
+            calibrated,
+            threshold,
+            max_tokens,
+            seed,
+            beams,
+            tap_mode,
+        ],  # fmt: skip
         [tokens, base, books, plot, what_if, status],
         api_name="generate",
     )
