@@ -100,6 +100,7 @@ def quality(args: argparse.Namespace) -> None:
                 "rouge_l_ci": [low, high],
                 "tap_bytes": None if encoding == "base" else model.tap_bytes,
                 "seconds": time.perf_counter() - started,
+                "config": config,
             }
             print(
                 f"{dataset} {encoding}: Rouge-L {report.rouge_l:.2f} [{low:.2f}, {high:.2f}], "
