@@ -206,7 +206,8 @@ class Session:
         with self._lock:
             if self._stop:
                 return None
-            request = SideRequest(len(self._requests) + 1, self._acked, positions, rows)
+            start = self._pushed if self.streamed else self._acked  # streamed: nothing pending
+            request = SideRequest(len(self._requests) + 1, start, positions, rows)
             self._requests[request.id] = request
         sent = self._emit(
             SideRequestEvent(
