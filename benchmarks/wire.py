@@ -50,11 +50,25 @@ def _save(results: dict, config: dict, path: Path = RESULTS) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _data(backbone, dataset: str, args: argparse.Namespace):
+    """The dataset's seeded splits, as `spa train` / `spa eval` make them."""
+    from personalization.training.experiment import DataConfig, prepare_data
+
+    return prepare_data(
+        backbone,
+        DataConfig(
+            path=str(Path(args.data) / f"{dataset}.jsonl"), train_size=args.train_size,
+            valid_size=args.valid_size, test_size=args.test_size,
+            max_prompt_tokens=args.max_prompt_tokens,
+        ),
+    )  # fmt: skip
+
+
 def quality(args: argparse.Namespace) -> None:
     from personalization.backbone.loading import load_backbone
     from personalization.latency import profile
     from personalization.model import SPAModel
-    from personalization.training.experiment import DataConfig, assess, fit, prepare_data
+    from personalization.training.experiment import assess, fit
     from personalization.training.train import TrainConfig
 
     results, backbone = _load(args.out), load_backbone(args.backbone)
@@ -65,14 +79,7 @@ def quality(args: argparse.Namespace) -> None:
     }  # fmt: skip
     work = Path(args.work)
     for dataset in args.datasets:
-        data = prepare_data(
-            backbone,
-            DataConfig(
-                path=str(Path(args.data) / f"{dataset}.jsonl"), train_size=args.train_size,
-                valid_size=args.valid_size, test_size=args.test_size,
-                max_prompt_tokens=args.max_prompt_tokens,
-            ),
-        )  # fmt: skip
+        data = _data(backbone, dataset, args)
         cells = results["quality"].setdefault(dataset, {})
         for encoding in ("base", *args.encodings):
             if encoding in cells:
@@ -122,17 +129,9 @@ def cost(args: argparse.Namespace) -> None:
     from personalization.config import DecodeConfig
     from personalization.latency import profile
     from personalization.training.checkpoint import load_checkpoint
-    from personalization.training.experiment import DataConfig, prepare_data
 
     results, backbone = _load(args.out), load_backbone(args.backbone)
-    data = prepare_data(
-        backbone,
-        DataConfig(
-            path=str(Path(args.data) / f"{args.cost_dataset}.jsonl"), train_size=args.train_size,
-            valid_size=args.valid_size, test_size=args.test_size,
-            max_prompt_tokens=args.max_prompt_tokens,
-        ),
-    )  # fmt: skip
+    data = _data(backbone, args.cost_dataset, args)
     prompts = [list(e.prompt) for e in data.test[: args.prompts]]
     decode = DecodeConfig(max_new_tokens=args.tokens)
     config = {
