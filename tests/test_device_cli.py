@@ -338,6 +338,36 @@ def test_generate_with_the_side_network(trained):
     assert after == before + 1
 
 
+def test_generate_with_streamed_taps_matches_pull(trained):
+    root, _ = trained
+    runs = {
+        mode: stdout_json(
+            device(
+                "generate",
+                "Tell me about your week.",
+                "--max-new-tokens",
+                "8",
+                "--json",
+                "--tap-mode",
+                mode,
+                "--dir",
+                root,
+            )
+        )  # fmt: skip
+        for mode in ("pull", "streamed")
+    }
+    assert [t["id"] for t in runs["streamed"]["tokens"]] == [
+        t["id"] for t in runs["pull"]["tokens"]
+    ]
+    assert (
+        runs["streamed"]["accounts"]["t_device_ahead"]
+        > 0
+        == runs["pull"]["accounts"]["t_device_ahead"]
+    )
+    bad = device("generate", "hi", "--tap-mode", "teleport", "--dir", root)
+    assert_clean_error(bad, "unknown tap mode 'teleport'; choose one of pull, streamed")
+
+
 def test_generate_plain_output(trained):
     root, _ = trained
     result = device("generate", "Hi!", "--max-new-tokens", "3", "--dir", root)
