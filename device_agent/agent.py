@@ -178,7 +178,8 @@ class DeviceAgent:
             num_layers=info.num_layers,
             hidden_size=info.hidden_size,
             wire_bytes=model.wire_bytes,
-            tap_bytes=model.tap_bytes,
+            # measured: what one tap position cost on the wire (encoding, base64, JSON framing)
+            tap_bytes=a.bytes_down / a.positions if a.positions else model.tap_bytes,
             backbone_parameters=info.parameters["backbone"],
             parameters={
                 "lora": info.parameters["lora"], "adapter": info.parameters["adapter"],

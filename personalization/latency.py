@@ -104,7 +104,7 @@ class Measured:
     num_layers: int  # L
     hidden_size: int  # H
     wire_bytes: int  # bytes per value of an H-vector on the wire (g(x), a layer's hidden state)
-    tap_bytes: int  # bytes per tap position (R rungs) under the session's tap encoding
+    tap_bytes: float  # bytes per tap position (R rungs) under the session's tap encoding
     backbone_parameters: int
     parameters: dict[str, int]  # trainable parameters per setting
 
