@@ -37,6 +37,9 @@ from personalization.config import TAP_ENCODINGS, TAP_MODES  # noqa: E402
 RESULTS = ROOT / "benchmarks/results/wire.json"
 DATASETS = ("xsum", "personachat")
 PROFILES = ("fiber", "lte", "4g", "3g")
+#: the cloud's longest wait for g(x): fp16 prompt taps take seconds on 3g, and a fallback would
+#: hide what the link costs
+DEADLINE_S = 60.0
 
 
 def _load(path: Path = RESULTS) -> dict:
@@ -181,8 +184,9 @@ def _measure(client, model, prompts, decode, mode, generation) -> dict:
     firsts, device_firsts, contacts = [], [], 0
     for prompt in prompts:
         run = generation(
-            client, model, prompt, "base" if model is None else "spa", decode, tap_mode=mode
-        )
+            client, model, prompt, "base" if model is None else "spa", decode, tap_mode=mode,
+            deadline_s=DEADLINE_S,
+        )  # fmt: skip
         first_device = None
         for i, token in enumerate(run):
             if i == 0:
