@@ -213,9 +213,11 @@ def _measure(client, model, prompts, decode, mode, generation) -> dict:
 
 
 def table(path: Path) -> None:
+    """The README's tables, from the results file."""
     results = _load(path)
     print(f"Hardware: {results.get('hardware')}; {results.get('date')}")
-    print("\n| dataset | encoding | B / tap position | B / token | Rouge-L [95 % CI] | usage |")
+    print("\n| dataset | encoding | B / tap position | B / token (in-process books) | "
+          "Rouge-L [95 % CI] | usage |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for dataset, cells in results.get("quality", {}).items():
         for encoding, r in cells.items():
@@ -224,6 +226,23 @@ def table(path: Path) -> None:
                 f"| {dataset} | {encoding} | {r['tap_bytes'] or '—'} | "
                 f"{r['bytes_per_token']:,.0f} | {r['rouge_l']:.2f} [{low:.2f}, {high:.2f}] | "
                 f"{r['usage']:.2f} |"
+            )
+    cost = results.get("cost", {})
+    if cost:
+        print(
+            "\n| profile | encoding / mode | B / tap position (wire) | B / token (wire) | M | "
+            "T_total ms / token | ÷ base | first device token s | ÷ base first token |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for name, cells in cost.items():
+        for key, r in cells.items():
+            first = r["first_device_token_s"]
+            print(
+                f"| {name} | {key} | {r['bytes_per_position']:,.0f} | "
+                f"{r['bytes_per_token']:,.0f} | {r['M']:.2f} | "
+                f"{1e3 * r['t_total_per_token']:.1f} | {r.get('vs_base', 1):.2f} | "
+                f"{'—' if first is None else f'{first:.2f}'} | "
+                f"{r.get('first_device_vs_base_first', float('nan')):.2f} |"
             )
 
 
