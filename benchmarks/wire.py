@@ -145,6 +145,11 @@ def cost(args: argparse.Namespace) -> None:
     work = Path(args.work)
     with cloud(args.backbone, work / "cloud") as url:
         token = httpx.post(f"{url}/v1/devices", json={"name": "wire-bench"}).json()["token"]
+        for encoding in args.encodings:  # warm: both sides fit the public basis once, untimed
+            headers = {"Authorization": f"Bearer {token}"}
+            httpx.get(f"{url}/v1/codec/{encoding}", headers=headers, timeout=600)
+            ckpt = work / f"{args.cost_dataset}-spa-{encoding}.safetensors"
+            _ = load_checkpoint(ckpt, backbone)[0].codec
         for name in args.profiles:
             net = profile(name)
             with CloudClient(url, token, profile=net) as client:
