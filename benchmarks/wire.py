@@ -241,13 +241,13 @@ def table(path: Path) -> None:
         print("|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for name, cells in cost.items():
         for key, r in cells.items():
-            first = r["first_device_token_s"]
+            first, ratio = r["first_device_token_s"], r.get("first_device_vs_base_first")
             print(
                 f"| {name} | {key} | {r['bytes_per_position']:,.0f} | "
                 f"{r['bytes_per_token']:,.0f} | {r['M']:.2f} | "
                 f"{1e3 * r['t_total_per_token']:.1f} | {r.get('vs_base', 1):.2f} | "
                 f"{'—' if first is None else f'{first:.2f}'} | "
-                f"{r.get('first_device_vs_base_first', float('nan')):.2f} |"
+                f"{'—' if ratio is None else f'{ratio:.2f}'} |"
             )
 
 
