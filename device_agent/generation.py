@@ -149,14 +149,7 @@ class RemoteGeneration:
         try:
             return self._body()
         except ValidationError as exc:  # refused here, as the cloud would refuse it (422)
-            reasons = "; ".join(
-                ": ".join(
-                    filter(
-                        None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
-                    )
-                )
-                for e in exc.errors()
-            )
+            reasons = "; ".join(_reason(e) for e in exc.errors())
             raise DeviceError(f"the cloud would refuse this session: {reasons}") from None
 
     def _body(self) -> SessionIn:
@@ -318,3 +311,9 @@ class RemoteGeneration:
 
 def _b64(x: torch.Tensor) -> str:
     return wire.b64encode(wire.encode(x, "float32"))
+
+
+def _reason(error: dict) -> str:
+    """One pydantic error as `field: message` (a whole-model check has no field)."""
+    where, message = ".".join(map(str, error["loc"])), error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
