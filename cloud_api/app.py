@@ -235,18 +235,27 @@ def _record(request: Request, record: SessionRecord) -> SessionRecord:
     response_class=StreamingResponse,
     responses={200: {"content": {NDJSON: {"schema": {"type": "string"}}}}},
 )
-async def events(request: Request, session_id: SessionId, device: Device) -> StreamingResponse:
-    """The session's events as NDJSON: start, token, side_request, done. Generation runs while
-    this stream is open; closing it cancels the session."""
-    session = _cloud(request).owned_session(session_id, device.id)
-    queue = session.open_stream(asyncio.get_running_loop())
+async def events(
+    request: Request,
+    session_id: SessionId,
+    device: Device,
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=2**31, description="Resume: the event lines already read; the rest follow."),
+    ] = None,
+) -> StreamingResponse:
+    """The session's events as NDJSON: start, taps, side_request, token, done. Generation runs
+    while a stream is open; a broken one is resumed with `?after=N` (the session pauses until
+    then, up to the server's resume_s; an ended session stays resumable as long)."""
+    session = _cloud(request).owned_session(session_id, device.id, ended=after is not None)
+    stream, queue = session.open_stream(asyncio.get_running_loop(), after)
 
     async def lines():
         try:
             while (line := await queue.get()) is not END:
                 yield line
         finally:
-            session.cancel("cancelled", "the device closed the event stream")
+            session.detach(stream)
 
     return StreamingResponse(lines(), media_type=NDJSON)
 

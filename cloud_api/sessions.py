@@ -11,6 +11,12 @@ f's own token as `fallback` and keeps the taps pending, so the next side request
 the first position the device has not confirmed (`start`); a device that computed a late answer
 crops its side-network cache back to `start`.
 
+Every event line is kept in the session's log, so a device whose connection drops resumes it:
+`GET …/events?after=N` (N = the lines it has read) replays the rest and goes on live. While no
+stream is attached the session pauses at the next token boundary (a side request still waits for
+its deadline); one left alone for `resume_s` is cancelled by the sweep, and an ended session's
+log stays resumable for `resume_s` too, so a device that missed `done` still reads it.
+
 Backbone compute is serialised by one process-wide lock (the backbone's hooks and 2 CPU cores
 do not take concurrent passes well); a session hands the lock back while it waits for its
 device, so a slow device never holds up anyone else, and the event loop never computes.
@@ -72,6 +78,7 @@ class Session:
         deadline_s: float,
         strict: bool,
         streamed: bool = False,
+        resume_s: float = 30.0,
         compute: threading.Lock,
         records: Records,
         on_end: Callable[[Session], None],
@@ -79,6 +86,7 @@ class Session:
         self.id, self.device_id = session_id, device_id
         self.model, self.prompt_ids, self.decode = model, prompt_ids, decode
         self.deadline_s, self.strict, self.streamed = deadline_s, strict, streamed
+        self.resume_s = resume_s
         self.tap_dtype = model.config.wire_dtype
         self.hidden_size = model.backbone.hidden_size
         self.compute, self.records, self.on_end = compute, records, on_end
@@ -93,24 +101,62 @@ class Session:
         self._stop: tuple[str, str] | None = None  # (status, reason) asked for by cancel / TTL
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
+        self._log: list[bytes] = []  # every event line sent: what a resumed stream replays
+        self._streams = 0  # event streams opened (the attached one is number `_streams`)
+        self._attached = threading.Event()  # a device is reading the events
+        self._detached_at: float | None = None
         self._thread: threading.Thread | None = None
         self._step = _StepCost()
 
     # ---- called from the API ---------------------------------------------------------------
-    def open_stream(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        """Start generating; events go to the returned queue (lines of NDJSON, then END)."""
+    def open_stream(
+        self, loop: asyncio.AbstractEventLoop, after: int | None = None
+    ) -> tuple[int, asyncio.Queue]:
+        """Attach an event stream: (its number, the queue its NDJSON lines go to, then END).
+        The first starts generating; `after` = N resumes a broken one, replaying every line
+        after the first N (called on the event loop's thread)."""
         with self._lock:
-            if self.status != "created":
+            if after is None and self.status != "created":
                 raise ApiError(
-                    409, f"session {self.id} is {self.status}: its events stream only once"
+                    409,
+                    f"session {self.id} is {self.status}: its events stream once; a device "
+                    "whose stream broke resumes it with ?after=<event lines read>",
                 )
-            self.status = "running"
-            self._loop, self._queue = loop, asyncio.Queue()
-            self._thread = threading.Thread(
-                target=self._run, name=f"session-{self.id}", daemon=True
-            )
-        self._thread.start()
-        return self._queue
+            if after is not None and after > len(self._log):
+                raise ApiError(
+                    422, f"after={after}, but session {self.id} has sent {len(self._log)} events"
+                )
+            old, self._loop, self._queue = self._queue, loop, asyncio.Queue()
+            for line in self._log[after or 0 :]:
+                self._queue.put_nowait(line)
+            if self.status not in LIVE:
+                self._queue.put_nowait(END)
+            if old is not None:  # a stream the server has not yet seen break ends here
+                old.put_nowait(END)
+            self._streams += 1
+            self._detached_at = None
+            self._attached.set()
+            start = self.status == "created"
+            if start:
+                self.status = "running"
+                self._thread = threading.Thread(
+                    target=self._run, name=f"session-{self.id}", daemon=True
+                )
+        if start:
+            self._thread.start()
+        return self._streams, self._queue
+
+    def detach(self, stream: int) -> None:
+        """Event stream `stream` closed: pause (at the next token) until the device resumes."""
+        with self._lock:
+            if stream == self._streams and self.status in LIVE:
+                self._attached.clear()
+                self._detached_at = time.monotonic()
+
+    def detached_s(self) -> float:
+        """How long no device has read this session's events (0 while one does)."""
+        at = self._detached_at
+        return 0.0 if at is None else time.monotonic() - at
 
     def answer(self, request_id: int, data: bytes, dtype: str) -> None:
         """Accept the device's g(x) for a side request (raw bytes in `dtype`), or refuse it."""
@@ -157,6 +203,7 @@ class Session:
                 if request.state == "waiting":
                     request.state = "cancelled"
                     request.done.set()
+            self._attached.set()  # a paused session wakes up to end
             running = self._thread is not None
         if not running:  # never streamed: nothing else will end it
             self._end(status, reason)
@@ -179,6 +226,7 @@ class Session:
             self.books = books
             self._emit(StartEvent(**dict(self.facts())))
             for index in range(self.decode.max_new_tokens):
+                self._attached.wait()  # paused while the device is away (cancel wakes it)
                 with self.compute:
                     if self._stop:
                         break
@@ -323,10 +371,14 @@ class Session:
         return len(line)
 
     def _put(self, item: bytes | None) -> None:
-        if self._loop is None or self._queue is None:
+        with self._lock:  # logged and queued in one step: a resume replays exactly the rest
+            if item is not END:
+                self._log.append(item)
+            loop, queue = self._loop, self._queue
+        if loop is None or queue is None:
             return
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone: the server is shutting down
             self._stop = self._stop or ("cancelled", "server shutting down")
 
@@ -343,11 +395,13 @@ class _StepCost:
 
 
 class Registry:
-    """The live sessions of this process: the concurrency cap and the idle sweep."""
+    """The live sessions of this process: the concurrency cap and the sweep; ended sessions
+    stay resumable (their event log) for `resume_s`."""
 
-    def __init__(self, max_sessions: int, ttl_s: float):
-        self.max_sessions, self.ttl_s = max_sessions, ttl_s
+    def __init__(self, max_sessions: int, ttl_s: float, resume_s: float = 30.0):
+        self.max_sessions, self.ttl_s, self.resume_s = max_sessions, ttl_s, resume_s
         self._sessions: dict[str, Session] = {}
+        self._ended: dict[str, tuple[float, Session]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -364,18 +418,40 @@ class Registry:
                 )
             self._sessions[session.id] = session
 
-    def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
+    def get(self, session_id: str, *, ended: bool = False) -> Session | None:
+        """A live session; with `ended`, also one that ended less than `resume_s` ago."""
+        session = self._sessions.get(session_id)
+        if session is None and ended:
+            session = self._ended.get(session_id, (0.0, None))[1]
+        return session
 
     def remove(self, session: Session) -> None:
         with self._lock:
             self._sessions.pop(session.id, None)
+            self._ended[session.id] = (time.monotonic(), session)
+            self._forget()
+
+    def _forget(self) -> None:
+        oldest = time.monotonic() - self.resume_s
+        for sid in [sid for sid, (at, _) in self._ended.items() if at < oldest]:
+            del self._ended[sid]
 
     def sweep(self) -> int:
-        """Expire sessions idle for longer than the TTL; returns how many."""
-        idle = [s for s in list(self._sessions.values()) if s.idle_s() > self.ttl_s]
+        """Expire sessions idle for longer than the TTL and cancel those whose device left
+        without resuming; returns how many ended."""
+        live = list(self._sessions.values())
+        idle = [s for s in live if s.idle_s() > self.ttl_s]
+        gone = [s for s in live if s.detached_s() > self.resume_s and s not in idle]
         reason = f"idle for more than {self.ttl_s:g} s (SPA_CLOUD_SESSION_TTL_S)"
-        return sum(s.cancel("expired", reason) for s in idle)
+        left = (
+            f"the device closed its event stream and did not resume it within "
+            f"{self.resume_s:g} s (SPA_CLOUD_RESUME_S)"
+        )
+        ended = sum(s.cancel("expired", reason) for s in idle)
+        ended += sum(s.cancel("cancelled", left) for s in gone)
+        with self._lock:
+            self._forget()
+        return ended
 
     def cancel_all(self, reason: str) -> None:
         for session in list(self._sessions.values()):

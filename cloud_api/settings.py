@@ -52,6 +52,11 @@ class CloudSettings(BaseSettings):
     max_sessions: int = Field(16, ge=1, description="Sessions open at once; more get 429.")
     session_ttl_s: float = Field(300.0, gt=0, description="Idle sessions expire after this.")
     sweep_interval_s: float = Field(5.0, gt=0, description="How often expiry is checked.")
+    resume_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a session waits (paused) for a broken event stream's resume.",
+    )
     default_deadline_s: float = Field(
         5.0, gt=0, description="How long the cloud waits for g(x) unless a session says."
     )
@@ -70,6 +75,7 @@ class CloudSettings(BaseSettings):
             "max_body_bytes": self.max_body_bytes,
             "max_sessions": self.max_sessions,
             "session_ttl_s": self.session_ttl_s,
+            "resume_s": self.resume_s,
             "default_deadline_s": self.default_deadline_s,
             "max_deadline_s": self.max_deadline_s,
             "features_max_batch": self.features_max_batch,

@@ -46,7 +46,7 @@ class Cloud:
     def __init__(self, settings: CloudSettings, backbone: Backbone | None = None):
         self.settings = settings
         self.records = Records(settings.database_url)
-        self.registry = Registry(settings.max_sessions, settings.session_ttl_s)
+        self.registry = Registry(settings.max_sessions, settings.session_ttl_s, settings.resume_s)
         self.compute = threading.Lock()  # one backbone pass at a time (see sessions.py)
         self.backbone = backbone
         self.load_error: str | None = None
@@ -202,6 +202,7 @@ class Cloud:
             strict=body.strict and gated,
             streamed=(body.tap_mode or limits.tap_mode) == "streamed"
             and body.setting in SIDE_SETTINGS,
+            resume_s=limits.resume_s,
             compute=self.compute,
             records=self.records,
             on_end=self.registry.remove,
@@ -228,9 +229,10 @@ class Cloud:
             raise
         return session
 
-    def owned_session(self, session_id: str, device_id: str) -> Session:
-        """A live session of this device; another device's is as invisible as a missing one."""
-        session = self.registry.get(session_id)
+    def owned_session(self, session_id: str, device_id: str, *, ended: bool = False) -> Session:
+        """A live session of this device (with `ended`, also one still resumable); another
+        device's is as invisible as a missing one."""
+        session = self.registry.get(session_id, ended=ended)
         if session is not None and session.device_id == device_id:
             return session
         row = self.records.get_session(session_id)

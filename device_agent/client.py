@@ -1,9 +1,11 @@
 """The device's HTTP client for the cloud API — the only way the device reaches the backbone.
 
 Every call has a timeout. Idempotent calls (info, head, tokenize, features, reading a session's
-record) are retried with exponential backoff and jitter (tenacity) on connection errors, 5xx and
-429; opening a session and answering a side request are not (a repeat would act twice). Errors
-surface as `CloudUnreachable` / `CloudError` with a message a person can act on.
+record, answering a side request — a repeated answer is a 409 the device ignores) are retried
+with exponential backoff and jitter (tenacity) on connection errors, 5xx and 429; opening a
+session is not (a repeat would open two). A broken event stream is resumed by the generation
+(`events(after=N)`). Errors surface as `CloudUnreachable` / `CloudError` with a message a person
+can act on.
 """
 
 from __future__ import annotations
@@ -238,10 +240,13 @@ class CloudClient:
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
-    def events(self, session_id: str) -> Iterator[tuple[Event, int]]:
-        """The session's typed events as they arrive, each with its size in bytes on the wire."""
+    def events(self, session_id: str, after: int | None = None) -> Iterator[tuple[Event, int]]:
+        """The session's typed events as they arrive, each with its size in bytes on the wire;
+        `after` = N resumes a broken stream after the first N events."""
+        params = {} if after is None else {"after": after}
+        url = f"/v1/sessions/{session_id}/events"
         try:
-            with self.http.stream("GET", f"/v1/sessions/{session_id}/events") as response:
+            with self.http.stream("GET", url, params=params) as response:
                 if response.is_error:
                     response.read()
                     _raise_for(response)
@@ -251,16 +256,14 @@ class CloudClient:
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
+    @_idempotent
     def answer(self, session_id: str, request_id: int, g: torch.Tensor, dtype: str) -> int:
-        """Post g(x) for a side request; returns the bytes sent. A late answer (409) is fine:
-        the cloud already moved on with a fallback token."""
+        """Post g(x) for a side request; returns the bytes sent. A late or repeated answer
+        (409) is fine: the cloud already moved on, with a fallback token or the first answer."""
         raw = wire.encode(g, dtype)
         url = f"/v1/sessions/{session_id}/side-requests/{request_id}/answer"
         headers = {"Content-Type": BINARY, "X-SPA-Dtype": dtype}
-        try:
-            response = self.http.post(url, content=raw, headers=headers)
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from None
+        response = self.http.post(url, content=raw, headers=headers)
         if response.status_code != 409:
             _raise_for(response)
         return len(raw)

@@ -23,7 +23,7 @@ from personalization.config import GATED_SETTINGS, DecodeConfig, TapMode
 from personalization.latency import round_trips_per_step
 from personalization.model import SPAModel
 from protocol import wire
-from protocol.events import DoneEvent, SideRequestEvent, TapsEvent, TokenEvent
+from protocol.events import DoneEvent, Event, SideRequestEvent, TapsEvent, TokenEvent
 from protocol.messages import DecodingIn, GateIn, SessionIn, SessionOut
 
 
@@ -65,6 +65,7 @@ class Accounts:
     wall_s: float = 0.0  # stream opened → last event, measured on the device
     positions: int = 0  # tap positions received
     t_device_ahead: float = 0.0  # streamed taps: side-network seconds spent before being asked
+    resumes: int = 0  # times the event stream broke and was resumed where it stopped
 
     def add(self, token: TokenCost) -> None:
         self.tokens += 1
@@ -191,7 +192,7 @@ class RemoteGeneration:
         try:
             self.session = self.client.open_session(self.body())
             sid = self.session.session_id
-            for event, size in self.client.events(sid):
+            for event, size in self._events(sid):
                 if isinstance(event, TapsEvent):
                     pending.bytes_down += size
                     t = time.perf_counter()
@@ -234,6 +235,23 @@ class RemoteGeneration:
                 self.on_end(self)
         if self.status == "failed":
             raise DeviceError(f"the cloud could not finish the generation: {self.error}")
+
+    def _events(self, sid: str) -> Iterator[tuple[Event, int]]:
+        """The session's events; a stream that breaks is resumed after the last event read (the
+        cloud replays the rest), up to the client's attempts in a row, with its backoff."""
+        read, failures = 0, 0
+        while True:
+            try:
+                for item in self.client.events(sid, after=read if read or failures else None):
+                    read, failures = read + 1, 0
+                    yield item
+                return
+            except CloudUnreachable:
+                failures += 1
+                if failures >= self.client.config.attempts:
+                    raise
+                self.accounts.resumes += 1
+                time.sleep(self.client.config.backoff_s * 2 ** (failures - 1))
 
     @torch.no_grad()
     def _side(self, event: SideRequestEvent, cache, pending: _Pending) -> torch.Tensor:

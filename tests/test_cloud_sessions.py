@@ -262,15 +262,25 @@ def test_cancel_ends_the_stream_and_refuses_later_answers(server, backbone, side
     assert record["status"] == "cancelled" and record["finished_at"] is not None
 
 
-def test_closing_the_stream_cancels_the_session(server, backbone, gate):
+def test_a_device_that_leaves_without_resuming_is_cancelled_after_resume_s(
+    tmp_path, backbone, gate
+):
+    """Closing the stream pauses the session (a plain second stream is refused with how to
+    resume); nobody resumes it, so the sweep cancels it after resume_s, even mid side request."""
     body = session_body(backbone, gate, "spa", strict=True, deadline_s=60.0)
-    with device(server.url) as client:
+    with (
+        running(tmp_path, resume_s=0.5, sweep_interval_s=0.1) as short,
+        device(short.url) as client,
+    ):
         sid = client.open(**body)["session_id"]
         events = client.events(sid)
         next(e for e in events if e["event"] == "side_request")
+        again = client.http.get(f"/v1/sessions/{sid}/events")
         events.close()  # the device goes away mid-session
         status = _wait_for_status(client, sid, {"cancelled"})
-    assert status == "cancelled"
+        record = client.http.get(f"/v1/sessions/{sid}").json()
+    assert again.status_code == 409 and "?after=" in again.json()["detail"]
+    assert status == "cancelled" and "did not resume it within 0.5 s" in record["reason"]
 
 
 def test_events_stream_once(server, backbone, gate):

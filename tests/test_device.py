@@ -250,6 +250,79 @@ def test_a_device_that_stalls_in_streamed_mode_resumes_with_correct_answers(trai
     assert got == want and 1 in missed and got[-1][1] == "device"
 
 
+class _Dropping(httpx.HTTPTransport):
+    """A link whose first event streams break after the given numbers of bytes (mid-line, as a
+    real drop does); the server sees the connection close."""
+
+    def __init__(self, cuts: list[int]):
+        super().__init__()
+        self.cuts = list(cuts)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.url.path.endswith("/events") and self.cuts:
+            response.stream = _Cut(response.stream, self.cuts.pop(0))
+        return response
+
+
+class _Cut(httpx.SyncByteStream):
+    def __init__(self, stream: httpx.SyncByteStream, at: int):
+        self.stream, self.at = stream, at
+
+    def __iter__(self):
+        sent = 0
+        for chunk in self.stream:
+            if sent + len(chunk) >= self.at:
+                yield chunk[: self.at - sent]
+                self.stream.close()
+                raise httpx.ReadError("the link dropped")
+            sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+@pytest.mark.parametrize("mode", ["pull", "streamed"])
+def test_a_device_whose_event_stream_drops_resumes_it_with_the_same_answer(trained, mode):
+    """Streams cut mid-line at several points (prompt taps, side requests, tokens): the device
+    resumes each after the last event it read, and gets the tokens, branches and gate
+    probabilities of an unbroken run."""
+    prompt, decode = "Tell me about topic 3.", DecodeConfig(max_new_tokens=10)
+
+    def run(agent):
+        remote = agent.generate(prompt, threshold=0.0, decode=decode, tap_mode=mode)
+        return [(t.id, t.branch, t.gate_prob) for t in remote], remote
+
+    with DeviceAgent(trained) as agent:
+        want, _ = run(agent)
+    cuts = [100, 1500, 4000, 9000]
+    with DeviceAgent(trained, transport=_Dropping(cuts)) as agent:
+        got, remote = run(agent)
+        record = agent.client.session_record(remote.session.session_id)
+    assert got == want and {b for _, b, _ in want} >= {"device"}
+    assert remote.accounts.resumes == len(cuts) and remote.status == "finished"
+    assert record.status == "finished" and record.fallbacks == 0
+
+
+def test_an_ended_session_stays_resumable_and_after_is_checked(trained):
+    """`?after=N` replays from event N, also once the session has ended (a device that missed
+    `done` still reads it); beyond what was sent is a 422."""
+    with DeviceAgent(trained) as agent:
+        remote = agent.generate(
+            "Tell me about topic 4.", setting="base", decode=DecodeConfig(max_new_tokens=4)
+        )
+        tokens = list(remote)
+        sid, http = remote.session.session_id, agent.client.http
+        replay = http.get(f"/v1/sessions/{sid}/events", params={"after": 2})
+        beyond = http.get(f"/v1/sessions/{sid}/events", params={"after": 99})
+    lines = [json.loads(line) for line in replay.text.splitlines()]
+    assert len(tokens) == 4 and replay.status_code == 200
+    assert [e["event"] for e in lines] == ["token", "token", "token", "done"]
+    assert [e["index"] for e in lines[:-1]] == [1, 2, 3]
+    assert beyond.status_code == 422 and "has sent 6 events" in beyond.json()["detail"]
+
+
 def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
     with DeviceAgent(trained) as agent:
         generation = agent.generate("Tell me about topic 5.", decode=DecodeConfig(max_new_tokens=8))
@@ -444,7 +517,9 @@ def test_emulated_rtt_shows_in_measured_network_time(trained):
         a = generation.accounts
         assert a.contacts == len(tokens) and a.m == 1.0
         expected = a.contacts * net.rtt_s + net.transfer_s(a.bytes_down, a.bytes_up)
-        assert a.t_net == pytest.approx(expected, rel=0.20), (a.t_net, expected)
+        # the link never delivers faster than the profile; HTTP and a busy machine add a little
+        # (a bound, not a timing: how much it adds belongs to benchmarks)
+        assert 0.95 * expected <= a.t_net <= 2 * expected, (a.t_net, expected)
         assert agent.client.link.bytes_down >= a.bytes_down  # the link counted what crossed it
 
 
