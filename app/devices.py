@@ -23,7 +23,7 @@ from device_agent.client import CloudClient
 from device_agent.errors import CloudError, DeviceError
 from device_agent.trainer import DeviceTrainConfig, Progress
 from personalization.backbone.embedded import cache_dir
-from personalization.config import TapEncoding
+from personalization.config import DEFAULT_TAP_ENCODING, TapEncoding
 from personalization.latency import NetworkProfile
 from personalization.training.train import TrainConfig
 
@@ -44,7 +44,7 @@ class DemoConfig:
     lr: float = 5e-3
     target_usage: float = 0.5
     calibration_prompts: int = 4
-    tap_encoding: TapEncoding = "raw-le"  # how the demo devices' taps cross the wire
+    tap_encoding: TapEncoding = DEFAULT_TAP_ENCODING  # how the demo devices' taps cross the wire
 
     def fingerprint(self) -> str:
         """Demo users trained under another configuration are trained again."""

@@ -10,7 +10,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from personalization.backbone.embedded import cache_dir
-from personalization.config import TapEncoding, TapMode, WireDtype
+from personalization.config import DEFAULT_TAP_ENCODING, TapEncoding, TapMode, WireDtype
 
 
 def default_database_url() -> str:
@@ -41,7 +41,8 @@ class CloudSettings(BaseSettings):
         "float16", description="Default precision of taps, g(x) and features in transit."
     )
     tap_encoding: TapEncoding = Field(
-        "raw-le", description="Default encoding of taps in sessions (personalization.codecs)."
+        DEFAULT_TAP_ENCODING,
+        description="Default encoding of taps in sessions (personalization.codecs).",
     )
     tap_mode: TapMode = Field(
         "pull", description="Default tap mode: pull (with side requests) or streamed (pushed)."

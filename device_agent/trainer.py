@@ -31,6 +31,7 @@ from device_agent.store import Store, TrainingRun
 from personalization.backbone.head import FrozenHead
 from personalization.codecs import BASIS_RANK, Basis
 from personalization.config import (
+    DEFAULT_TAP_ENCODING,
     GATED_SETTINGS,
     SIDE_SETTINGS,
     DecodeConfig,
@@ -56,7 +57,7 @@ class DeviceTrainConfig:
     reduction: int = 8  # side width H / r
     rungs: tuple[int, ...] = ()  # () = the backbone's default (about L/4)
     wire_dtype: WireDtype = "float16"
-    tap_encoding: TapEncoding = "raw-le"  # how taps cross the wire; training sees them so
+    tap_encoding: TapEncoding = DEFAULT_TAP_ENCODING  # how taps cross the wire; training too
     valid_fraction: float = 0.2  # held-out share of the history (calibration, validation loss)
     max_prompt_tokens: int = 384
     max_target_tokens: int = 64

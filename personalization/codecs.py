@@ -213,8 +213,25 @@ def fit_basis(backbone: Backbone, k: int = BASIS_RANK, *, chunk: int = 256) -> B
 
 @functools.cache
 def basis_for(backbone: Backbone) -> Basis:
-    """`fit_basis`, once per backbone and process."""
-    return fit_basis(backbone)
+    """`fit_basis`, once per backbone: kept in memory, and on disk under the cache directory by
+    the backbone's fingerprint (the fit is a pass over the corpus; reading it back is not)."""
+    from safetensors.torch import save_file
+
+    from personalization.backbone.embedded import cache_dir
+    from personalization.files import atomic_path, read_safetensors
+
+    path = cache_dir() / "codecs" / f"{backbone.fingerprint}-k{BASIS_RANK}.safetensors"
+    rungs = tuple(range(1, backbone.num_layers + 1))
+    if path.is_file():
+        try:
+            _, t = read_safetensors(path, ConfigError, "cached tap-encoding basis")
+            return Basis(rungs, t["mean"], t["vectors"])
+        except (ConfigError, KeyError):  # unreadable: fit it again and replace it
+            pass
+    basis = fit_basis(backbone)
+    with atomic_path(path) as tmp:
+        save_file({"mean": basis.mean, "vectors": basis.vectors}, str(tmp))
+    return basis
 
 
 # ---- bytes -------------------------------------------------------------------------------------

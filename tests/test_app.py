@@ -15,6 +15,7 @@ from app.devices import MY_DEVICE, DemoConfig, Devices
 from app.ui import build
 from device_agent.errors import CloudUnreachable
 from device_agent.history import pair_item
+from personalization.config import DEFAULT_TAP_ENCODING
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -104,7 +105,8 @@ def test_streamed_taps_give_the_same_answer_and_show_their_bytes(demo):
     pull = generate(client, tap_mode="pull").result()
     streamed = generate(client, tap_mode="streamed").result()
     assert streamed[0] == pull[0]  # the same tokens, the same colours
-    assert "raw-le (streamed)" in streamed[-1] and "raw-le (pull)" in pull[-1]
+    encoding = DEFAULT_TAP_ENCODING  # the demo devices' encoding
+    assert f"{encoding} (streamed)" in streamed[-1] and f"{encoding} (pull)" in pull[-1]
     for books in (pull[2], streamed[2]):
         row = dict(zip(books["headers"], books["data"][0], strict=True))
         assert row["B / tap position"] > 0 and row["B / token"] > 0

@@ -400,7 +400,8 @@ def test_the_server_keeps_serving_after_bad_input(server, backbone):
 
 def test_taps_decode_with_the_documented_encoding(client, backbone):
     """A side request's taps are the raw fp16 residual stream at the rungs, position by position."""
-    session = client.open(**_session(backbone, rungs=[1, 2], decoding={"max_new_tokens": 1}))
+    body = _session(backbone, rungs=[1, 2], decoding={"max_new_tokens": 1}, tap_encoding="raw-le")
+    session = client.open(**body)
     events = client.events(session["session_id"])
     request = next(e for e in events if e["event"] == "side_request")
     client.http.post(f"/v1/sessions/{session['session_id']}/cancel")

@@ -79,7 +79,8 @@ class Missing:
 def reference(backbone, side, gate, setting, decode, *, strict=False, missed=()) -> list[Token]:
     """In-process decoding with the same side network, gate and settings."""
     threshold = 0.0 if strict else gate["threshold"]
-    model = SPAModel(backbone, SPAConfig(setting=setting, threshold=threshold), side.config)
+    cfg = SPAConfig(setting=setting, threshold=threshold, tap_encoding="raw-le")  # as session_body
+    model = SPAModel(backbone, cfg, side.config)
     model.side.load_state_dict(side.state_dict())
     with torch.no_grad():
         model.gate.linear.weight.copy_(torch.tensor(gate["weight"]))
@@ -94,6 +95,7 @@ def session_body(backbone, gate, setting, *, strict=False, strategy="greedy", se
         "setting": setting,
         "decoding": {"strategy": strategy, "max_new_tokens": NEW_TOKENS, "seed": seed},
         "deadline_s": 20.0,
+        "tap_encoding": "raw-le",  # the test device (cloud_client.SideDevice) reads raw taps
     } | extra
     if strict:
         body["strict"] = True

@@ -125,3 +125,23 @@ def test_a_truncated_byte_string_is_a_wire_error():
     data = codec.encode(_taps(1, 3))
     with pytest.raises(wire.WireError, match="int8 needs"):
         wire.decode_taps(data[:-1], codec, 1, 0, (3, R, H))
+
+
+def test_the_basis_is_fitted_once_and_kept_on_disk_by_fingerprint(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """A second process reads the basis back instead of refitting it; a damaged file is refitted
+    and replaced."""
+    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path))
+    basis_for.cache_clear()
+    fitted = basis_for(tiny_llama)
+    (path,) = (tmp_path / "codecs").iterdir()
+    assert path.name.startswith(tiny_llama.fingerprint)
+    basis_for.cache_clear()  # as a new process would
+    read = basis_for(tiny_llama)
+    assert torch.equal(read.vectors, fitted.vectors) and torch.equal(read.mean, fitted.mean)
+    path.write_bytes(b"half a file")
+    basis_for.cache_clear()
+    again = basis_for(tiny_llama)
+    assert torch.equal(again.vectors, fitted.vectors) and path.stat().st_size > 100
+    basis_for.cache_clear()

@@ -295,8 +295,9 @@ def test_a_device_whose_event_stream_drops_resumes_it_with_the_same_answer(train
         return [(t.id, t.branch, t.gate_prob) for t in remote], remote
 
     with DeviceAgent(trained) as agent:
-        want, _ = run(agent)
-    cuts = [100, 1500, 4000, 9000]
+        want, unbroken = run(agent)
+    size = unbroken.accounts.bytes_down  # cuts inside the start event, taps, requests, tokens
+    cuts = [100, size // 3, 40, size // 4]
     with DeviceAgent(trained, transport=_Dropping(cuts)) as agent:
         got, remote = run(agent)
         record = agent.client.session_record(remote.session.session_id)

@@ -204,7 +204,8 @@ def test_accounting_adds_up(tiny: Backbone):
     assert books.m == pytest.approx(device / len(tokens))
     assert books.contacts == device
     R, H = len(model.rungs), tiny.hidden_size
-    assert books.bytes_to_device == books.tap_positions * R * H * 2  # fp16 on the wire
+    assert books.bytes_to_device == books.tap_positions * model.tap_bytes  # the codec's bytes
+    assert model.tap_bytes == model.codec.bytes_per_position(R, H)
     assert books.bytes_from_device == books.contacts * H * 2
     # every position up to the last contact was sent exactly once
     last_contact = max(i for i, t in enumerate(tokens) if t.branch == "device")

@@ -13,7 +13,13 @@ from typing import Annotated
 import typer
 
 from app.cli.options import PROFILE, Choice, TapEncodingOption
-from personalization.config import SERVED_SETTINGS, SIDE_SETTINGS, STRATEGIES, TAP_MODES
+from personalization.config import (
+    DEFAULT_TAP_ENCODING,
+    SERVED_SETTINGS,
+    SIDE_SETTINGS,
+    STRATEGIES,
+    TAP_MODES,
+)
 from personalization.errors import ConfigError
 
 app = typer.Typer(
@@ -179,7 +185,7 @@ def train(
         float, typer.Option(help="Share of tokens the gate may send to the device.")
     ] = 0.5,
     reduction: Annotated[int, typer.Option(help="Side width = H / reduction.")] = 8,
-    tap_encoding: TapEncodingOption = "raw-le",
+    tap_encoding: TapEncodingOption = DEFAULT_TAP_ENCODING,
     calibration_prompts: Annotated[
         int, typer.Option(help="Held-out prompts generated to calibrate the gate.")
     ] = 8,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from app.cli.options import PROFILE, SETTING, Backbone, Choice, TapEncodingOption
-from personalization.config import SETTINGS
+from personalization.config import DEFAULT_TAP_ENCODING, SETTINGS
 from personalization.errors import ConfigError
 
 app = typer.Typer()
@@ -76,7 +76,7 @@ def train(
         float, typer.Option(help="Calibrate the gate to send this share of tokens to the device.")
     ] = 0.5,
     reduction: Annotated[int, typer.Option(min=1, help="Side width = H / reduction.")] = 8,
-    tap_encoding: TapEncodingOption = "raw-le",
+    tap_encoding: TapEncodingOption = DEFAULT_TAP_ENCODING,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="Continue from --out if it exists.")] = False,
     cache: CacheRoot = None,

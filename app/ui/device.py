@@ -16,7 +16,7 @@ from app.ui.common import readable
 from device_agent.agent import DeviceAgent
 from device_agent.history import pair_item, read_items, text_item
 from device_agent.trainer import Progress
-from personalization.config import TAP_ENCODINGS
+from personalization.config import DEFAULT_TAP_ENCODING, TAP_ENCODINGS
 
 HISTORY = ["id", "prompt", "response", "source"]
 
@@ -130,7 +130,11 @@ def build(devices: Devices, user: gr.Dropdown, page: gr.Blocks) -> None:
 
     @readable
     def train_device(
-        key: str, n: float, usage: float, tap_encoding: str = "raw-le", progress=gr.Progress()
+        key: str,
+        n: float,
+        usage: float,
+        tap_encoding: str = DEFAULT_TAP_ENCODING,
+        progress=gr.Progress(),
     ) -> Iterator:
         events: queue.Queue[Progress | BaseException | None] = queue.Queue()
         cfg = devices.config.train_config(

@@ -8,7 +8,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from personalization.backbone.frozen import Backbone
-from personalization.config import GATED_SETTINGS, DecodeConfig, SideConfig, SPAConfig, TapEncoding
+from personalization.config import (
+    DEFAULT_TAP_ENCODING,
+    GATED_SETTINGS,
+    DecodeConfig,
+    SideConfig,
+    SPAConfig,
+    TapEncoding,
+)
 from personalization.errors import ConfigError
 from personalization.latency import NetworkProfile
 from personalization.model import SPAModel
@@ -82,7 +89,7 @@ def fit(
     out: str | Path,
     *,
     side: SideConfig | None = None,
-    tap_encoding: TapEncoding = "raw-le",
+    tap_encoding: TapEncoding = DEFAULT_TAP_ENCODING,
     resume: bool = False,
     cache_root: str | Path | None = None,
     calibration_prompts: int = 30,
