@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from cloud_api import __version__, auth, errors, training
 from cloud_api.db import DeviceRow
 from cloud_api.errors import ApiError
+from cloud_api.run_ahead import RunAheadSession
 from cloud_api.sessions import END
 from cloud_api.settings import CloudSettings
 from cloud_api.state import Cloud
@@ -37,6 +38,8 @@ from protocol.messages import (
     SessionRecord,
     TokenizeIn,
     TokenizeOut,
+    VerdictIn,
+    VerdictOut,
 )
 
 NDJSON = "application/x-ndjson"
@@ -293,6 +296,21 @@ async def answer(
         raise ApiError(415, f"send g as {BINARY} (raw {session.tap_dtype}) or application/json")
     session.answer(request_id, data, dtype)
     return AnswerOut(session_id=session.id, request_id=request_id, accepted=True)
+
+
+@_v1.post("/sessions/{session_id}/verdicts", tags=["sessions"])
+async def verdict(
+    request: Request, session_id: SessionId, body: VerdictIn, device: Device
+) -> VerdictOut:
+    """Run-ahead: the device's correction of a draft (`token`), or its word that the drafts
+    through `index` stand (`token` null, sent for the last draft). A stale epoch or a session
+    that has ended is a 409: the verdict is ignored."""
+    session = _cloud(request).owned_session(session_id, device.id)
+    if not isinstance(session, RunAheadSession):
+        raise ApiError(409, f"session {session_id} is not a run-ahead session; it takes answers")
+    size = int(request.headers.get("content-length") or 0)
+    epoch = session.verdict(body.epoch, body.index, body.token, size)
+    return VerdictOut(session_id=session.id, epoch=epoch, accepted=True)
 
 
 @_v1.post("/sessions/{session_id}/cancel", tags=["sessions"])

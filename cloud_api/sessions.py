@@ -35,7 +35,7 @@ from torch import Tensor
 
 from cloud_api.db import LIVE, Records, now
 from cloud_api.errors import ApiError
-from personalization.config import DecodeConfig
+from personalization.config import DecodeConfig, TapMode
 from personalization.decoding import generate
 from personalization.latency import Books, round_trips_per_step
 from personalization.model import Ask, SPAModel
@@ -47,7 +47,7 @@ from protocol.events import (
     TapsEvent,
     TokenEvent,
 )
-from protocol.messages import SessionFacts, SessionTotals
+from protocol.messages import RunAheadTotals, SessionFacts, SessionTotals
 
 log = logging.getLogger("cloud_api.sessions")
 
@@ -77,7 +77,7 @@ class Session:
         decode: DecodeConfig,
         deadline_s: float,
         strict: bool,
-        streamed: bool = False,
+        tap_mode: TapMode = "pull",
         resume_s: float = 30.0,
         compute: threading.Lock,
         records: Records,
@@ -85,7 +85,8 @@ class Session:
     ):
         self.id, self.device_id = session_id, device_id
         self.model, self.prompt_ids, self.decode = model, prompt_ids, decode
-        self.deadline_s, self.strict, self.streamed = deadline_s, strict, streamed
+        self.deadline_s, self.strict, self.tap_mode = deadline_s, strict, tap_mode
+        self.streamed = tap_mode == "streamed"
         self.resume_s = resume_s
         self.tap_dtype = model.config.wire_dtype
         self.hidden_size = model.backbone.hidden_size
@@ -93,6 +94,7 @@ class Session:
         self.status = "created"
         self.totals = SessionTotals()  # what it cost so far (recorded when it ends)
         self.books = Books()  # the decoding's own books (its steps give M)
+        self.run_ahead: RunAheadTotals | None = None  # what run-ahead did (its subclass)
         self.last_active = time.monotonic()
         self._lock = threading.Lock()
         self._requests: dict[int, SideRequest] = {}
@@ -322,7 +324,7 @@ class Session:
             hidden_size=self.hidden_size,
             tap_dtype=self.tap_dtype,
             tap_encoding=self.model.config.tap_encoding,
-            tap_mode="streamed" if self.streamed else "pull",
+            tap_mode=self.tap_mode,
             deadline_s=self.deadline_s,
         )
 
@@ -357,7 +359,12 @@ class Session:
         self.on_end(self)
         steps = self.books.steps
         m = round_trips_per_step(totals.device_contacts, steps)
-        self._emit(DoneEvent(status=status, reason=reason, steps=steps, M=m, totals=totals))
+        self._emit(
+            DoneEvent(
+                status=status, reason=reason, steps=steps, M=m, totals=totals,
+                run_ahead=self.run_ahead,
+            )
+        )  # fmt: skip
         self._put(END)
 
     # ---- events ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from cloud_api import __version__, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
+from cloud_api.run_ahead import RunAheadSession
 from cloud_api.sessions import Registry, Session
 from cloud_api.settings import CloudSettings
 from personalization.backbone.frozen import Backbone
@@ -192,7 +193,9 @@ class Cloud:
             seed=seed,
             num_beams=decoding.num_beams,
         )
-        session = Session(
+        mode = self._tap_mode(body, rungs, f.num_layers)
+        kind = RunAheadSession if mode == "run-ahead" else Session
+        session = kind(
             session_id=uuid.uuid4().hex,
             device_id=device_id,
             model=model,
@@ -200,8 +203,7 @@ class Cloud:
             decode=decode,
             deadline_s=deadline,
             strict=body.strict and gated,
-            streamed=(body.tap_mode or limits.tap_mode) == "streamed"
-            and body.setting in SIDE_SETTINGS,
+            tap_mode=mode,
             resume_s=limits.resume_s,
             compute=self.compute,
             records=self.records,
@@ -228,6 +230,22 @@ class Cloud:
             self.registry.remove(session)
             raise
         return session
+
+    def _tap_mode(self, body: SessionIn, rungs: list[int], num_layers: int) -> str:
+        """The session's tap mode: its own, else the server's default where the session can
+        take it (run-ahead: spa without gate weights, greedy or sampling; no side: pull)."""
+        mode = body.tap_mode or self.settings.tap_mode
+        if body.setting not in SIDE_SETTINGS:
+            return "pull"
+        if mode == "run-ahead" and body.tap_mode is None:
+            able = body.setting == "spa" and body.gate is None and body.decoding.strategy != "beam"
+            mode = mode if able else "pull"
+        if mode == "run-ahead" and rungs[-1] != num_layers:
+            raise ApiError(
+                422, f"run-ahead needs the last rung {num_layers} among the rungs: the device "
+                "reads f(x) there"
+            )  # fmt: skip
+        return mode
 
     def owned_session(self, session_id: str, device_id: str, *, ended: bool = False) -> Session:
         """A live session of this device (with `ended`, also one still resumable); another

@@ -181,6 +181,7 @@ class DeviceAgent:
             # measured: what one tap position cost on the wire (encoding, base64, JSON framing)
             tap_bytes=a.bytes_down / a.positions if a.positions else model.tap_bytes,
             backbone_parameters=info.parameters["backbone"],
+            corrections=a.corrections / n if generation.tap_mode == "run-ahead" else None,
             parameters={
                 "lora": info.parameters["lora"], "adapter": info.parameters["adapter"],
                 "lst": side_params, "full": side_params, "choice": side_params + gate_params,

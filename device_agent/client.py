@@ -46,6 +46,7 @@ from protocol.messages import (
     SessionRecord,
     TokenizeIn,
     TokenizeOut,
+    VerdictIn,
 )
 
 BINARY = "application/octet-stream"
@@ -267,6 +268,19 @@ class CloudClient:
         if response.status_code != 409:
             _raise_for(response)
         return len(raw)
+
+    @_idempotent
+    def verdict(self, session_id: str, body: VerdictIn) -> tuple[int, bool]:
+        """Run-ahead: post a correction or the word that the drafts stand; returns the bytes
+        sent and whether the cloud took it (a 409 — a superseded epoch, or a session that has
+        ended — is not an error: the cloud's drafts stood)."""
+        content = body.model_dump_json()
+        response = self.http.post(
+            f"/v1/sessions/{session_id}/verdicts", content=content, headers={"Content-Type": JSON}
+        )
+        if response.status_code != 409:
+            _raise_for(response)
+        return len(content), response.status_code != 409
 
     def cancel(self, session_id: str) -> None:
         with contextlib.suppress(httpx.TransportError):  # gone: nothing left to cancel

@@ -22,9 +22,18 @@ from device_agent.errors import CloudUnreachable, DeviceError
 from personalization.config import GATED_SETTINGS, DecodeConfig, TapMode
 from personalization.latency import round_trips_per_step
 from personalization.model import SPAModel
+from personalization.run_ahead import verdict
 from protocol import wire
-from protocol.events import DoneEvent, Event, SideRequestEvent, TapsEvent, TokenEvent
-from protocol.messages import DecodingIn, GateIn, SessionIn, SessionOut
+from protocol.events import (
+    CorrectedEvent,
+    DoneEvent,
+    DraftEvent,
+    Event,
+    SideRequestEvent,
+    TapsEvent,
+    TokenEvent,
+)
+from protocol.messages import DecodingIn, GateIn, SessionIn, SessionOut, VerdictIn
 
 
 @dataclass
@@ -66,11 +75,14 @@ class Accounts:
     positions: int = 0  # tap positions received
     t_device_ahead: float = 0.0  # streamed taps: side-network seconds spent before being asked
     resumes: int = 0  # times the event stream broke and was resumed where it stopped
+    corrections: int = 0  # run-ahead: drafts the device replaced with its own token
+    withdrawn: int = 0  # run-ahead: drafts the cloud computed and threw away after corrections
 
     def add(self, token: TokenCost) -> None:
         self.tokens += 1
         self.steps += 1
-        self.device_tokens += token.branch == "device"
+        self.device_tokens += token.branch in ("device", "correction")
+        self.corrections += token.branch == "correction"
         self.fallbacks += token.branch == "fallback"
         self.contacts += token.contacts
         self.bytes_down += token.bytes_down
@@ -160,6 +172,15 @@ class RemoteGeneration:
             top_p=d.top_p, num_beams=d.num_beams, seed=d.seed,
         )  # fmt: skip
         side: dict = {}
+        if self.tap_mode == "run-ahead":
+            model = self.model
+            if self.setting != "spa" or model is None or self.decode.strategy == "beam":
+                raise DeviceError(
+                    "run-ahead needs setting spa and greedy or sampling (beam search stays "
+                    "synchronous)"
+                )
+            if model.rungs[-1] != model.backbone.num_layers:
+                raise DeviceError("run-ahead needs the last rung L among the side network's taps")
         if self.model is not None and self.setting != "base":
             cfg = self.model.config
             side = {
@@ -168,7 +189,7 @@ class RemoteGeneration:
                 "tap_encoding": cfg.tap_encoding,
                 "tap_mode": self.tap_mode,
             }
-            if self.setting in GATED_SETTINGS:
+            if self.setting in GATED_SETTINGS and self.tap_mode != "run-ahead":
                 side["threshold"] = self.model.config.threshold
                 if not self.strict:
                     gate = self.model.gate.linear
@@ -188,7 +209,13 @@ class RemoteGeneration:
         self._before = ([], -1)  # the side cache before the last side request (late answers)
         self._ready = None  # streamed taps: (position, g, its taps) of the newest position
         pending = _Pending()
-        started = time.perf_counter()
+        started = self._shown = time.perf_counter()
+        self._epoch: int | None = 0  # run-ahead: drafts of this epoch count (None: correcting)
+        self._late = False  # run-ahead: the cloud ended before our correction; drafts stand
+        self._ack: VerdictIn | None = None  # run-ahead: "the drafts stand", sent after showing
+        self._rng = None if self.decode.seed is None else torch.Generator().manual_seed(
+            self.decode.seed + 1
+        )  # fmt: skip
         try:
             self.session = self.client.open_session(self.body())
             sid = self.session.session_id
@@ -205,6 +232,21 @@ class RemoteGeneration:
                     g = self._side(event, cache, pending)
                     pending.device_s += time.perf_counter() - t
                     pending.bytes_up += self.client.answer(sid, event.request_id, g, event.dtype)
+                elif isinstance(event, DraftEvent | CorrectedEvent):
+                    pending.bytes_down += size
+                    token = self._run_ahead(event, cache, pending)
+                    if token is None:
+                        continue
+                    pending = _Pending()
+                    self.tokens.append(token)
+                    self.accounts.add(token)
+                    self.accounts.wall_s = time.perf_counter() - started
+                    yield token
+                    if self._ack is not None:  # the last draft stands: say so, once shown
+                        sent, _ = self.client.verdict(sid, self._ack)
+                        self.accounts.bytes_up += sent
+                        self.accounts.contacts += 1
+                        self._ack = None
                 elif isinstance(event, TokenEvent):
                     token = self._token(event, pending)
                     pending = _Pending()
@@ -215,6 +257,8 @@ class RemoteGeneration:
                 elif isinstance(event, DoneEvent):
                     self.status, self.error = event.status, event.reason
                     self.accounts.steps = event.steps
+                    if event.run_ahead is not None:
+                        self.accounts.withdrawn = event.run_ahead.withdrawn
             if self.status == "running":
                 raise CloudUnreachable("the cloud ended the event stream without a `done` event")
         except CloudUnreachable as exc:
@@ -295,6 +339,58 @@ class RemoteGeneration:
         g = self.model.side(taps.to(self.model.side_dtype), cache)[:, -1]
         self._ready = (event.start + event.positions - 1, g, taps[:, -1])
         self.accounts.positions += event.positions
+
+    @torch.no_grad()
+    def _run_ahead(self, event: DraftEvent | CorrectedEvent, cache, pending: _Pending):
+        """Run-ahead: decide a draft with our own gate and side network — accept it (a token to
+        show now) or post a correction (shown when the cloud confirms it); drafts of a withdrawn
+        epoch are skipped. Returns the token to show, if any."""
+        sid = self.session.session_id
+        if isinstance(event, CorrectedEvent):
+            self._epoch = event.epoch
+            return self._shown_token(event, "correction", pending, event.cloud_ms)
+        if event.epoch != self._epoch:
+            return None  # withdrawn: a correction before it changed what follows
+        if self._late:  # the cloud ended before our correction: its drafts stand
+            return self._shown_token(event, "fallback", pending, event.cloud_ms)
+        model, t = self.model, time.perf_counter()
+        if cache.length != event.start:
+            raise DeviceError(
+                f"draft taps start at position {event.start}, the side network has seen "
+                f"{cache.length}"
+            )
+        g = model.side(event.decode_taps(model.codec).to(model.side_dtype), cache)[0, -1]
+        token, sigma, p = verdict(model, event.decode_f(), g, event.id, self.decode, self._rng)
+        pending.device_s += time.perf_counter() - t
+        pending.gate_prob, pending.sigma = p, sigma
+        self.accounts.positions += event.positions
+        if token != event.id:
+            body = VerdictIn(epoch=event.epoch, index=event.index, token=token)
+            sent, taken = self.client.verdict(sid, body)
+            pending.bytes_up += sent
+            pending.contacts += 1
+            if taken:
+                self._epoch = None  # wait for the cloud's `corrected`
+                return None
+            self._late = True
+            return self._shown_token(event, "fallback", pending, event.cloud_ms)
+        if event.last:  # posted once the token is shown (the user need not wait for it)
+            self._ack = VerdictIn(epoch=event.epoch, index=event.index)
+        return self._shown_token(event, "device" if sigma else "cloud", pending, event.cloud_ms)
+
+    def _shown_token(self, event, branch: str, pending: _Pending, cloud_ms: float) -> TokenCost:
+        """A token shown now: the user waited since the previous one; the wait is apportioned
+        to the cloud's compute, then the device's, the rest to the network."""
+        now = time.perf_counter()
+        wait, self._shown = now - self._shown, now
+        cloud_s = min(cloud_ms / 1000, wait)
+        device_s = min(pending.device_s, wait - cloud_s)
+        return TokenCost(
+            index=event.index, id=event.id, text=event.text, branch=branch,
+            gate_prob=pending.gate_prob, cloud_s=cloud_s, device_s=device_s,
+            net_s=wait - cloud_s - device_s, bytes_down=pending.bytes_down,
+            bytes_up=pending.bytes_up, contacts=pending.contacts,
+        )  # fmt: skip
 
     def _strict(self, g: torch.Tensor, last: torch.Tensor, pending: _Pending) -> torch.Tensor:
         """In strict mode the device's own gate decides on f(x) = the last rung's tap of the

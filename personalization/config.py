@@ -35,8 +35,9 @@ TAP_ENCODINGS: tuple[str, ...] = get_args(TapEncoding)
 #: fp16, with Rouge-L within 0.5 of fp16 on XSum and PersonaChat
 DEFAULT_TAP_ENCODING: TapEncoding = "lowrank32-int8"
 #: when taps travel: `pull` — a side request carries every position the device has not seen;
-#: `streamed` — the cloud pushes each position's taps as they exist, a side request only asks
-TapMode = Literal["pull", "streamed"]
+#: `streamed` — the cloud pushes each position's taps as they exist, a side request only asks;
+#: `run-ahead` — streamed taps with each drafted token, and the device corrects (run_ahead.py)
+TapMode = Literal["pull", "streamed", "run-ahead"]
 TAP_MODES: tuple[str, ...] = get_args(TapMode)
 #: how speculative beam search (AtSpeed) verifies a draft: exact top-K, or relaxed sampling
 Verify = Literal["strict", "relaxed"]

@@ -107,6 +107,7 @@ class Measured:
     tap_bytes: float  # bytes per tap position (R rungs) under the session's tap encoding
     backbone_parameters: int
     parameters: dict[str, int]  # trainable parameters per setting
+    corrections: float | None = None  # run-ahead corrections per token, where measured
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,24 @@ def what_if(m: Measured, net: NetworkProfile) -> list[WhatIf]:
                 1e3 * (inference + network),
             )
         )
+    rows.append(_run_ahead(m, net))
     return rows
+
+
+def _run_ahead(m: Measured, net: NetworkProfile) -> WhatIf:
+    """`spa` in run-ahead mode: the backbone never waits; the device works beside it on the
+    streamed taps and f(x), and only a correction costs a round trip and a redrafted step. Its
+    rate c is the measured one, else the usage (every device token a correction: the worst case).
+    """
+    c = m.usage if m.corrections is None else m.corrections
+    down = m.tap_bytes + m.hidden_size * m.wire_bytes  # taps and f(x) per position
+    up = c * 64  # a correction is a small JSON body
+    inference = m.t_cloud + c * (m.t_cloud + m.t_side)
+    network = c * m.tau + net.transfer_s(down, up)
+    pct = 100 * m.parameters["spa"] / m.backbone_parameters
+    return WhatIf(
+        "spa run-ahead", pct, c, 1e3 * inference, 1e3 * network, 1e3 * (inference + network)
+    )
 
 
 def what_if_table(rows: list[WhatIf]) -> str:

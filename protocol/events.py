@@ -22,9 +22,10 @@ from torch import Tensor
 from personalization.codecs import TapCodec
 from personalization.config import TapEncoding, WireDtype
 from protocol import wire
-from protocol.messages import SessionFacts, SessionTotals
+from protocol.messages import RunAheadTotals, SessionFacts, SessionTotals
 
-Branch = Literal["cloud", "device", "fallback"]
+#: run-ahead adds `correction`: a device token that replaced the backbone's draft
+Branch = Literal["cloud", "device", "fallback", "correction"]
 #: how a session ended (`created` and `running` are the live states before it)
 EndStatus = Literal["finished", "cancelled", "expired", "failed"]
 
@@ -86,6 +87,39 @@ class SideRequestEvent(_Taps):
     deadline_s: float
 
 
+class DraftEvent(_Taps):
+    """Run-ahead: the backbone's token `index` of `epoch`, drafted without waiting, with the new
+    positions' taps and f(x) [H] at the drafted position (base64, `dtype`): what the device needs
+    to apply its own gate and side network and accept or correct the draft. `last`: no draft
+    follows unless this one is corrected (EOS or the token limit)."""
+
+    event: Literal["draft"] = "draft"
+    index: int
+    epoch: int
+    id: int
+    text: str
+    f: str
+    cloud_ms: float
+    last: bool = False
+
+    def decode_f(self) -> Tensor:
+        raw = wire.b64decode(self.f, what="f")
+        return wire.decode(raw, self.dtype, self.shape[-1:], what="f(x)").float()
+
+
+class CorrectedEvent(_Event):
+    """Run-ahead: the cloud took the device's token at `index`; drafts after it are withdrawn
+    and the next drafts belong to `epoch`."""
+
+    event: Literal["corrected"] = "corrected"
+    index: int
+    epoch: int
+    id: int
+    text: str
+    withdrawn: int
+    cloud_ms: float
+
+
 class TokenEvent(_Event):
     """One output token and what producing it cost the cloud."""
 
@@ -111,10 +145,17 @@ class DoneEvent(_Event):
     steps: int = Field(0, description="decoding steps (beam search: one per step of all beams)")
     M: float = Field(description="device round trips per decoding step")
     totals: SessionTotals
+    run_ahead: RunAheadTotals | None = None
 
 
 Event = Annotated[
-    StartEvent | TapsEvent | SideRequestEvent | TokenEvent | DoneEvent,
+    StartEvent
+    | TapsEvent
+    | SideRequestEvent
+    | TokenEvent
+    | DraftEvent
+    | CorrectedEvent
+    | DoneEvent,
     Field(discriminator="event"),
 ]
 _EVENT: TypeAdapter[Event] = TypeAdapter(Event)

@@ -106,7 +106,9 @@ class SessionIn(Strict):
     tap_dtype: WireDtype | None = Field(None, description="Precision of taps and g(x).")
     tap_encoding: TapEncoding | None = Field(None, description="How taps cross the wire.")
     tap_mode: TapMode | None = Field(
-        None, description="pull: taps ride on side requests; streamed: pushed as they exist."
+        None,
+        description="pull: taps ride on side requests; streamed: pushed as they exist; "
+        "run-ahead: the backbone drafts without waiting and the device corrects (spa, no gate).",
     )
     deadline_s: Finite | None = Field(None, gt=0, description="How long to wait for g(x).")
     decoding: DecodingIn = Field(default_factory=DecodingIn)
@@ -123,6 +125,17 @@ class SessionIn(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SessionIn:
+        if self.tap_mode == "run-ahead":
+            problem = (
+                "setting spa" if self.setting != "spa"
+                else "no gate weights: the device applies its own" if self.gate is not None
+                else "greedy or sampling (beam search stays synchronous)"
+                if self.decoding.strategy == "beam"
+                else None
+            )  # fmt: skip
+            if problem:
+                raise ValueError(f"run-ahead needs {problem}")
+            return self
         if self.setting in GATED_SETTINGS and self.gate is None and not self.strict:
             raise ValueError(
                 f"setting {self.setting} needs the device's gate weights (gate) or strict mode "
@@ -139,6 +152,32 @@ class SessionIn(Strict):
                 "gate (send its weights) instead"
             )
         return self
+
+
+class VerdictIn(Strict):
+    """Run-ahead: the device's decision on draft `index` of `epoch`. `token` replaces the draft
+    (a correction); None says the drafts through `index` stand (sent for the last draft)."""
+
+    epoch: int = Field(ge=0, le=2**31)
+    index: int = Field(ge=0, le=2**31)
+    token: int | None = Field(None, ge=0, le=2**31)
+
+
+class VerdictOut(BaseModel):
+    session_id: str
+    epoch: int = Field(description="the session's epoch after this verdict")
+    accepted: bool
+
+
+class RunAheadTotals(BaseModel):
+    """What run-ahead did in a session (its `done` event)."""
+
+    drafts: int = Field(0, description="tokens the backbone drafted, withdrawn ones included")
+    corrections: int = Field(0, description="drafts the device replaced with its own token")
+    withdrawn: int = Field(0, description="drafts thrown away after a correction")
+    verified: bool = Field(
+        False, description="the device decided every token (else the last drafts stand unchecked)"
+    )
 
 
 class SessionFacts(BaseModel):

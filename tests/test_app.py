@@ -82,7 +82,9 @@ def test_generation_streams_tokens_with_branches_and_books(demo):
     parts = row["T_cloud ms"] + row["T_device ms"] + row["T_net ms"]
     assert row["T_total ms"] == pytest.approx(parts, abs=0.2)
     assert len(plot["data"]) == 3 * 24  # every token, split in cloud / device / network
-    assert [r[0] for r in what_if["data"]] == ["lora", "adapter", "lst", "full", "choice", "spa"]
+    assert [r[0] for r in what_if["data"]] == [
+        "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
+    ]  # fmt: skip
     assert f"{device_tokens} shaped by the device" in status
 
 
@@ -110,6 +112,20 @@ def test_streamed_taps_give_the_same_answer_and_show_their_bytes(demo):
     for books in (pull[2], streamed[2]):
         row = dict(zip(books["headers"], books["data"][0], strict=True))
         assert row["B / tap position"] > 0 and row["B / token"] > 0
+
+
+def test_run_ahead_from_the_page_colours_corrections_and_counts_them(demo):
+    from gradio_client import Client
+
+    url, _devices = demo
+    tokens, _base, books, _plot, what_if, status = generate(
+        Client(url, verbose=False), tap_mode="run-ahead"
+    ).result()
+    row = dict(zip(books["headers"], books["data"][0], strict=True))
+    assert {t["class_or_confidence"] for t in tokens} <= {"cloud", "device", "correction"}
+    assert row["tokens"] == len(tokens) == 24 and "run-ahead" in status
+    assert "corrections" in status and "drafts withdrawn" in status
+    assert what_if["data"][-1][0] == "spa run-ahead"
 
 
 def test_base_never_asks_the_device(demo):

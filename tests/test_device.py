@@ -331,8 +331,10 @@ def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
         net = NetworkProfile("test", 0.1, 10e6, 10e6)
         rows = {r.setting: r for r in agent.what_if(generation, net)}
         L = agent.client.info().num_layers
-        assert set(rows) == {"lora", "adapter", "lst", "full", "choice", "spa"}
+        assert set(rows) == {"lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"}
         assert (rows["lora"].m, rows["adapter"].m, rows["full"].m) == (L, 2 * L, 1.0)
+        # not measured in run-ahead: every device token counted as a correction (the worst case)
+        assert rows["spa run-ahead"].m == pytest.approx(generation.accounts.m)
         assert rows["spa"].m == pytest.approx(generation.accounts.m)
         for r in rows.values():
             assert r.total_ms == pytest.approx(r.inference_ms + r.network_ms)
@@ -411,16 +413,28 @@ def test_privacy_no_side_network_parameter_leaves_the_device(cloud, tmp_path):
         assert len(list(strict)) > 0 and strict.accounts.m == 1.0  # asked every token
     strict_corpus = _corpus(strict_recording.sent)
 
+    run_ahead_recording = Recording()  # run-ahead: the gate stays on the device too
+    with DeviceAgent(root, transport=run_ahead_recording) as agent:
+        ahead = agent.generate("Tell me about topic 1.", tap_mode="run-ahead",
+                               decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
+        assert len(list(ahead)) > 0 and ahead.session.tap_mode == "run-ahead"
+    ahead_corpus = _corpus(run_ahead_recording.sent)
+
     checked = 0
     for name, p in side.items():
         if p.numel() >= 8 and p.detach().abs().max() > 0:
             assert _leaks(open_gated, p) == [], f"side.{name} left the device"
             assert _leaks(strict_corpus, p) == [], f"side.{name} left the device (strict)"
+            assert _leaks(ahead_corpus, p) == [], f"side.{name} left the device (run-ahead)"
             checked += 1
     assert checked >= 5
     # the detector works: the gate's weights (sent by design, fp32) are found; strict keeps them
     assert "fp32" in _leaks(open_gated, gate["linear.weight"])
     assert _leaks(strict_corpus, gate["linear.weight"]) == []
+    assert _leaks(ahead_corpus, gate["linear.weight"]) == []
+    # run-ahead sends verdicts (epoch, index, token) and nothing shaped like a tensor
+    verdicts = [c for c in run_ahead_recording.sent if b"/verdicts" in c.split(b"\n", 1)[0]]
+    assert verdicts and all(len(c.split(b"\n", 1)[1]) < 80 for c in verdicts)
     # what did go out: history text for features, prompts, g(x) answers — and no other tensor
     answers = [c for c in recording.sent if b"/answer" in c.split(b"\n", 1)[0]]
     H = model.side.config.hidden_size

@@ -15,7 +15,9 @@ A frozen backbone answers in the **cloud**; each user's **device** keeps a small
 network trained on their own history; a per-token gate asks the device only when it matters.
 Tokens are coloured by who produced them: <span style="background:#93c5fd">cloud</span> (the
 backbone alone), <span style="background:#fdba74">device</span> (backbone + the user's side
-network), <span style="background:#fca5a5">fallback</span> (the device missed its deadline).
+network), <span style="background:#c4b5fd">correction</span> (run-ahead: the device replaced
+the backbone's draft), <span style="background:#fca5a5">fallback</span> (the device missed its
+deadline; run-ahead: a draft the device could no longer correct).
 Backbone: **{backbone}** · cloud: `{cloud}`"""
 
 

@@ -14,7 +14,12 @@ log = logging.getLogger("app.ui")
 
 #: who produced a token: the backbone alone, the device's side network, or the backbone because
 #: the device missed its deadline
-BRANCH_COLORS = {"cloud": "#93c5fd", "device": "#fdba74", "fallback": "#fca5a5"}
+BRANCH_COLORS = {
+    "cloud": "#93c5fd",
+    "device": "#fdba74",
+    "correction": "#c4b5fd",  # run-ahead: the device replaced the backbone's draft
+    "fallback": "#fca5a5",
+}
 
 
 def readable(handler):

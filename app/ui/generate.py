@@ -67,8 +67,9 @@ def build(devices: Devices) -> gr.Dropdown:
             decoding = gr.Radio(list(DECODINGS), value="greedy", label="decoding")
             net = gr.Dropdown(list(PROFILES), value="lte", label="network profile")
             tap_mode = gr.Radio(
-                list(TAP_MODES), value="pull", label="taps: pull (with each contact) or "
-                "streamed (pushed as they exist; greedy and sampling)",
+                list(TAP_MODES), value="pull", label="taps: pull (with each contact), streamed "
+                "(pushed as they exist), or run-ahead (the backbone drafts without waiting, the "
+                "device corrects; spa only) — greedy and sampling; beam search always pulls",
             )  # fmt: skip
             with gr.Accordion("gate and length", open=False):
                 calibrated = gr.Checkbox(
@@ -134,10 +135,12 @@ def build(devices: Devices) -> gr.Dropdown:
             table = [[r.setting, round(r.parameters_pct, 3), round(r.inference_ms, 1),
                       round(r.network_ms, 1), round(r.total_ms, 1), round(r.m, 2)]
                      for r in agent.what_if(mine, link)] if setting != "base" else None  # fmt: skip
+            a = mine.accounts
             done = (
-                f"{what}: {mine.accounts.tokens} tokens, {mine.accounts.device_tokens} shaped by "
-                f"the device, M = {mine.accounts.m:.2f}"
+                f"{what}: {a.tokens} tokens, {a.device_tokens} shaped by the device, M = {a.m:.2f}"
             )
+            if mine.tap_mode == "run-ahead":
+                done += f", {a.corrections} corrections, {a.withdrawn} drafts withdrawn"
             frames = (
                 highlighted(mine),
                 books_frame(mine.accounts),
