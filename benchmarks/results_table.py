@@ -1,6 +1,6 @@
 """Print the README's results table from the JSON reports `benchmarks/results.sh` wrote.
 
-python benchmarks/results_table.py results/
+python benchmarks/results_table.py [benchmarks/results/settings]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from _hardware import hardware
 ORDER = ("base", "lst", "full", "choice", "spa", "lora", "adapter")
 
 
-def main(folder: str = "results") -> None:
+def main(folder: str = "benchmarks/results/settings") -> None:
     reports = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
     if not reports:
         sys.exit(f"no JSON reports in {folder}")
