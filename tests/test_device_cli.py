@@ -354,18 +354,19 @@ def test_generate_with_streamed_taps_matches_pull(trained):
                 root,
             )
         )  # fmt: skip
-        for mode in ("pull", "streamed")
+        for mode in ("pull", "streamed", "run-ahead")
     }
-    assert [t["id"] for t in runs["streamed"]["tokens"]] == [
-        t["id"] for t in runs["pull"]["tokens"]
-    ]
+    pull = [t["id"] for t in runs["pull"]["tokens"]]
+    assert [t["id"] for t in runs["streamed"]["tokens"]] == pull
+    assert [t["id"] for t in runs["run-ahead"]["tokens"]] == pull  # the device corrects drafts
+    assert runs["run-ahead"]["status"] == "finished"
     assert (
         runs["streamed"]["accounts"]["t_device_ahead"]
         > 0
         == runs["pull"]["accounts"]["t_device_ahead"]
     )
     bad = device("generate", "hi", "--tap-mode", "teleport", "--dir", root)
-    assert_clean_error(bad, "unknown tap mode 'teleport'; choose one of pull, streamed")
+    assert_clean_error(bad, "unknown tap mode 'teleport'; choose one of pull, streamed, run-ahead")
 
 
 def test_generate_plain_output(trained):

@@ -225,7 +225,12 @@ def train(
         typer.echo(f"checkpoint: {agent.store.root / run.checkpoint}")
 
 
-COLOURS = {"cloud": None, "device": typer.colors.GREEN, "fallback": typer.colors.YELLOW}
+COLOURS = {
+    "cloud": None,
+    "device": typer.colors.GREEN,
+    "correction": typer.colors.MAGENTA,  # run-ahead: the device replaced the backbone's draft
+    "fallback": typer.colors.YELLOW,
+}
 
 
 @app.command()
@@ -259,8 +264,9 @@ def generate(
         str | None,
         typer.Option(
             click_type=Choice(TAP_MODES, "tap mode"),
-            help="pull: taps ride on each contact; streamed: pushed as they exist (greedy and "
-            "sampling). Default: the cloud's.",
+            help="pull: taps ride on each contact; streamed: pushed as they exist; run-ahead: "
+            "the backbone drafts without waiting and this device corrects (spa). Streamed and "
+            "run-ahead: greedy and sampling. Default: the cloud's.",
             show_default=False,
         ),
     ] = None,
@@ -271,7 +277,8 @@ def generate(
     cloud_url: CloudUrl = None,
     json_out: Json = False,
 ) -> None:
-    """Generate through the cloud; tokens coloured by branch (device green, fallback yellow)."""
+    """Generate through the cloud; tokens coloured by branch (device green, correction magenta,
+    fallback yellow)."""
     from personalization.config import DecodeConfig
     from personalization.latency import profile as named_profile
     from personalization.latency import what_if_table
@@ -305,7 +312,8 @@ def generate(
             typer.echo(json.dumps(out, indent=2))
             return
         typer.echo(
-            f"\n\n{a.tokens} tokens ({a.device_tokens} device, {a.fallbacks} fallback) · "
+            f"\n\n{a.tokens} tokens ({a.device_tokens} device, {a.corrections} corrections, "
+            f"{a.fallbacks} fallback) · "
             f"{a.tokens_per_s:.1f} tok/s · M {a.m:.2f} · {a.contacts} contacts · "
             f"{a.bytes_down:,} B down / {a.bytes_up:,} B up\n"
             f"T_cloud {1e3 * a.t_cloud:.1f} ms + T_device {1e3 * a.t_device:.1f} ms + "
