@@ -14,9 +14,10 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from cloud_api import __version__, auth, errors, training
+from cloud_api import __version__, auth, errors, metrics, training
 from cloud_api.db import DeviceRow
 from cloud_api.errors import ApiError
 from cloud_api.run_ahead import RunAheadSession
@@ -103,6 +104,7 @@ def create_app(settings: CloudSettings | None = None, backbone: Backbone | None 
         responses=_ERRORS,
     )
     app.state.cloud = cloud
+    app.state.metrics = metrics.registry(cloud)
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(_health)
@@ -140,6 +142,17 @@ def readyz(request: Request) -> JSONResponse:
     if cloud.load_error:
         return JSONResponse({"status": "failed", "detail": cloud.load_error}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+
+
+@_health.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
+def prometheus(request: Request) -> Response:
+    """Load in the Prometheus text format: live sessions, batched passes, sequences stepped
+    (tokens), rows per pass (cloud_api/metrics.py)."""
+    return Response(metrics.render(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---- /v1 -----------------------------------------------------------------------------------------

@@ -104,14 +104,13 @@ class RunAheadSession(Session):
         eos, limit = self.model.backbone.eos_token_ids, self.decode.max_new_tokens
         while True:
             self._attached.wait()  # paused while the device is away (cancel wakes it)
-            with self.compute:
-                if self._stop:
-                    return
-                self._apply_correction(drafter)
-                tokens = drafter.tokens
-                if len(tokens) < limit and not (tokens and tokens[-1] in eos):
-                    self._draft(drafter.step(), drafter)
-                    continue
+            if self._stop:
+                return
+            self._apply_correction(drafter)
+            tokens = drafter.tokens
+            if len(tokens) < limit and not (tokens and tokens[-1] in eos):
+                self._draft(drafter.step(), drafter)
+                continue
             # every draft is out: wait for the device's last verdict (or a correction)
             if self._settled(drafter):
                 self.run_ahead.verified = True

@@ -17,9 +17,9 @@ stream is attached the session pauses at the next token boundary (a side request
 its deadline); one left alone for `resume_s` is cancelled by the sweep, and an ended session's
 log stays resumable for `resume_s` too, so a device that missed `done` still reads it.
 
-Backbone compute is serialised by one process-wide lock (the backbone's hooks and 2 CPU cores
-do not take concurrent passes well); a session hands the lock back while it waits for its
-device, so a slow device never holds up anyone else, and the event loop never computes.
+The session's backbone passes go through the step scheduler (`cloud_api.scheduler`): sessions
+that are ready share one batched pass per decoding step, and a session waiting for its device
+queues nothing, so a slow device never holds up anyone else; the event loop never computes.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ class Session:
         strict: bool,
         tap_mode: TapMode = "pull",
         resume_s: float = 30.0,
-        compute: threading.Lock,
         records: Records,
         on_end: Callable[[Session], None],
     ):
@@ -90,7 +89,7 @@ class Session:
         self.resume_s = resume_s
         self.tap_dtype = model.config.wire_dtype
         self.hidden_size = model.backbone.hidden_size
-        self.compute, self.records, self.on_end = compute, records, on_end
+        self.records, self.on_end = records, on_end
         self.status = "created"
         self.totals = SessionTotals()  # what it cost so far (recorded when it ends)
         self.books = Books()  # the decoding's own books (its steps give M)
@@ -229,12 +228,11 @@ class Session:
             self._emit(StartEvent(**dict(self.facts())))
             for index in range(self.decode.max_new_tokens):
                 self._attached.wait()  # paused while the device is away (cancel wakes it)
-                with self.compute:
-                    if self._stop:
-                        break
-                    self._step = _StepCost()
-                    cloud_before = books.t_cloud
-                    token = next(tokens, None)
+                if self._stop:
+                    break
+                self._step = _StepCost()
+                cloud_before = books.t_cloud
+                token = next(tokens, None)
                 if token is None:  # a token already computed is still emitted; a cancel
                     break  # stops the session at the next token boundary (checked above)
                 step = self._step
@@ -274,11 +272,7 @@ class Session:
         self._step.bytes_to_device += sent
         self._step.request_id = request.id
         waited = time.perf_counter()
-        self.compute.release()  # let other sessions compute while this device thinks
-        try:
-            request.done.wait(self.deadline_s)
-        finally:
-            self.compute.acquire()
+        request.done.wait(self.deadline_s)  # this session queues no pass meanwhile
         wait_s = time.perf_counter() - waited
         self.totals.device_wait_s += wait_s
         self._step.device_wait_s += wait_s

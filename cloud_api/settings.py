@@ -51,6 +51,7 @@ class CloudSettings(BaseSettings):
     max_new_tokens: int = Field(256, ge=1, description="A session asking for more gets 422.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     max_sessions: int = Field(16, ge=1, description="Sessions open at once; more get 429.")
+    max_batch: int = Field(16, ge=1, description="Sequences stepped in one batched pass.")
     session_ttl_s: float = Field(300.0, gt=0, description="Idle sessions expire after this.")
     sweep_interval_s: float = Field(5.0, gt=0, description="How often expiry is checked.")
     resume_s: float = Field(
@@ -75,6 +76,7 @@ class CloudSettings(BaseSettings):
             "max_new_tokens": self.max_new_tokens,
             "max_body_bytes": self.max_body_bytes,
             "max_sessions": self.max_sessions,
+            "max_batch": self.max_batch,
             "session_ttl_s": self.session_ttl_s,
             "resume_s": self.resume_s,
             "default_deadline_s": self.default_deadline_s,

@@ -18,6 +18,7 @@ from cloud_api import __version__, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
 from cloud_api.run_ahead import RunAheadSession
+from cloud_api.scheduler import BatchedBackbone, Stats, StepScheduler
 from cloud_api.sessions import Registry, Session
 from cloud_api.settings import CloudSettings
 from personalization.backbone.frozen import Backbone
@@ -48,7 +49,8 @@ class Cloud:
         self.settings = settings
         self.records = Records(settings.database_url)
         self.registry = Registry(settings.max_sessions, settings.session_ttl_s, settings.resume_s)
-        self.compute = threading.Lock()  # one backbone pass at a time (see sessions.py)
+        self.compute = threading.Lock()  # one backbone pass at a time (see scheduler.py)
+        self._batched: BatchedBackbone | None = None  # sessions' backbone, once it is loaded
         self.backbone = backbone
         self.load_error: str | None = None
         self.loaded = threading.Event()
@@ -171,7 +173,7 @@ class Cloud:
             hidden_size=f.hidden_size, num_layers=f.num_layers, rungs=rungs, reduction=f.hidden_size
         )
         model = SPAModel(
-            f,
+            self.batched(),  # its passes share batches with every other session's
             SPAConfig(
                 setting=body.setting,
                 threshold=threshold,
@@ -205,7 +207,6 @@ class Cloud:
             strict=body.strict and gated,
             tap_mode=mode,
             resume_s=limits.resume_s,
-            compute=self.compute,
             records=self.records,
             on_end=self.registry.remove,
         )
@@ -247,6 +248,20 @@ class Cloud:
             )  # fmt: skip
         return mode
 
+    def batched(self) -> BatchedBackbone:
+        """The backbone sessions decode with: its passes batched by the step scheduler."""
+        with self.compute:
+            if self._batched is None:
+                scheduler = StepScheduler(
+                    self.require_backbone(), self.compute, self.settings.max_batch
+                )
+                self._batched = BatchedBackbone(self.require_backbone(), scheduler)
+        return self._batched
+
+    def scheduler_stats(self) -> Stats:
+        """What the step scheduler did so far (all zero before the first session)."""
+        return Stats() if self._batched is None else self._batched._scheduler.stats
+
     def owned_session(self, session_id: str, device_id: str, *, ended: bool = False) -> Session:
         """A live session of this device (with `ended`, also one still resumable); another
         device's is as invisible as a missing one."""
@@ -260,6 +275,8 @@ class Cloud:
 
     def close(self) -> None:
         self.registry.cancel_all("the server is shutting down")
+        if self._batched is not None:
+            self._batched._scheduler.close()
         self.records.close()
 
 

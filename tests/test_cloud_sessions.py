@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import pytest
 import torch
 from cloud_client import CloudClient, SideDevice, device
@@ -224,6 +225,67 @@ def test_two_devices_generate_at_the_same_time(server, backbone, side, gate):
     for name in jobs:
         assert runs[name].ids == [t.id for t in expected[name]]
         assert runs[name].branches == [t.branch for t in expected[name]]
+
+
+def test_sixteen_mixed_sessions_share_passes_and_each_equals_itself_alone(
+    tmp_path, backbone, side, gate
+):
+    """16 devices at once — every setting; greedy, seeded sampling and beam search; different
+    lengths — each get exactly the tokens, branches and gate probabilities of in-process
+    decoding alone, while the step scheduler batches their passes (/metrics says so)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kinds = [
+        (setting, strategy)
+        for strategy in ("greedy", "sample")
+        for setting in ("spa", "full", "choice", "lst", "base", "spa")
+    ] + [("base", "beam")] * 4  # beams are rows of one pass (this test device answers one row)
+    jobs = {}
+    for i, (setting, strategy) in enumerate(kinds):
+        decode = DecodeConfig(
+            strategy=strategy, max_new_tokens=6 + i % 7, temperature=1.0,
+            seed=100 + i if strategy == "sample" else None, num_beams=2 + i % 2,
+        )  # fmt: skip
+        body = session_body(backbone, gate, setting, strategy=strategy, seed=decode.seed)
+        body["decoding"] |= {"max_new_tokens": decode.max_new_tokens, "num_beams": decode.num_beams}
+        jobs[f"d{i}"] = (setting, decode, body)
+    runs, failures = {}, []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(name: str) -> None:
+        try:
+            with device(short.url, name) as client:
+                barrier.wait(timeout=60)
+                runs[name] = client.run(SideDevice(side), **jobs[name][2])
+        except Exception as exc:  # reported below, with the thread's name
+            failures.append((name, exc))
+
+    with running(tmp_path, max_sessions=16, max_batch=8) as short:
+        threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        text = httpx.get(f"{short.url}/metrics").text
+    assert not failures, failures
+    for name, (setting, decode, _) in jobs.items():
+        want = reference(backbone, side, gate, setting, decode)
+        got = runs[name]
+        assert got.ids == [t.id for t in want], (name, setting, decode.strategy)
+        assert got.branches == [t.branch for t in want], name
+        for mine, theirs in zip(got.tokens, want, strict=True):
+            if theirs.gate_prob is not None:
+                assert mine["gate_prob"] == pytest.approx(theirs.gate_prob, abs=1e-5)
+    metrics = {
+        s.name + s.labels.get("le", ""): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    passes, rows = metrics["spa_scheduler_passes_total"], metrics["spa_scheduler_sequences_total"]
+    assert rows > passes > 0  # passes were shared
+    assert metrics["spa_scheduler_batch_rows_bucket1"] < metrics["spa_scheduler_batch_rows_count"]
+    assert metrics["spa_scheduler_batch_rows_bucket+Inf"] == passes
+    assert metrics["spa_sessions_live"] == 0 and metrics["spa_sessions_limit"] == 16
 
 
 def test_a_waiting_device_does_not_hold_up_other_sessions(server, backbone, side, gate):
