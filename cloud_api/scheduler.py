@@ -60,8 +60,16 @@ class Stats:
 class StepScheduler:
     """One thread, one backbone pass at a time, as many sessions per pass as are ready."""
 
-    def __init__(self, backbone: Backbone, compute: threading.Lock, max_batch: int = 16):
+    def __init__(
+        self,
+        backbone: Backbone,
+        compute: threading.Lock,
+        max_batch: int = 16,
+        wait_s: float = 0.01,
+    ):
         self.backbone, self.compute, self.max_batch = backbone, compute, max_batch
+        self.wait_s = wait_s  # how long a decoding round waits for last round's rows to return
+        self._last_rows = 0
         self.stats = Stats()
         self._queue: deque[_Job] = deque()
         self._ready = threading.Condition()
@@ -97,6 +105,7 @@ class StepScheduler:
                 if self._closed:
                     self._fail(list(self._queue), RuntimeError("the server is shutting down"))
                     return
+                self._gather()
                 try:
                     jobs = self._take()
                 except Exception as exc:  # a bug: fail what is queued, keep serving
@@ -111,6 +120,19 @@ class StepScheduler:
         for job in jobs:
             job.error = exc
             job.done.set()
+
+    def _gather(self) -> None:
+        """Before a decoding round, give the sessions of the last one a moment (`wait_s`) to
+        queue their next step: each takes a little time with its token (gate, head, event), and
+        a round started at the first arrival would split them in two."""
+        deadline = time.monotonic() + self.wait_s
+        while not self._closed:
+            steps = sum(j.rows for j in self._queue if not j.prefill)
+            prefill_due = self._prefill_next and any(j.prefill for j in self._queue)
+            left = deadline - time.monotonic()
+            if prefill_due or steps >= min(self._last_rows, self.max_batch) or left <= 0:
+                return
+            self._ready.wait(left)
 
     def _take(self) -> list[_Job]:
         """This round's jobs: one prefill, or the decoding steps in arrival order up to the
@@ -147,6 +169,8 @@ class StepScheduler:
         s.prefills += jobs[0].prefill
         s.last_batch = sum(j.rows for j in jobs)
         s.batch_sizes[s.last_batch] += 1
+        if not jobs[0].prefill:
+            self._last_rows = s.last_batch
         s.busy_s += time.perf_counter() - started
         for job, out in zip(jobs, outs, strict=True):
             job.out = out
@@ -176,11 +200,10 @@ class BatchedBackbone:
         backbone = self.__dict__["_backbone"]
         if cache is None or attention_mask is not None or position_ids is not None:
             raise ValueError("a batched backbone steps sequences with their own caches only")
-        out = self.__dict__["_scheduler"].forward(Request(input_ids, cache, tuple(rungs)))
+        request = Request(input_ids, cache, tuple(rungs), logits=logits == "last")
+        out = self.__dict__["_scheduler"].forward(request)
         if logits == "all":
             out.logits = backbone.head(out.hidden)
-        elif logits == "last":
-            out.logits = backbone.head(out.hidden[:, -1:])
         return out
 
     forward = __call__

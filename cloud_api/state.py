@@ -252,8 +252,9 @@ class Cloud:
         """The backbone sessions decode with: its passes batched by the step scheduler."""
         with self.compute:
             if self._batched is None:
+                s = self.settings
                 scheduler = StepScheduler(
-                    self.require_backbone(), self.compute, self.settings.max_batch
+                    self.require_backbone(), self.compute, s.max_batch, s.batch_wait_s
                 )
                 self._batched = BatchedBackbone(self.require_backbone(), scheduler)
         return self._batched

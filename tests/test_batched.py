@@ -40,3 +40,29 @@ def test_requests_of_different_lengths_are_refused(tiny_llama):
             tiny_llama,
             [Request(torch.tensor([[1, 2]]), a), Request(torch.tensor([[3]]), b)],
         )
+
+
+def test_logits_of_the_last_position_come_from_one_head_pass(tiny_llama):
+    caches = [tiny_llama.new_cache() for _ in range(3)]
+    for cache, ids in zip(caches, ([1, 2, 3], [4, 5], [6, 7, 8, 9]), strict=True):
+        tiny_llama(torch.tensor([ids]), cache=cache, logits=None)
+    steps = [torch.tensor([[10]]), torch.tensor([[11]]), torch.tensor([[12]])]
+    alone = [
+        tiny_llama(ids, cache=c, logits="last").logits
+        for ids, c in zip(steps, [_copy(tiny_llama, c) for c in caches], strict=True)
+    ]
+    asked = [True, False, True]
+    out = forward_many(
+        tiny_llama,
+        [Request(i, c, logits=a) for i, c, a in zip(steps, caches, asked, strict=True)],
+    )
+    assert out[1].logits is None
+    for k in (0, 2):
+        torch.testing.assert_close(out[k].logits, alone[k], atol=1e-5, rtol=1e-4)
+
+
+def _copy(backbone, cache):
+    clone = backbone.new_cache()
+    for layer, entry in enumerate(cache.layers):
+        clone.update(entry.keys.clone(), entry.values.clone(), layer)
+    return clone

@@ -10,6 +10,7 @@ one call share T (decode steps: T = 1); a prefill runs as its own call.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class Request:
     input_ids: Tensor  # [r, T]
     cache: DynamicCache
     rungs: tuple[int, ...] = ()
+    logits: bool = False  # also the logits of the last position (one head pass for all rows)
 
 
 @torch.inference_mode()
@@ -35,7 +37,8 @@ def forward_many(backbone: Backbone, requests: Sequence[Request]) -> list[Backbo
     """`backbone(ids, cache=..., rungs=..., logits=None)` for every request, in one pass."""
     if len(requests) == 1:  # nothing to batch: the plain pass, bit for bit
         r = requests[0]
-        return [backbone(r.input_ids, cache=r.cache, rungs=r.rungs, logits=None)]
+        logits = "last" if r.logits else None
+        return [backbone(r.input_ids, cache=r.cache, rungs=r.rungs, logits=logits)]
     T = requests[0].input_ids.shape[1]
     if any(r.input_ids.shape[1] != T for r in requests):
         raise ValueError("requests batched together must add the same number of positions")
@@ -71,6 +74,11 @@ def forward_many(backbone: Backbone, requests: Sequence[Request]) -> list[Backbo
         torch.cat([r.input_ids for r in requests]), cache=merged, rungs=union, logits=None,
         attention_mask=mask, position_ids=positions,
     )  # fmt: skip
+    asking = [i for i, r in enumerate(requests) if r.logits]
+    if asking:  # the LM head once, over the last position of every row that asked for it
+        starts = list(itertools.accumulate([0, *rows]))
+        index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in asking])
+        heads = iter(backbone.head(out.hidden[index, -1:]).split([rows[i] for i in asking]))
     results, start = [], 0
     for r, n in zip(requests, rows, strict=True):
         sl = slice(start, start + n)
@@ -81,7 +89,10 @@ def forward_many(backbone: Backbone, requests: Sequence[Request]) -> list[Backbo
         if r.rungs:
             index = torch.tensor([union.index(k) for k in r.rungs])
             taps = out.taps[sl].index_select(2, index)
-        results.append(BackboneOutput(hidden=out.hidden[sl], taps=taps, logits=None, cache=r.cache))
+        logits = next(heads) if r.logits else None
+        results.append(
+            BackboneOutput(hidden=out.hidden[sl], taps=taps, logits=logits, cache=r.cache)
+        )
         start += n
     return results
 

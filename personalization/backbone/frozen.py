@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -219,10 +220,14 @@ class Backbone:
 
 
 def _capture(store: dict[int, Tensor], key: int):
-    """A pre-hook recording a module's input hidden state under `key`."""
+    """A pre-hook recording a module's input hidden state under `key` — only for the pass of the
+    thread that registered it: another thread may use the same module meanwhile (a cloud session
+    applying the final norm to its own f(x) while the step scheduler runs a pass)."""
+    owner = threading.get_ident()
 
     def hook(_module, args, kwargs):
-        store[key] = args[0] if args else kwargs["hidden_states"]
+        if threading.get_ident() == owner:
+            store[key] = args[0] if args else kwargs["hidden_states"]
 
     return hook
 
