@@ -65,11 +65,11 @@ class StepScheduler:
         backbone: Backbone,
         compute: threading.Lock,
         max_batch: int = 16,
-        wait_s: float = 0.01,
+        wait_s: float = 0.02,
     ):
         self.backbone, self.compute, self.max_batch = backbone, compute, max_batch
-        self.wait_s = wait_s  # how long a decoding round waits for last round's rows to return
-        self._last_rows = 0
+        self.wait_s = wait_s  # how long a decoding round waits for the active rows to return
+        self._active: dict[int, tuple[int, float]] = {}  # cache id → (rows, last stepped)
         self.stats = Stats()
         self._queue: deque[_Job] = deque()
         self._ready = threading.Condition()
@@ -122,15 +122,21 @@ class StepScheduler:
             job.done.set()
 
     def _gather(self) -> None:
-        """Before a decoding round, give the sessions of the last one a moment (`wait_s`) to
+        """Before a decoding round, give the sessions stepped lately a moment (`wait_s`) to
         queue their next step: each takes a little time with its token (gate, head, event), and
-        a round started at the first arrival would split them in two."""
-        deadline = time.monotonic() + self.wait_s
+        a round started at the first arrival would split them — for good, as each part would
+        then keep its own pace. A session silent for a while (waiting for its device, ended)
+        is not waited for."""
+        now = time.monotonic()
+        recent = now - max(0.25, 4 * self.wait_s)
+        self._active = {k: v for k, v in self._active.items() if v[1] >= recent}
+        expected = min(sum(rows for rows, _ in self._active.values()), self.max_batch)
+        deadline = now + self.wait_s
         while not self._closed:
             steps = sum(j.rows for j in self._queue if not j.prefill)
             prefill_due = self._prefill_next and any(j.prefill for j in self._queue)
             left = deadline - time.monotonic()
-            if prefill_due or steps >= min(self._last_rows, self.max_batch) or left <= 0:
+            if prefill_due or steps >= expected or left <= 0:
                 return
             self._ready.wait(left)
 
@@ -169,8 +175,9 @@ class StepScheduler:
         s.prefills += jobs[0].prefill
         s.last_batch = sum(j.rows for j in jobs)
         s.batch_sizes[s.last_batch] += 1
-        if not jobs[0].prefill:
-            self._last_rows = s.last_batch
+        now = time.monotonic()
+        for job in jobs:
+            self._active[id(job.request.cache)] = (job.rows, now)
         s.busy_s += time.perf_counter() - started
         for job, out in zip(jobs, outs, strict=True):
             job.out = out

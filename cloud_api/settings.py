@@ -53,7 +53,7 @@ class CloudSettings(BaseSettings):
     max_sessions: int = Field(16, ge=1, description="Sessions open at once; more get 429.")
     max_batch: int = Field(16, ge=1, description="Sequences stepped in one batched pass.")
     batch_wait_s: float = Field(
-        0.01, ge=0, description="A decoding round waits this long for the last round's rows."
+        0.02, ge=0, description="A decoding round waits up to this for the active sessions."
     )
     session_ttl_s: float = Field(300.0, gt=0, description="Idle sessions expire after this.")
     sweep_interval_s: float = Field(5.0, gt=0, description="How often expiry is checked.")
