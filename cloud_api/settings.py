@@ -50,6 +50,12 @@ class CloudSettings(BaseSettings):
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 413.")
     max_new_tokens: int = Field(256, ge=1, description="A session asking for more gets 422.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    replica: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]{1,8}$",
+        description="This replica's name: session ids start with it, so a proxy routes a "
+        "session's calls to the replica holding it.",
+    )
     max_sessions: int = Field(16, ge=1, description="Sessions open at once; more get 429.")
     max_batch: int = Field(16, ge=1, description="Sequences stepped in one batched pass.")
     batch_wait_s: float = Field(

@@ -198,7 +198,7 @@ class Cloud:
         mode = self._tap_mode(body, rungs, f.num_layers)
         kind = RunAheadSession if mode == "run-ahead" else Session
         session = kind(
-            session_id=uuid.uuid4().hex,
+            session_id=self._new_session_id(),
             device_id=device_id,
             model=model,
             prompt_ids=prompt,
@@ -231,6 +231,13 @@ class Cloud:
             self.registry.remove(session)
             raise
         return session
+
+    def _new_session_id(self) -> str:
+        """32 characters: random hex, after `<replica>-` where the server has a replica name."""
+        replica = self.settings.replica
+        if replica is None:
+            return uuid.uuid4().hex
+        return f"{replica}-{uuid.uuid4().hex[: 31 - len(replica)]}"
 
     def _tap_mode(self, body: SessionIn, rungs: list[int], num_layers: int) -> str:
         """The session's tap mode: its own, else the server's default where the session can

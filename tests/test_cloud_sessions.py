@@ -391,3 +391,12 @@ def _wait_for_status(client: CloudClient, sid: str, wanted: set[str], timeout=20
             break
         time.sleep(0.05)
     return status
+
+
+def test_a_named_replica_starts_its_session_ids_with_its_name(tmp_path, backbone, gate):
+    """What a proxy routes on: /v1/sessions/<replica>-… goes to the replica that holds it."""
+    with running(tmp_path, replica="r7") as replica, device(replica.url) as client:
+        run = client.run(None, **session_body(backbone, gate, "base"))
+        sid = run.session["session_id"]
+        record = client.http.get(f"/v1/sessions/{sid}").json()
+    assert sid.startswith("r7-") and len(sid) == 32 and record["status"] == "finished"
