@@ -400,3 +400,44 @@ def test_a_named_replica_starts_its_session_ids_with_its_name(tmp_path, backbone
         sid = run.session["session_id"]
         record = client.http.get(f"/v1/sessions/{sid}").json()
     assert sid.startswith("r7-") and len(sid) == 32 and record["status"] == "finished"
+
+
+def test_inside_a_capped_batch_no_session_starves_and_a_cancel_ends_only_its_own(
+    tmp_path, backbone, gate
+):
+    """Five sessions, at most 2 rows per pass: one is cancelled mid-stream, the other four still
+    get every token of their run alone (first come, first served: none starves)."""
+    decode = DecodeConfig(max_new_tokens=NEW_TOKENS)
+    base = SPAModel(backbone, SPAConfig(setting="base"))
+    want = [t.id for t in generate(base, _prompt(backbone), decode)]
+    runs, failures, cancelled = {}, [], {}
+    barrier = threading.Barrier(5)
+
+    def work(name: str) -> None:
+        try:
+            with device(short.url, name) as client:
+                barrier.wait(timeout=60)
+                if name != "victim":
+                    runs[name] = client.run(None, **session_body(backbone, gate, "base"))
+                    return
+                body = session_body(backbone, gate, "base")
+                body["decoding"]["max_new_tokens"] = 128  # far more than it will get
+                sid = client.open(**body)["session_id"]
+                events = client.events(sid)
+                next(e for e in events if e["event"] == "token")
+                client.http.post(f"/v1/sessions/{sid}/cancel")
+                cancelled["events"] = list(events)
+        except Exception as exc:  # reported below, with the thread's name
+            failures.append((name, exc))
+
+    with running(tmp_path, max_batch=2) as short:
+        threads = [threading.Thread(target=work, args=(n,)) for n in ("a", "b", "c", "d", "victim")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert not failures, failures
+    assert {name: run.ids for name, run in runs.items()} == {n: want for n in "abcd"}
+    done = cancelled["events"][-1]
+    assert done["event"] == "done" and done["status"] == "cancelled"
+    assert done["totals"]["tokens"] < 128
