@@ -117,7 +117,7 @@ class Generation:
             step = self.stepper.step(inputs)
             logits = step.logits[0]
             token_id = (
-                int(logits.argmax()) if cfg.strategy == "greedy" else _sample(logits, cfg, rng)
+                int(logits.argmax()) if cfg.strategy == "greedy" else sample(logits, cfg, rng)
             )
             yield token_id, *_label(step, 0)
             if token_id in self._eos:
@@ -202,12 +202,18 @@ def _expand(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if x is None else x.expand(n)
 
 
-def _sample(logits: torch.Tensor, cfg: DecodeConfig, rng: torch.Generator | None) -> int:
+def sample(logits: torch.Tensor, cfg: DecodeConfig, rng: torch.Generator | None) -> int:
     """Temperature and nucleus (top-p) sampling."""
+    return int(torch.multinomial(filtered_probs(logits, cfg), 1, generator=rng))
+
+
+def filtered_probs(logits: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """The sampling distribution after temperature and top-p (not renormalised: `multinomial`
+    does not need it)."""
     probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the first token always
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=rng))
+    return probs

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from personalization.config import DecodeConfig
+from personalization.decoding import filtered_probs, sample
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 
@@ -96,22 +97,16 @@ class Drafter:
 
 
 def pick(logits: Tensor, decode: DecodeConfig, rng: torch.Generator | None) -> int:
-    """Greedy argmax, or a sample from the filtered distribution (`probabilities`)."""
+    """Greedy argmax, or a sample as synchronous decoding draws it."""
     if decode.strategy == "greedy":
         return int(logits.argmax())
-    return int(torch.multinomial(probabilities(logits, decode), 1, generator=rng))
+    return sample(logits, decode, rng)
 
 
 def probabilities(logits: Tensor, decode: DecodeConfig) -> Tensor:
-    """The sampling distribution: temperature, then nucleus (top-p) filtering."""
-    probs = torch.softmax(logits.float() / decode.temperature, dim=-1)
-    if decode.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > decode.top_p  # the first always stays
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return probs
+    """The sampling distribution (temperature, top-p), normalised: the rule compares p/q."""
+    probs = filtered_probs(logits, decode)
+    return probs / probs.sum()
 
 
 @torch.no_grad()
