@@ -1,9 +1,13 @@
-"""One line describing the machine a benchmark ran on (printed with every result)."""
+"""One line describing the machine a benchmark ran on (printed with every result), and the
+one way a benchmark writes its results file (stamped with that line and the date)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 
@@ -19,3 +23,10 @@ def hardware() -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
+
+
+def write_results(results: dict, path: Path) -> None:
+    """Stamp `results` with the hardware and the date, and write them to `path` as JSON."""
+    results |= {"hardware": hardware(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

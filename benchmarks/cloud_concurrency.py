@@ -24,10 +24,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
-from _hardware import hardware
+from _hardware import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -207,7 +206,7 @@ def run(args) -> None:
                     f"{len(c['errors'])} errors",
                     flush=True,
                 )
-                _save(results, args.out)
+                write_results(results, args.out)
         if args.soak_s:
             results["soak"] = _soak(url, token, model, prompts, args.soak_devices, args.soak_s)
             print(f"soak: {json.dumps(results['soak'])}", flush=True)
@@ -215,13 +214,7 @@ def run(args) -> None:
             results["soak"]["metrics"] = [
                 line for line in metrics.splitlines() if line.startswith("spa_")
             ]
-    _save(results, args.out)
-
-
-def _save(results: dict, path: Path) -> None:
-    results |= {"hardware": hardware(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, args.out)
 
 
 def table(path: Path) -> None:

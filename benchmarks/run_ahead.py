@@ -23,10 +23,9 @@ import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from _hardware import hardware
+from _hardware import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,12 +40,6 @@ DEADLINE_S = 60.0  # a fallback would hide what the link costs
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _save(results: dict, path: Path) -> None:
-    results |= {"hardware": hardware(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _setup(args):
@@ -150,7 +143,7 @@ def cost(args) -> None:
                 ) + f"; identical {cells[name]['identical_outputs']}",
                 flush=True,
             )  # fmt: skip
-            _save(results, args.out)
+            write_results(results, args.out)
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -209,7 +202,7 @@ def quality(args) -> None:
     cell["identical_outputs"] = f"{sum(same)}/{len(same)}"
     cells[args.dataset] = cell
     print(json.dumps(cell), flush=True)
-    _save(results, args.out)
+    write_results(results, args.out)
 
 
 def table(path: Path) -> None:

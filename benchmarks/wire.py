@@ -24,10 +24,9 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
-from _hardware import hardware
+from _hardware import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,10 +46,8 @@ def _load(path: Path = RESULTS) -> dict:
 
 
 def _save(results: dict, config: dict, path: Path = RESULTS) -> None:
-    results |= {"hardware": hardware(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
     results.setdefault("config", {}).update(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, path)
 
 
 def _data(backbone, dataset: str, args: argparse.Namespace):
