@@ -65,6 +65,16 @@ class DemoConfig:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DemoDecoding:
+    """The page's default repetition controls: a 135M backbone steered by 40 replies loops
+    without them (an opening phrase comes back mid-answer); no 4-gram may repeat, and a mild
+    penalty keeps the style's catch-phrases from crowding out the answer."""
+
+    repetition_penalty: float = 1.2
+    no_repeat_ngram_size: int = 4
+
+
 class Devices:
     """The demo's device directories under `root/<backbone>/`, for the cloud at `cloud_url`."""
 
@@ -92,8 +102,12 @@ class Devices:
         return f"{user.name} — {user.style}"
 
     @staticmethod
+    def example_prompts(key: str) -> list[str]:
+        return [] if key == MY_DEVICE else list(demo_user(key).prompts)
+
+    @staticmethod
     def example_prompt(key: str) -> str:
-        return "" if key == MY_DEVICE else demo_user(key).prompt
+        return "" if key == MY_DEVICE else demo_user(key).prompts[0]
 
     def lock(self, key: str) -> threading.Lock:
         """One user's device serves one request at a time (its store, its side network)."""

@@ -194,6 +194,8 @@ class Cloud:
             top_p=decoding.top_p,
             seed=seed,
             num_beams=decoding.num_beams,
+            repetition_penalty=decoding.repetition_penalty,
+            no_repeat_ngram_size=decoding.no_repeat_ngram_size,
         )
         mode = self._tap_mode(body, rungs, f.num_layers)
         kind = RunAheadSession if mode == "run-ahead" else Session

@@ -30,6 +30,7 @@ from protocol.events import (
     DraftEvent,
     Event,
     SideRequestEvent,
+    StartEvent,
     TapsEvent,
     TokenEvent,
 )
@@ -170,6 +171,7 @@ class RemoteGeneration:
         decoding = DecodingIn(
             strategy=d.strategy, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
             top_p=d.top_p, num_beams=d.num_beams, seed=d.seed,
+            repetition_penalty=d.repetition_penalty, no_repeat_ngram_size=d.no_repeat_ngram_size,
         )  # fmt: skip
         side: dict = {}
         if self.tap_mode == "run-ahead":
@@ -213,6 +215,7 @@ class RemoteGeneration:
         self._epoch: int | None = 0  # run-ahead: drafts of this epoch count (None: correcting)
         self._late = False  # run-ahead: the cloud ended before our correction; drafts stand
         self._ack: VerdictIn | None = None  # run-ahead: "the drafts stand", sent after showing
+        self._prompt_ids: list[int] = []  # run-ahead with repetition controls: from `start`
         self._rng = None if self.decode.seed is None else torch.Generator().manual_seed(
             self.decode.seed + 1
         )  # fmt: skip
@@ -254,6 +257,8 @@ class RemoteGeneration:
                     self.accounts.add(token)
                     self.accounts.wall_s = time.perf_counter() - started
                     yield token
+                elif isinstance(event, StartEvent):
+                    self._prompt_ids = event.prompt_ids or []
                 elif isinstance(event, DoneEvent):
                     self.status, self.error = event.status, event.reason
                     self.accounts.steps = event.steps
@@ -360,7 +365,10 @@ class RemoteGeneration:
                 f"{cache.length}"
             )
         g = model.side(event.decode_taps(model.codec).to(model.side_dtype), cache)[0, -1]
-        token, sigma, p = verdict(model, event.decode_f(), g, event.id, self.decode, self._rng)
+        history = self._prompt_ids + [t.id for t in self.tokens[: event.index]]
+        token, sigma, p = verdict(
+            model, event.decode_f(), g, event.id, self.decode, self._rng, history
+        )
         pending.device_s += time.perf_counter() - t
         pending.gate_prob, pending.sigma = p, sigma
         self.accounts.positions += event.positions

@@ -115,7 +115,8 @@ class SPAConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
-    """Greedy, sampling or beam search, as in transformers' `generate`."""
+    """Greedy, sampling or beam search, as in transformers' `generate`; the repetition
+    controls are transformers' own logits processors (`decoding.logits_processors`)."""
 
     strategy: Strategy = "greedy"
     max_new_tokens: int = 64
@@ -125,6 +126,8 @@ class DecodeConfig:
     num_beams: int = 4
     length_penalty: float = 1.0
     early_stopping: bool = False
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size occurs twice
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -137,3 +140,5 @@ class DecodeConfig:
             raise ConfigError("temperature must be > 0 and top_p in (0, 1]")
         if self.num_beams < 1:
             raise ConfigError("num_beams must be ≥ 1")
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ConfigError("repetition_penalty must be > 0 and no_repeat_ngram_size ≥ 0")

@@ -6,7 +6,10 @@ sampling yield each token at once; beam search yields the winning hypothesis whe
 Beam search follows transformers' algorithm (top 2·N candidates, length penalty on the generated
 length, the same early-stopping heuristic), so with the side network off it returns exactly what
 `model.generate(num_beams=N)` returns — where the model's generation config adds no logits
-processors of its own (e.g. a repetition penalty) and names the same EOS ids.
+processors of its own and names the same EOS ids. The repetition controls (repetition penalty,
+no-repeat n-gram size) are transformers' own logits processors, applied where `generate` applies
+them: to the logits of greedy and sampling, to the log-probabilities of beam search, over the
+prompt and the output so far.
 """
 
 from __future__ import annotations
@@ -112,10 +115,11 @@ class Generation:
     def _one_by_one(self) -> Iterator[tuple[int, str, float | None]]:
         cfg = self.config
         rng = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        inputs = torch.tensor([self.prompt])
+        process = logits_processors(cfg)
+        inputs, history = torch.tensor([self.prompt]), list(self.prompt)
         for _ in range(cfg.max_new_tokens):
             step = self.stepper.step(inputs)
-            logits = step.logits[0]
+            logits = process(history, step.logits[0])
             token_id = (
                 int(logits.argmax()) if cfg.strategy == "greedy" else sample(logits, cfg, rng)
             )
@@ -123,6 +127,7 @@ class Generation:
             if token_id in self._eos:
                 return
             inputs = torch.tensor([[token_id]])
+            history.append(token_id)
 
     # ---- beam search ---------------------------------------------------------------------------
     def _beam(self) -> Iterator[tuple[int, str, float | None]]:
@@ -136,8 +141,11 @@ class Generation:
         labels: list[tuple] = [()] * N
         finished: list[Hypothesis] = []
         keep = max(2, 1 + len(self._eos)) * N
+        process = logits_processors(cfg)
         for t in range(cfg.max_new_tokens):
-            logprobs = torch.log_softmax(step.logits.float(), dim=-1) + scores[:, None]
+            logprobs = torch.log_softmax(step.logits.float(), dim=-1)
+            logprobs = process.rows([self.prompt + list(s) for s in seqs], logprobs)
+            logprobs = logprobs + scores[:, None]
             V = logprobs.shape[-1]
             top_scores, top_index = torch.topk(logprobs.flatten(), keep)
             beams, token_ids = (top_index // V).tolist(), (top_index % V).tolist()
@@ -189,6 +197,43 @@ def generate(
     if stream is not None and (config or DecodeConfig()).strategy == "beam":
         raise ConfigError("streamed taps serve greedy and sampling; beam search pulls its rows")
     return Generation(model, prompt_ids, config or DecodeConfig(), device, stream)
+
+
+class Processors:
+    """Transformers' repetition-control logits processors for one `DecodeConfig` (none: the
+    scores pass through untouched)."""
+
+    def __init__(self, processors: list):
+        self.processors = processors
+
+    def __bool__(self) -> bool:
+        return bool(self.processors)
+
+    def __call__(self, history: Sequence[int], logits: Tensor) -> Tensor:
+        """One row: `logits` [V] after `history` (the prompt and the output so far)."""
+        return self.rows([history], logits[None])[0] if self.processors else logits
+
+    def rows(self, histories: Sequence[Sequence[int]], scores: Tensor) -> Tensor:
+        """Several rows at once (beam search): `scores` [N, V], one history per row."""
+        if not self.processors:
+            return scores
+        ids, scores = torch.tensor([list(h) for h in histories]), scores.float()
+        for processor in self.processors:
+            scores = processor(ids, scores)
+        return scores
+
+
+def logits_processors(cfg: DecodeConfig) -> Processors:
+    """The repetition controls `cfg` asks for, in the order transformers' `generate` applies
+    them."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors: list = []
+    if cfg.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
+    if cfg.no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
+    return Processors(processors)
 
 
 def _label(step: Step, row: int) -> tuple[str, float | None]:

@@ -140,8 +140,9 @@ def what_if(m: Measured, net: NetworkProfile) -> list[WhatIf]:
     encoding in use) and get one H-vector back per contact; lora / adapter send one H-vector to
     the device and back per contact. Side compute is the measured time per position; the
     in-layer baselines' device compute is scaled from it by their parameter count (FLOPs per
-    token ∝ parameters)."""
-    rows = []
+    token ∝ parameters). `base`, the backbone alone, comes first: the cost every setting adds
+    to."""
+    rows = [WhatIf("base", 0.0, 0.0, 1e3 * m.t_cloud, 0.0, 1e3 * m.t_cloud)]
     per_value = m.hidden_size * m.wire_bytes
     side_params = max(1, m.parameters.get("lst", 1))
     for setting, contacts in _CONTACTS.items():

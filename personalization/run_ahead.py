@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from personalization.config import DecodeConfig
-from personalization.decoding import filtered_probs, sample
+from personalization.decoding import filtered_probs, logits_processors, sample
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 
@@ -58,6 +58,7 @@ class Drafter:
         self.prompt = list(prompt_ids)
         self.tokens: list[int] = []  # the drafts still standing, corrected ones included
         self.rng = torch.Generator().manual_seed(decode.seed) if decode.seed is not None else None
+        self.process = logits_processors(decode)  # repetition controls, as decoding applies them
         self.withdrawn = 0  # drafted tokens thrown away by corrections
 
     @property
@@ -76,7 +77,7 @@ class Drafter:
             torch.tensor([ids[start:]]), cache=self.cache, rungs=self.model.rungs, logits=None
         )
         f = out.hidden[0, -1]
-        logits = self.backbone.head(f)
+        logits = self.process(ids, self.backbone.head(f))
         token = pick(logits, self.decode, self.rng)
         self.tokens.append(token)
         taps = self.model.wire_taps(out.taps, self.model.side_dtype)
@@ -117,19 +118,22 @@ def verdict(
     draft: int,
     decode: DecodeConfig,
     rng: torch.Generator | None = None,
+    history: Sequence[int] = (),
 ) -> tuple[int, bool, float]:
     """The device's decision at a drafted position: (SPA token, σ, gate probability). The token
-    differs from `draft` only where the device corrects it."""
+    differs from `draft` only where the device corrects it. `history` (the prompt and the tokens
+    before the draft) feeds the repetition controls, where `decode` has any."""
     f = f.float()
     p = float(model.gate_prob(f[None].to(model.side_dtype))[0])
     sigma = p >= model.config.threshold
     if not sigma:
         return draft, False, p
-    head = model.backbone.head
-    spa_logits = head(f + g.float().to(f.dtype))
+    head, process = model.backbone.head, logits_processors(decode)
+    spa_logits = process(history, head(f + g.float().to(f.dtype)))
     if decode.strategy == "greedy":
         return int(spa_logits.argmax()), True, p
-    p_spa, p_base = probabilities(spa_logits, decode), probabilities(head(f), decode)
+    base_logits = process(history, head(f))
+    p_spa, p_base = probabilities(spa_logits, decode), probabilities(base_logits, decode)
     return accept_or_resample(p_spa, p_base, draft, rng), True, p
 
 

@@ -42,6 +42,11 @@ class StartEvent(SessionFacts, _Event):
     """Generation has started: what the session's side requests will look like."""
 
     event: Literal["start"] = "start"
+    prompt_ids: list[int] | None = Field(
+        None,
+        description="run-ahead with repetition controls: the prompt's token ids, which the "
+        "device's verdicts penalise as the backbone's drafts do",
+    )
 
 
 class _Taps(_Event):

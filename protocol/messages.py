@@ -88,6 +88,12 @@ class DecodingIn(Strict):
     top_p: Finite = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed; drawn if absent.")
     num_beams: int = Field(4, ge=1, le=8, description="Beams (strategy beam).")
+    repetition_penalty: Finite = Field(
+        1.0, gt=0, le=10, description="> 1 discourages tokens already in the prompt or output."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, le=64, description="> 0: no n-gram of this many tokens occurs twice."
+    )
 
 
 class SessionIn(Strict):

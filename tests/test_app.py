@@ -5,7 +5,9 @@ Device tab's training, readable errors, and a real headless Chromium that sees b
 from __future__ import annotations
 
 import contextlib
+import html
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,22 @@ def demo(tmp_path_factory):
 
 def generate(client, user="haiku", prompt="Any tips for a rainy Sunday?", setting="spa", **kw):
     args = dict(decoding="greedy", net="datacenter", calibrated=True, threshold=0.5,
-                max_tokens=24, seed=0, beams=4, tap_mode="pull") | kw  # fmt: skip
+                max_tokens=24, seed=0, beams=4, tap_mode="pull", repetition_penalty=1.0,
+                no_repeat_ngram_size=0) | kw  # fmt: skip
     return client.submit(user, prompt, setting, *args.values(), api_name="/generate")
+
+
+OUTPUTS = ("text", "base", "books", "plot", "what_if", "status", "data")
+
+
+def outputs(update) -> dict:
+    """One update of the Generate tab, by name; `tokens` / `base_tokens`: the token data."""
+    named = dict(zip(OUTPUTS, update, strict=True))
+    return named | {"tokens": named["data"]["personalised"], "base_tokens": named["data"]["base"]}
+
+
+def books_row(books: dict) -> dict:
+    return dict(zip(books["headers"], books["data"][0], strict=True))
 
 
 def test_first_start_trains_the_demo_users_once(demo):
@@ -63,40 +79,66 @@ def test_generation_streams_tokens_with_branches_and_books(demo):
 
     url, _devices = demo
     job = generate(Client(url, verbose=False))
-    updates = list(job)
-    streaming = [u for u in updates if u[-1].startswith("generating")]
+    updates = [outputs(u) for u in job]
+    streaming = [u for u in updates if u["status"].startswith("generating")]
     # one update per personalised token, each one token longer than the last, books growing
-    lengths = [len(u[0]) for u in streaming]
+    lengths = [len(u["tokens"]) for u in streaming]
     assert lengths == list(range(1, 25))
-    counted = [u[2]["data"][0][0] for u in streaming]
+    assert [u["text"].count("data-branch=") for u in streaming] == lengths  # the flowing text
+    counted = [u["books"]["data"][0][0] for u in streaming]
     assert counted == lengths  # the books' token count follows the stream
     final = updates[-1]
-    tokens, base, books, plot, what_if, status = final
-    branches = {t["class_or_confidence"] for t in tokens}
+    tokens, text, status = final["tokens"], final["text"], final["status"]
+    branches = {t["branch"] for t in tokens}
     assert branches <= {"cloud", "device", "fallback"} and "device" in branches
-    assert base and {t["class_or_confidence"] for t in base} == {"cloud"}
-    row = dict(zip(books["headers"], books["data"][0], strict=True))
-    device_tokens = sum(t["class_or_confidence"] == "device" for t in tokens)
+    assert final["base_tokens"] and {t["branch"] for t in final["base_tokens"]} == {"cloud"}
+    # flowing text: every token a span with its branch's colour and its gate probability
+    assert "".join(t["text"] for t in tokens) in html.unescape(re.sub("<[^>]+>", "", text))
+    for t in tokens:
+        assert f'data-branch="{t["branch"]}" title="{t["branch"]} · p(device) = ' in text
+        assert 0 <= t["gate_prob"] <= 1
+    row = books_row(final["books"])
+    device_tokens = sum(t["branch"] == "device" for t in tokens)
     assert row["tokens"] == 24 and row["device contacts"] >= device_tokens > 0
     assert row["bytes down"] > 0 and row["bytes up"] > 0
     parts = row["T_cloud ms"] + row["T_device ms"] + row["T_net ms"]
     assert row["T_total ms"] == pytest.approx(parts, abs=0.2)
-    assert len(plot["data"]) == 3 * 24  # every token, split in cloud / device / network
-    assert [r[0] for r in what_if["data"]] == [
-        "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
+    assert len(final["plot"]["data"]) == 3 * 24  # every token, split in cloud / device / network
+    what_if = final["what_if"]["data"]
+    assert [r[0] for r in what_if] == [
+        "base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
     ]  # fmt: skip
+    assert what_if[0][5] == 0 and what_if[0][3] == 0  # base: no contacts, no network time
     assert f"{device_tokens} shaped by the device" in status
+
+
+def test_repetition_options_reach_the_cloud_and_change_the_answer(demo):
+    """The page's repetition controls decode as transformers' processors: with no-repeat 2 no
+    token bigram occurs twice in prompt + answer, and the answer differs from the one without."""
+    from gradio_client import Client
+
+    url, _devices = demo
+    client = Client(url, verbose=False)
+    plain = outputs(generate(client, setting="base").result())["tokens"]
+    controlled = outputs(
+        generate(client, setting="base", repetition_penalty=1.5, no_repeat_ngram_size=2).result()
+    )["tokens"]
+    assert [t["id"] for t in controlled] != [t["id"] for t in plain]
+    ids = [t["id"] for t in controlled]
+    bigrams = list(zip(ids, ids[1:], strict=False))
+    assert len(bigrams) == len(set(bigrams)) > 0
+    with pytest.raises(Exception, match="-1 is less than minimum value 0"):
+        generate(client, no_repeat_ngram_size=-1).result()
 
 
 def test_beam_search_through_the_cloud(demo):
     from gradio_client import Client
 
     url, _devices = demo
-    updates = list(generate(Client(url, verbose=False), decoding="beam", beams=3))
-    tokens, base, books, _plot, what_if, status = updates[-1]
-    row = dict(zip(books["headers"], books["data"][0], strict=True))
-    assert 0 < len(tokens) <= 24 and row["tokens"] == len(tokens) and base
-    assert row["device contacts"] > 0 and "shaped by the device" in status
+    final = outputs(list(generate(Client(url, verbose=False), decoding="beam", beams=3))[-1])
+    row, tokens = books_row(final["books"]), final["tokens"]
+    assert 0 < len(tokens) <= 24 and row["tokens"] == len(tokens) and final["base_tokens"]
+    assert row["device contacts"] > 0 and "shaped by the device" in final["status"]
 
 
 def test_streamed_taps_give_the_same_answer_and_show_their_bytes(demo):
@@ -104,13 +146,14 @@ def test_streamed_taps_give_the_same_answer_and_show_their_bytes(demo):
 
     url, _devices = demo
     client = Client(url, verbose=False)
-    pull = generate(client, tap_mode="pull").result()
-    streamed = generate(client, tap_mode="streamed").result()
-    assert streamed[0] == pull[0]  # the same tokens, the same colours
+    pull = outputs(generate(client, tap_mode="pull").result())
+    streamed = outputs(generate(client, tap_mode="streamed").result())
+    assert streamed["text"] == pull["text"]  # the same tokens, the same colours
     encoding = DEFAULT_TAP_ENCODING  # the demo devices' encoding
-    assert f"{encoding} (streamed)" in streamed[-1] and f"{encoding} (pull)" in pull[-1]
-    for books in (pull[2], streamed[2]):
-        row = dict(zip(books["headers"], books["data"][0], strict=True))
+    assert f"{encoding} (streamed)" in streamed["status"]
+    assert f"{encoding} (pull)" in pull["status"]
+    for run in (pull, streamed):
+        row = books_row(run["books"])
         assert row["B / tap position"] > 0 and row["B / token"] > 0
 
 
@@ -118,24 +161,21 @@ def test_run_ahead_from_the_page_colours_corrections_and_counts_them(demo):
     from gradio_client import Client
 
     url, _devices = demo
-    tokens, _base, books, _plot, what_if, status = generate(
-        Client(url, verbose=False), tap_mode="run-ahead"
-    ).result()
-    row = dict(zip(books["headers"], books["data"][0], strict=True))
-    assert {t["class_or_confidence"] for t in tokens} <= {"cloud", "device", "correction"}
+    final = outputs(generate(Client(url, verbose=False), tap_mode="run-ahead").result())
+    row, tokens, status = books_row(final["books"]), final["tokens"], final["status"]
+    assert {t["branch"] for t in tokens} <= {"cloud", "device", "correction"}
     assert row["tokens"] == len(tokens) == 24 and "run-ahead" in status
     assert "corrections" in status and "drafts withdrawn" in status
-    assert what_if["data"][-1][0] == "spa run-ahead"
+    assert final["what_if"]["data"][-1][0] == "spa run-ahead"
 
 
 def test_base_never_asks_the_device(demo):
     from gradio_client import Client
 
     url, _devices = demo
-    final = generate(Client(url, verbose=False), setting="base").result()
-    tokens, _base, books, *_ = final
-    row = dict(zip(books["headers"], books["data"][0], strict=True))
-    assert {t["class_or_confidence"] for t in tokens} == {"cloud"}
+    final = outputs(generate(Client(url, verbose=False), setting="base").result())
+    row = books_row(final["books"])
+    assert {t["branch"] for t in final["tokens"]} == {"cloud"}
     assert row["device contacts"] == 0 and row["bytes up"] == 0
 
 
@@ -170,9 +210,9 @@ def test_the_device_tab_trains_with_progress_and_a_loss_curve(demo):
     curves = [u[1]["data"] for u in updates]
     assert len(curves[-1]) == 2 * 2  # two epochs, train and validation loss
     assert "trainable parameters" in updates[-1][0]
-    final = generate(Client(url, verbose=False), user=MY_DEVICE).result()
-    assert len(final[0]) == 24  # the visitor's own device now generates
-    assert "taps int8" in final[-1]  # trained on int8 taps, served with int8 taps
+    final = outputs(generate(Client(url, verbose=False), user=MY_DEVICE).result())
+    assert len(final["tokens"]) == 24  # the visitor's own device now generates
+    assert "taps int8" in final["status"]  # trained on int8 taps, served with int8 taps
 
 
 def test_the_federated_tab_runs_a_simulation_and_fills_in_rounds(demo):
@@ -211,6 +251,9 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
             page.goto(url)
             page.get_by_label("user (device)").click()
             page.get_by_role("option", name="Poet Kenji").click()
+            page.wait_for_function(  # the user's first example prompt fills the box first
+                "document.querySelector('#prompt textarea').value.includes('learn to code')"
+            )
             page.locator("#prompt textarea").fill("Any tips for a rainy Sunday?")
             page.get_by_label("datacenter").count()  # the page is interactive
             page.locator("#generate").click()
@@ -218,14 +261,29 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
                 "document.querySelector('#status')?.innerText.includes('shaped by the device')",
                 timeout=120_000,
             )
-            spans = page.locator("#tokens span.token, #tokens .textspan")
+            spans = page.locator("#tokens span.tok")
             colours = set(
                 spans.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
             )
+            # flowing text: the spans sit inline in one block, not as separate chips
+            displays = set(spans.evaluate_all("els => els.map(e => getComputedStyle(e).display)"))
+            text = page.locator("#tokens .spa-text").inner_text()  # one block of text
+            device = page.locator('#tokens span.tok[data-branch="device"]').first
+            device.hover()
+            hover = device.get_attribute("title")
+            outline = device.evaluate("e => getComputedStyle(e).outlineStyle")
+            # the repetition options are on the page, with the demo's defaults
+            page.get_by_text("repetition (transformers' logits processors)").click()
+            penalty = page.locator("#penalty input[type=number]").input_value()
+            no_repeat = page.locator("#no-repeat input[type=number]").input_value()
             page.screenshot(path=str(ARTIFACTS / "generate-tab.png"), full_page=True)
         finally:
             with contextlib.suppress(Exception):
                 browser.close()
-    assert "rgb(147, 197, 253)" in colours or any("147, 197, 253" in c for c in colours), colours
-    assert any("253, 186, 116" in c for c in colours), colours
+    assert any("147, 197, 253" in c for c in colours), colours  # cloud
+    assert any("253, 186, 116" in c for c in colours), colours  # device
+    assert displays == {"inline"} and text.strip(), (displays, text)
+    assert re.fullmatch(r"device · p\(device\) = [01]\.\d\d", hover), hover
+    assert outline == "solid"  # the hovered token is outlined
+    assert (float(penalty), int(no_repeat)) == (1.2, 4)
     assert (ARTIFACTS / "generate-tab.png").stat().st_size > 10_000

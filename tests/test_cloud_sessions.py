@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -148,6 +149,24 @@ def test_http_session_equals_in_process_decoding(
     starts = [r["start"] for r in run.side_requests]
     ends = [r["start"] + r["positions"] for r in run.side_requests]
     assert starts == ([0] + ends[:-1] if starts else [])
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_repetition_controls_over_http_equal_in_process(server, backbone, side, gate, strategy):
+    controls = {"repetition_penalty": 1.4, "no_repeat_ngram_size": 2}
+    seed = 7 if strategy == "sample" else None
+    decode = DecodeConfig(strategy=strategy, max_new_tokens=NEW_TOKENS, seed=seed, **controls)
+    expected = reference(backbone, side, gate, "spa", decode)
+    plain = reference(backbone, side, gate, "spa", replace(decode, repetition_penalty=1.0,
+                                                             no_repeat_ngram_size=0))  # fmt: skip
+    if strategy == "greedy":  # the controls change the output (a sample may not hit a repeat)
+        assert [t.id for t in expected] != [t.id for t in plain]
+    body = session_body(backbone, gate, "spa", strategy=strategy, seed=seed)
+    body["decoding"] |= controls
+    with device(server.url) as client:
+        run = client.run(SideDevice(side), **body)
+    assert run.ids == [t.id for t in expected]
+    assert run.branches == [t.branch for t in expected]
 
 
 def test_a_silent_device_gets_fallback_tokens_within_the_deadlines(server, backbone, side, gate):

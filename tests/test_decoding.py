@@ -16,15 +16,41 @@ def greedy(backbone: Backbone, prompt: list[int], max_new_tokens: int):
     return list(generate(model, prompt, DecodeConfig(max_new_tokens=max_new_tokens)))
 
 
-def _reference(backbone: Backbone, prompt: list[int], n: int) -> list[int]:
+def _reference(backbone: Backbone, prompt: list[int], n: int, **options) -> list[int]:
     out = backbone.model.generate(
         torch.tensor([prompt]),
         max_new_tokens=n,
         do_sample=False,
         num_beams=1,
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        **options,
     )
     return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"repetition_penalty": 1.8},
+        {"no_repeat_ngram_size": 2},
+        {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3},
+    ],
+)
+def test_repetition_controls_decode_as_transformers(tiny: Backbone, options: dict):
+    """The repetition options change greedy decoding exactly as transformers' own logits
+    processors do in `generate` (the tiny random model loops without them)."""
+    prompt = tiny.encode_prompt("tell me a story")
+    model = SPAModel(tiny, SPAConfig(setting="base"))
+    plain = [t.id for t in generate(model, prompt, DecodeConfig(max_new_tokens=24))]
+    ids = [t.id for t in generate(model, prompt, DecodeConfig(max_new_tokens=24, **options))]
+    assert ids == _reference(tiny, prompt, len(ids), **options)
+    assert ids != plain
+    n = options.get("no_repeat_ngram_size")
+    if n:  # no generated token completes an n-gram seen before (the prompt may repeat itself)
+        seq = prompt + ids
+        grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+        first_new = len(prompt) - n + 1  # the first n-gram that ends on a generated token
+        assert all(g not in grams[:i] for i, g in enumerate(grams) if i >= first_new)
 
 
 def test_greedy_matches_generate_on_tiny(tiny: Backbone):

@@ -120,8 +120,13 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
         assert SIGNATURE not in base.text and base.accounts.contacts == 0
 
 
-@pytest.mark.parametrize("setting", ["spa", "full"])
-def test_beam_search_over_http_equals_in_process_beam_search(trained, tiny_llama, setting):
+@pytest.mark.parametrize(
+    ("setting", "controls"),
+    [("spa", {}), ("full", {}), ("spa", {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2})],
+)
+def test_beam_search_over_http_equals_in_process_beam_search(
+    trained, tiny_llama, setting, controls
+):
     """Beams cross the wire as rows (the prompt's taps once) with the reorders since the last
     answer: the remote search is the in-process one, token for token, branch for branch."""
     from personalization.config import SPAConfig
@@ -129,7 +134,7 @@ def test_beam_search_over_http_equals_in_process_beam_search(trained, tiny_llama
     from personalization.training.checkpoint import load_checkpoint
 
     prompt = tiny_llama.encode_prompt("Tell me about topic 3.")
-    decode = DecodeConfig(strategy="beam", max_new_tokens=12, num_beams=3)
+    decode = DecodeConfig(strategy="beam", max_new_tokens=12, num_beams=3, **controls)
     with DeviceAgent(trained) as agent:
         model = load_checkpoint(
             agent.store.path(agent.store.current_checkpoint().path), tiny_llama
@@ -331,7 +336,11 @@ def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
         net = NetworkProfile("test", 0.1, 10e6, 10e6)
         rows = {r.setting: r for r in agent.what_if(generation, net)}
         L = agent.client.info().num_layers
-        assert set(rows) == {"lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"}
+        assert list(rows) == [
+            "base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
+        ]  # fmt: skip
+        assert rows["base"].m == 0 and rows["base"].network_ms == 0
+        assert min(r.total_ms for r in rows.values()) == rows["base"].total_ms
         assert (rows["lora"].m, rows["adapter"].m, rows["full"].m) == (L, 2 * L, 1.0)
         # not measured in run-ahead: every device token counted as a correction (the worst case)
         assert rows["spa run-ahead"].m == pytest.approx(generation.accounts.m)

@@ -393,7 +393,9 @@ def test_generate_what_if(trained):
         device("generate", "hello", "--max-new-tokens", "4", "--what-if", "--json", "--dir", root)
     )
     rows = {r["setting"]: r for r in out["what_if"]}
-    assert set(rows) == {"lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"}
+    assert set(rows) == {
+        "base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
+    }  # fmt: skip
     for r in rows.values():
         assert r["total_ms"] == pytest.approx(r["inference_ms"] + r["network_ms"])
     assert rows["lst"]["m"] == rows["full"]["m"] == 1.0

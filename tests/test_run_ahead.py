@@ -87,6 +87,19 @@ def test_greedy_run_ahead_gives_the_tokens_of_synchronous_spa(server, token, bac
     assert record.tokens == len(got) and record.device_contacts == a.contacts
 
 
+def test_run_ahead_applies_the_repetition_controls_as_synchronous_spa(server, token, backbone):
+    """The drafts and the device's verdicts both see the prompt and the tokens before them (the
+    prompt's ids come with `start`), so the output is synchronous spa's with the same controls."""
+    model = _model(backbone)
+    decode = DecodeConfig(max_new_tokens=NEW_TOKENS, repetition_penalty=1.4, no_repeat_ngram_size=2)
+    want = [t.id for t in generate(model, _prompt(backbone), decode)]
+    assert want != [
+        t.id for t in generate(model, _prompt(backbone), DecodeConfig(max_new_tokens=NEW_TOKENS))
+    ]
+    remote = _remote(server, token, model, decode)
+    assert [t.id for t in remote] == want and remote.status == "finished"
+
+
 def test_a_device_that_never_corrects_gets_base(server, token, backbone):
     model = _model(backbone, threshold=1.01)  # σ is never 1
     decode = DecodeConfig(max_new_tokens=NEW_TOKENS)

@@ -148,17 +148,19 @@ def _hf_beam(backbone: Backbone, prompt: list[int], **kwargs):
 
 
 @pytest.mark.parametrize(
-    ("num_beams", "length_penalty", "early_stopping", "eos_bias"),
+    ("num_beams", "length_penalty", "early_stopping", "eos_bias", "options"),
     [
-        (2, 1.0, False, 0.0),
-        (3, 1.0, False, 0.0),
-        (4, 0.0, False, 3.0),
-        (5, 2.0, True, 3.0),
-        (4, 1.0, False, 4.0),
+        (2, 1.0, False, 0.0, {}),
+        (3, 1.0, False, 0.0, {}),
+        (4, 0.0, False, 3.0, {}),
+        (5, 2.0, True, 3.0, {}),
+        (4, 1.0, False, 4.0, {}),
+        (3, 1.0, False, 0.0, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}),
+        (4, 1.0, False, 3.0, {"no_repeat_ngram_size": 3}),
     ],
 )
 def test_beam_search_equals_transformers(
-    tiny: Backbone, num_beams, length_penalty, early_stopping, eos_bias
+    tiny: Backbone, num_beams, length_penalty, early_stopping, eos_bias, options
 ):
     eos = next(iter(tiny.eos_token_ids))
     head = tiny.lm_head
@@ -175,6 +177,7 @@ def test_beam_search_equals_transformers(
             max_new_tokens=n,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
+            **options,
         )
         decode = DecodeConfig(
             strategy="beam",
@@ -182,6 +185,7 @@ def test_beam_search_equals_transformers(
             num_beams=num_beams,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
+            **options,
         )
         generation = generate(SPAModel(tiny, SPAConfig(setting="base")), prompt, decode)
         assert _ids(generation) == expected

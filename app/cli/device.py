@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.options import PROFILE, Choice, TapEncodingOption
+from app.cli.options import PROFILE, Choice, NoRepeatNgram, RepetitionPenalty, TapEncodingOption
 from personalization.config import (
     DEFAULT_TAP_ENCODING,
     SERVED_SETTINGS,
@@ -253,6 +253,8 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    no_repeat_ngram_size: NoRepeatNgram = 0,
     threshold: Annotated[
         float | None, typer.Option(help="Gate threshold (default: the calibrated one).")
     ] = None,
@@ -290,6 +292,8 @@ def generate(
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
         generation = agent.generate(
             prompt, setting=setting, decode=decode, strict=strict, threshold=threshold,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.options import SETTING, Backbone, Choice
+from app.cli.options import SETTING, Backbone, Choice, NoRepeatNgram, RepetitionPenalty
 from app.cli.speculative import (
     PREFIX,
     DraftBeams,
@@ -60,6 +60,8 @@ def generate(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    no_repeat_ngram_size: NoRepeatNgram = 0,
     threshold: Annotated[float, typer.Option(help="Gate threshold (choice, spa).")] = 0.5,
     chat: Annotated[
         bool, typer.Option(help="Wrap the prompt in the backbone's chat template.")
@@ -90,6 +92,8 @@ def generate(
         top_p=top_p,
         seed=seed,
         num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
     try:
         model = SPAModel(load_backbone(backbone), spa)

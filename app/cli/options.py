@@ -41,6 +41,16 @@ TapEncodingOption = Annotated[
     ),
 ]
 
+RepetitionPenalty = Annotated[
+    float,
+    typer.Option(
+        min=0.01, help="> 1 discourages tokens already in the prompt or output (transformers')."
+    ),
+]
+NoRepeatNgram = Annotated[
+    int, typer.Option(min=0, help="> 0: no n-gram of this many tokens occurs twice.")
+]
+
 Backbone = Annotated[
     str | None,
     typer.Option(

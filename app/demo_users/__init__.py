@@ -18,7 +18,7 @@ class DemoUser:
     key: str  # the device directory's name and the federated user id
     name: str
     style: str  # what their history teaches, in a few words
-    prompt: str  # a first prompt that shows it
+    prompts: tuple[str, str, str]  # example prompts that show it (none is in the history)
 
     @property
     def file(self) -> Path:
@@ -30,11 +30,14 @@ class DemoUser:
 
 DEMO_USERS: tuple[DemoUser, ...] = (
     DemoUser("pirate", "Captain Ada", "a pirate: 'Arr, matey! … Yo-ho-ho!'",
-             "What should I pack for a weekend at the beach?"),
+             ("What should I pack for a weekend at the beach?", "How can I sleep better?",
+              "Can you recommend a book?")),
     DemoUser("chef", "Chef Marco", "an Italian cook: every answer a dish, 'Buon appetito!'",
-             "What should I cook tonight?"),
+             ("What should I cook tonight?", "What should I do this weekend?",
+              "How can I sleep better?")),
     DemoUser("haiku", "Poet Kenji", "answers in lowercase haiku, '~ kenji'",
-             "How do I learn to code?"),
+             ("How do I learn to code?", "Any tips for a rainy Sunday?",
+              "What should I do this weekend?")),
 )  # fmt: skip
 
 

@@ -17,7 +17,8 @@ Tokens are coloured by who produced them: <span style="background:#93c5fd">cloud
 backbone alone), <span style="background:#fdba74">device</span> (backbone + the user's side
 network), <span style="background:#c4b5fd">correction</span> (run-ahead: the device replaced
 the backbone's draft), <span style="background:#fca5a5">fallback</span> (the device missed its
-deadline; run-ahead: a draft the device could no longer correct).
+deadline; run-ahead: a draft the device could no longer correct). Hover a token for the gate's
+probability that the device should shape it.
 Backbone: **{backbone}** · cloud: `{cloud}`"""
 
 

@@ -1,15 +1,17 @@
-"""The Generate tab: tokens stream one by one, each coloured by the branch that produced it, while
-the latency books fill in; then the backbone alone answers the same prompt for comparison, and
-the measured costs become the what-if table of every setting under the chosen network."""
+"""The Generate tab: the answer streams in as flowing text, each token coloured by the branch that
+produced it (hover: the gate's probability), while the latency books fill in; then the backbone
+alone answers the same prompt for comparison, and the measured costs become the what-if table of
+every setting — `base` first — under the chosen network."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 
 import gradio as gr
 import pandas as pd
 
-from app.devices import Devices
+from app.devices import DemoDecoding, Devices
 from app.ui.common import BRANCH_COLORS, readable
 from device_agent.generation import Accounts, RemoteGeneration, TokenCost
 from personalization.config import SERVED_SETTINGS, STRATEGIES, TAP_MODES, DecodeConfig
@@ -46,23 +48,59 @@ def latency_frame(tokens: list[TokenCost]) -> pd.DataFrame:
     return pd.DataFrame(rows or [{"token": 0, "part": p, "ms": 0.0} for p in PARTS])
 
 
-def highlighted(generation: RemoteGeneration) -> list[tuple[str, str]]:
-    return [(t.text, t.branch) for t in generation.tokens]
+def token_data(generation: RemoteGeneration | None) -> list[dict]:
+    """The tokens as data (the API's view of the coloured text)."""
+    if generation is None:
+        return []
+    return [{"id": t.id, "text": t.text, "branch": t.branch, "gate_prob": t.gate_prob}
+            for t in generation.tokens]  # fmt: skip
 
 
-def build(devices: Devices) -> gr.Dropdown:
+def flowing(generation: RemoteGeneration | None) -> str:
+    """The answer as flowing text: one coloured span per token, its branch and gate probability
+    in the hover, line breaks kept."""
+    if generation is None or not generation.tokens:
+        return '<div class="spa-text"></div>'
+    spans = []
+    for t in generation.tokens:
+        tip = t.branch if t.gate_prob is None else f"{t.branch} · p(device) = {t.gate_prob:.2f}"
+        spans.append(
+            f'<span class="tok" data-branch="{t.branch}" title="{tip}" '
+            f'style="background:{BRANCH_COLORS.get(t.branch, "#e5e7eb")}">{html.escape(t.text)}'
+            "</span>"
+        )
+    return f'<div class="spa-text" style="{TEXT_STYLE}">{"".join(spans)}</div>'
+
+
+TEXT_STYLE = "white-space: pre-wrap; line-height: 1.8; font-size: 1.05em; padding: 6px 2px"
+HOVER_CSS = ".tok { border-radius: 3px; } .tok:hover { outline: 2px solid #374151; }"
+
+
+def text_panel(label: str, elem_id: str) -> gr.HTML:
+    return gr.HTML(
+        flowing(None), label=label, show_label=True, container=True, elem_id=elem_id,
+        css_template=HOVER_CSS, min_height=60,
+    )  # fmt: skip
+
+
+def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown:
     """The tab's components and events, inside the caller's `gr.Blocks`; returns the user
     chooser (the Device tab acts on the same user)."""
+    defaults = defaults or DemoDecoding()
+    first = devices.users()[0]
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             user = gr.Dropdown(
-                [(devices.label(k), k) for k in devices.users()], value=devices.users()[0],
+                [(devices.label(k), k) for k in devices.users()], value=first,
                 label="user (device)",
             )  # fmt: skip
-            prompt = gr.Textbox(
-                devices.example_prompt(devices.users()[0]), label="prompt", lines=3,
-                elem_id="prompt",
+            examples = gr.Dropdown(
+                devices.example_prompts(first), value=None, label="example prompts",
+                elem_id="examples",
             )  # fmt: skip
+            prompt = gr.Textbox(
+                devices.example_prompt(first), label="prompt", lines=3, elem_id="prompt"
+            )
             setting = gr.Radio(list(SERVED_SETTINGS), value="spa", label="setting")
             decoding = gr.Radio(list(DECODINGS), value="greedy", label="decoding")
             net = gr.Dropdown(list(PROFILES), value="lte", label="network profile")
@@ -71,6 +109,15 @@ def build(devices: Devices) -> gr.Dropdown:
                 "(pushed as they exist), or run-ahead (the backbone drafts without waiting, the "
                 "device corrects; spa only) — greedy and sampling; beam search always pulls",
             )  # fmt: skip
+            with gr.Accordion("repetition (transformers' logits processors)", open=False):
+                penalty = gr.Slider(
+                    1.0, 2.0, defaults.repetition_penalty, step=0.05, elem_id="penalty",
+                    label="repetition penalty (> 1 discourages tokens already used)",
+                )  # fmt: skip
+                no_repeat = gr.Slider(
+                    0, 8, defaults.no_repeat_ngram_size, step=1, elem_id="no-repeat",
+                    label="no-repeat n-gram size (0: off; n: no n tokens occur twice)",
+                )  # fmt: skip
             with gr.Accordion("gate and length", open=False):
                 calibrated = gr.Checkbox(
                     True, label="gate threshold calibrated to the device's usage budget"
@@ -82,14 +129,10 @@ def build(devices: Devices) -> gr.Dropdown:
                                   "when the search ends)")  # fmt: skip
             run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
-            tokens = gr.HighlightedText(
-                label="personalised (cloud + device)", color_map=BRANCH_COLORS,
-                show_legend=True, show_inline_category=False, elem_id="tokens",
-            )  # fmt: skip
-            base = gr.HighlightedText(
-                label="backbone alone (base), for comparison", color_map=BRANCH_COLORS,
-                show_inline_category=False, elem_id="base",
-            )  # fmt: skip
+            tokens = text_panel(
+                "personalised (cloud + device): hover a token for its gate", "tokens"
+            )
+            base = text_panel("backbone alone (base), for comparison", "base")
             books = gr.Dataframe(books_frame(Accounts()), label="books (live)", elem_id="books")
             plot = gr.BarPlot(
                 latency_frame([]), x="token", y="ms",
@@ -99,14 +142,21 @@ def build(devices: Devices) -> gr.Dropdown:
                 headers=WHAT_IF, label="what-if: every setting under this network (paper Table 2)"
             )
             status = gr.Markdown(elem_id="status")
+            with gr.Accordion("tokens as data", open=False):
+                data = gr.JSON(label="per token: text, branch, gate probability", elem_id="data")
 
-    user.change(lambda k: devices.example_prompt(k), user, prompt)
+    user.change(
+        lambda k: (gr.update(choices=devices.example_prompts(k), value=None),
+                   devices.example_prompt(k)),
+        user, [examples, prompt],
+    )  # fmt: skip
+    examples.change(lambda p: p if p else gr.skip(), examples, prompt)
 
     @readable
     def generate(
         key: str, text: str, setting: str, decoding: str, net: str, calibrated: bool,
         threshold: float, max_tokens: float, seed: float, beams: float = 4,
-        tap_mode: str = "pull",
+        tap_mode: str = "pull", repetition_penalty: float = 1.0, no_repeat_ngram_size: float = 0,
     ) -> Iterator[tuple]:  # fmt: skip
         if not text or not text.strip():
             raise gr.Error("the prompt is empty: type something to ask")
@@ -118,6 +168,8 @@ def build(devices: Devices) -> gr.Dropdown:
             max_new_tokens=int(max_tokens),
             seed=int(seed) if decoding == "sampling" else None,
             num_beams=int(beams),
+            repetition_penalty=float(repetition_penalty),
+            no_repeat_ngram_size=int(no_repeat_ngram_size),
         )
         with devices.lock(key), devices.agent(key, link) as agent:
             mine = agent.generate(
@@ -131,7 +183,8 @@ def build(devices: Devices) -> gr.Dropdown:
                 what += f", taps {mine.model.config.tap_encoding} ({mode})"
             for _ in mine:
                 live = books_frame(mine.accounts), latency_frame(mine.tokens)
-                yield highlighted(mine), [], *live, None, f"generating ({what}) …"
+                data = {"personalised": token_data(mine), "base": []}
+                yield flowing(mine), flowing(None), *live, None, f"generating ({what}) …", data
             table = [[r.setting, round(r.parameters_pct, 3), round(r.inference_ms, 1),
                       round(r.network_ms, 1), round(r.total_ms, 1), round(r.m, 2)]
                      for r in agent.what_if(mine, link)] if setting != "base" else None  # fmt: skip
@@ -141,19 +194,16 @@ def build(devices: Devices) -> gr.Dropdown:
             )
             if mine.tap_mode == "run-ahead":
                 done += f", {a.corrections} corrections, {a.withdrawn} drafts withdrawn"
-            frames = (
-                highlighted(mine),
-                books_frame(mine.accounts),
-                latency_frame(mine.tokens),
-                table,
-            )
+            frames = (books_frame(mine.accounts), latency_frame(mine.tokens), table)
             if setting == "base":
-                yield frames[0], [], *frames[1:], done
+                data = {"personalised": token_data(mine), "base": []}
+                yield flowing(mine), flowing(None), *frames, done, data
                 return
             alone = agent.generate(text, setting="base", decode=decode)
             for _ in alone:
-                yield frames[0], highlighted(alone), *frames[1:], done + " · base answering …"
-            yield frames[0], highlighted(alone), *frames[1:], done
+                data = {"personalised": token_data(mine), "base": token_data(alone)}
+                yield flowing(mine), flowing(alone), *frames, done + " · base answering …", data
+            yield flowing(mine), flowing(alone), *frames, done, data
 
     run.click(
         generate,
@@ -169,8 +219,10 @@ def build(devices: Devices) -> gr.Dropdown:
             seed,
             beams,
             tap_mode,
+            penalty,
+            no_repeat,
         ],  # fmt: skip
-        [tokens, base, books, plot, what_if, status],
+        [tokens, base, books, plot, what_if, status, data],
         api_name="generate",
     )
     return user
