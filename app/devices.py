@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from app.demo_users import DEMO_USERS, demo_user
+from app.demo_users import DEMO_USERS, DemoUser, demo_user
 from device_agent.agent import DeviceAgent
 from device_agent.client import CloudClient
 from device_agent.errors import CloudError, DeviceError
@@ -89,6 +89,7 @@ class Devices:
                 ) from None
         self.root = Path(root).expanduser() / self.backbone.replace("/", "--")
         self._locks = {key: threading.Lock() for key in self.users()}
+        self._training: dict[str, str] = {}  # demo users not ready yet: key → where training is
 
     @staticmethod
     def users() -> list[str]:
@@ -108,6 +109,11 @@ class Devices:
     @staticmethod
     def example_prompt(key: str) -> str:
         return "" if key == MY_DEVICE else demo_user(key).prompts[0]
+
+    def training(self, key: str) -> str | None:
+        """Where `key`'s first training stands ("epoch 3/24"), while `prepare` has not finished
+        it; None once the user is ready (or was never a demo user)."""
+        return self._training.get(key)
 
     def lock(self, key: str) -> threading.Lock:
         """One user's device serves one request at a time (its store, its side network)."""
@@ -141,24 +147,35 @@ class Devices:
         return DeviceAgent(self.ensure(key), cloud_url=self.cloud_url, profile=profile)
 
     def prepare(self, on_progress: Callable[[str, Progress], None] | None = None) -> list[str]:
-        """Train every demo user not yet trained under this configuration; returns their keys."""
+        """Train every demo user not yet trained under this configuration; returns their keys.
+        While it runs (the demo runs it beside the page), `training` says where each user is."""
         trained = []
-        for user in DEMO_USERS:
-            with self.lock(user.key), self.agent(user.key) as agent:
-                done = agent.store.current_checkpoint("spa") is not None
-                if done and agent.store.get("demo_config") == self.config.fingerprint():
-                    continue
-                bar = tqdm(total=self.config.epochs, desc=f"training {user.name}", unit="epoch")
-
-                def notify(p: Progress, bar=bar, key=user.key) -> None:
-                    if p.stage == "epoch":
-                        bar.update(p.done - bar.n)
-                        bar.set_postfix(loss=f"{p.info['train']['lm']:.3f}")
-                    if on_progress is not None:
-                        on_progress(key, p)
-
-                with bar:
-                    agent.train(self.config.train_config(), on_progress=notify)
-                agent.store.set(demo_config=self.config.fingerprint())
-                trained.append(user.key)
+        self._training |= {user.key: "waiting for its turn" for user in DEMO_USERS}
+        try:
+            for user in DEMO_USERS:
+                with self.lock(user.key), self.agent(user.key) as agent:
+                    done = agent.store.current_checkpoint("spa") is not None
+                    if done and agent.store.get("demo_config") == self.config.fingerprint():
+                        self._training.pop(user.key, None)
+                        continue
+                    self._train(user, agent, on_progress)
+                    agent.store.set(demo_config=self.config.fingerprint())
+                    self._training.pop(user.key, None)
+                    trained.append(user.key)
+        finally:
+            self._training.clear()
         return trained
+
+    def _train(self, user: DemoUser, agent: DeviceAgent, on_progress) -> None:
+        bar = tqdm(total=self.config.epochs, desc=f"training {user.name}", unit="epoch")
+
+        def notify(p: Progress) -> None:
+            self._training[user.key] = f"{p.stage} {p.done}/{p.total}"
+            if p.stage == "epoch":
+                bar.update(p.done - bar.n)
+                bar.set_postfix(loss=f"{p.info['train']['lm']:.3f}")
+            if on_progress is not None:
+                on_progress(user.key, p)
+
+        with bar:
+            agent.train(self.config.train_config(), on_progress=notify)

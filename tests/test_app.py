@@ -8,6 +8,8 @@ import contextlib
 import html
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,25 @@ def test_first_start_trains_the_demo_users_once(demo):
             checkpoint = agent.store.current_checkpoint("spa")
             assert checkpoint is not None and checkpoint.usage is not None
             assert len(agent.store.items()) == 40
+
+
+def test_demo_users_train_beside_the_page_and_say_where_they_are(demo, tmp_path):
+    """`spa demo` serves the page first and trains the demo users beside it: meanwhile each
+    user says where its training is (the page shows it instead of an answer)."""
+    _url, devices = demo
+    fresh = Devices(tmp_path, devices.cloud_url, DemoConfig(epochs=3, calibration_prompts=2))
+    trained: list[list[str]] = []
+    thread = threading.Thread(target=lambda: trained.append(fresh.prepare()))
+    thread.start()
+    states = set()
+    while thread.is_alive():
+        states.add(fresh.training("haiku"))
+        time.sleep(0.02)
+    thread.join()
+    assert trained == [["pirate", "chef", "haiku"]]
+    assert "waiting for its turn" in states, states
+    assert any(s and s.startswith("epoch ") and s.endswith("/3") for s in states), states
+    assert all(fresh.training(k) is None for k in fresh.users())
 
 
 def test_generation_streams_tokens_with_branches_and_books(demo):

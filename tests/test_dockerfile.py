@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -43,6 +44,7 @@ def test_the_image_steps_build_and_serve(tmp_path):
     env |= {"SPA_BACKBONE": "tiny-llama", "PATH": f"{venv / 'bin'}:{env['PATH']}"}
 
     def expand(s: str) -> str:
+        s = re.sub(r"--mount=\S+\s+", "", s)  # BuildKit mounts (the pip-cert secret) aside
         s = s.replace("/opt/venv", str(venv)).replace("$TORCH_INDEX", "")  # local wheels here
         return s.replace("$SPA_CACHE_DIR", str(cache))
 
@@ -79,11 +81,11 @@ def test_the_image_steps_build_and_serve(tmp_path):
     assert list((cache / "demo" / "tiny-llama").glob("*/checkpoints/*.safetensors"))
 
     port = free_port()
+    env["SPA_DEMO_PORT"] = str(port)  # as `docker run -e SPA_DEMO_PORT=...`: UI and probe follow
     server = subprocess.Popen(
-        [*cmd, "--port", str(port)], cwd=work, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    probe = healthcheck.replace("7860", str(port))
+        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    probe = healthcheck
     try:
         deadline, healthy = time.monotonic() + 180, False
         while time.monotonic() < deadline and server.poll() is None and not healthy:

@@ -29,7 +29,9 @@ def demo(
     host: Annotated[
         str, typer.Option(help="Interface the UI listens on (0.0.0.0 in a container).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the UI.")] = 7860,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, envvar="SPA_DEMO_PORT", help="Port of the UI.")
+    ] = 7860,
     cloud_url: Annotated[
         str | None,
         typer.Option(

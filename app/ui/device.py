@@ -100,6 +100,8 @@ def build(devices: Devices, user: gr.Dropdown, page: gr.Blocks) -> None:
 
     @readable
     def show(key: str):
+        if (state := devices.training(key)) is not None:
+            return f"**{devices.label(key)}**: training its side network ({state}) …", gr.skip()
         with devices.lock(key), devices.agent(key) as agent:
             return facts(agent), history_frame(agent)
 

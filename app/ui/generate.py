@@ -6,6 +6,7 @@ every setting — `base` first — under the chosen network."""
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Iterator
 
 import gradio as gr
@@ -171,6 +172,12 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
             repetition_penalty=float(repetition_penalty),
             no_repeat_ngram_size=int(no_repeat_ngram_size),
         )
+        while (state := devices.training(key)) is not None:  # first start: trained beside the page
+            yield (flowing(None), flowing(None), books_frame(Accounts()), latency_frame([]), None,
+                   f"{devices.label(key).split(' — ')[0]}'s side network is still training "
+                   f"({state}); the answer starts when it is ready …",
+                   {"personalised": [], "base": []})  # fmt: skip
+            time.sleep(1)
         with devices.lock(key), devices.agent(key, link) as agent:
             mine = agent.generate(
                 text, setting=setting, decode=decode,
