@@ -42,7 +42,7 @@ class DemoConfig:
 
     epochs: int = 24
     lr: float = 5e-3
-    target_usage: float = 0.5
+    target_usage: float = 0.7
     calibration_prompts: int = 4
     tap_encoding: TapEncoding = DEFAULT_TAP_ENCODING  # how the demo devices' taps cross the wire
 
@@ -68,11 +68,12 @@ class DemoConfig:
 @dataclass(frozen=True)
 class DemoDecoding:
     """The page's default repetition controls: a 135M backbone steered by 40 replies loops
-    without them (an opening phrase comes back mid-answer); no 4-gram may repeat, and a mild
-    penalty keeps the style's catch-phrases from crowding out the answer."""
+    without them (a sentence comes back again and again); no 4-gram may repeat. The repetition
+    penalty stays off: as in transformers it also penalises the prompt's tokens — the chat
+    template's end-of-turn among them — so answers run past their natural end."""
 
-    repetition_penalty: float = 1.2
-    no_repeat_ngram_size: int = 4
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
 
 
 class Devices:

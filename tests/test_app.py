@@ -306,5 +306,5 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
     assert displays == {"inline"} and text.strip(), (displays, text)
     assert re.fullmatch(r"device · p\(device\) = [01]\.\d\d", hover), hover
     assert outline == "solid"  # the hovered token is outlined
-    assert (float(penalty), int(no_repeat)) == (1.2, 4)
+    assert (float(penalty), int(no_repeat)) == (1.0, 3)
     assert (ARTIFACTS / "generate-tab.png").stat().st_size > 10_000

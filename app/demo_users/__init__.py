@@ -37,7 +37,7 @@ DEMO_USERS: tuple[DemoUser, ...] = (
               "How can I sleep better?")),
     DemoUser("haiku", "Poet Kenji", "answers in lowercase haiku, '~ kenji'",
              ("How do I learn to code?", "Any tips for a rainy Sunday?",
-              "What should I do this weekend?")),
+              "How can I sleep better?")),
 )  # fmt: skip
 
 
