@@ -14,6 +14,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
@@ -67,11 +68,13 @@ _ANSWER_BODY = {
         },
     }
 }
+_FORBIDDEN = {"description": "needs the operator's token"}
 _BINARY_RESPONSE = {200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}}
 _ERRORS = {
     code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
     for code, text in {
-        401: "missing or unknown bearer token",
+        401: "missing, unknown or revoked bearer token",
+        429: "over the device's rate limit (see Retry-After)",
         404: "no such session (or not this device's)",
         413: "request too large",
         422: "invalid request",
@@ -104,6 +107,7 @@ def create_app(settings: CloudSettings | None = None, backbone: Backbone | None 
         responses=_ERRORS,
     )
     app.state.cloud = cloud
+    app.state.access = auth.Access(settings)
     app.state.metrics = metrics.registry(cloud)
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -159,15 +163,51 @@ def prometheus(request: Request) -> Response:
 _v1 = APIRouter(prefix="/v1")
 
 
-@_v1.post("/devices", status_code=201, tags=["devices"])
-def register(request: Request, body: DeviceIn | None = None) -> DeviceOut:
-    """Register a device; the bearer token in the answer is shown once."""
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(auth.bearer)]
+
+
+@_v1.post("/devices", status_code=201, tags=["devices"], responses={403: _FORBIDDEN})
+def register(request: Request, credentials: Credentials, body: DeviceIn | None = None) -> DeviceOut:
+    """Register a device; the bearer token in the answer is shown once. Where registration is
+    closed (`spa cloud --registration closed`, the default off loopback) only the operator's
+    token may register."""
+    access: auth.Access = request.app.state.access
+    if access.registration == "closed":
+        access.require_operator(credentials, "registration on this cloud is closed: registering")
     body = body or DeviceIn()
     token = auth.new_token()
     row = _cloud(request).records.add_device(
         auth.new_device_id(), body.name, auth.hash_token(token)
     )
     return DeviceOut(device_id=row.id, name=row.name, token=token)
+
+
+@_v1.post("/devices/me/token", tags=["devices"])
+def rotate_token(request: Request, device: Device) -> DeviceOut:
+    """A new bearer token for the calling device; the one used for this call stops working."""
+    token = auth.new_token()
+    _cloud(request).records.set_token_hash(device.id, auth.hash_token(token))
+    return DeviceOut(device_id=device.id, name=device.name, token=token)
+
+
+@_v1.delete("/devices/me", status_code=204, tags=["devices"])
+def revoke_own_token(request: Request, device: Device) -> Response:
+    """Revoke the calling device's token (a lost or retired device); nothing else changes."""
+    _cloud(request).records.set_token_hash(device.id, auth.revoked_hash())
+    return Response(status_code=204)
+
+
+@_v1.delete("/devices/{device_id}", status_code=204, tags=["devices"], responses={403: _FORBIDDEN})
+def revoke_token(
+    request: Request,
+    credentials: Credentials,
+    device_id: Annotated[str, Path(max_length=32)],
+) -> Response:
+    """The operator revokes a device's token."""
+    request.app.state.access.require_operator(credentials, "revoking another device's token")
+    if _cloud(request).records.set_token_hash(device_id, auth.revoked_hash()) is None:
+        raise ApiError(404, f"no device {device_id!r}")
+    return Response(status_code=204)
 
 
 @_v1.get("/info", tags=["info"])

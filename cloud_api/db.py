@@ -97,6 +97,14 @@ class Records:
             db.add(row)
         return row
 
+    def set_token_hash(self, device_id: str, token_hash: str) -> DeviceRow | None:
+        """Replace a device's token (rotation), or make it match none (revocation)."""
+        with self.session.begin() as db:
+            row = db.get(DeviceRow, device_id)
+            if row is not None:
+                row.token_hash = token_hash
+            return row
+
     def device_by_token_hash(self, token_hash: str) -> DeviceRow | None:
         with self.session() as db:
             return db.scalar(select(DeviceRow).where(DeviceRow.token_hash == token_hash))

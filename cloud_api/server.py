@@ -29,7 +29,15 @@ def serve(settings: CloudSettings) -> None:
         log_level=settings.log_level,
         ws="none",  # no websocket routes
         timeout_graceful_shutdown=GRACE_S,
+        **tls(settings),
     )
+
+
+def tls(settings: CloudSettings) -> dict:
+    """uvicorn's TLS options: HTTPS where a certificate is given."""
+    if settings.ssl_certfile is None:
+        return {}
+    return {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}
 
 
 class ThreadedServer:
@@ -54,6 +62,7 @@ class ThreadedServer:
             timeout_graceful_shutdown=GRACE_S,
             lifespan="on",
             ws="none",
+            **tls(self.settings),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
@@ -62,7 +71,8 @@ class ThreadedServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.settings.ssl_certfile else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def cloud(self):

@@ -6,7 +6,11 @@ report) exactly what the server accepts.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pathlib import Path
+from typing import Literal
+
+from limits import parse_many
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from personalization.backbone.embedded import cache_dir
@@ -77,6 +81,58 @@ class CloudSettings(BaseSettings):
         1024, ge=2, description="Prompt + target tokens per features example (413)."
     )
     log_level: str = Field("info", description="uvicorn's log level.")
+    # ---- access --------------------------------------------------------------------------------
+    registration: Literal["open", "closed"] | None = Field(
+        None,
+        description="Who may register a device: open (anyone) or closed (only with the operator "
+        "token). Default: open on a loopback host, closed otherwise.",
+    )
+    operator_token: SecretStr | None = Field(
+        None,
+        description="The operator's bearer token: registers devices when registration is "
+        "closed, and revokes any device's token.",
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="Requests per device, in the limits library's notation (e.g. "
+        "'100/second;3000/minute'); more get 429 with Retry-After. 'none': no limit. Default: "
+        "none on a loopback host, 100/second otherwise.",
+    )
+    ssl_certfile: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM).")
+    ssl_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value not in (None, "", "none"):
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError(
+                    f"rate_limit {value!r} is not in the limits notation, e.g. '100/second' or "
+                    "'100/second;3000/minute' (or 'none')"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> CloudSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
+    @property
+    def registration_policy(self) -> str:
+        return self.registration or ("open" if self.loopback else "closed")
+
+    @property
+    def rate_limits(self) -> str | None:
+        """The per-device limits in force (None: unlimited)."""
+        chosen = self.rate_limit or (None if self.loopback else "100/second")
+        return None if chosen in (None, "", "none") else chosen
 
     def limits(self) -> dict[str, float | int]:
         """The limits a device must respect (reported by /v1/info)."""

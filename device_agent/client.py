@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ class ClientConfig:
     attempts: int = 4  # tries of an idempotent call before giving up
     backoff_s: float = 0.25  # first wait; doubles (with jitter) up to backoff_max_s
     backoff_max_s: float = 4.0
+    ca_file: str | None = None  # trust this CA (PEM) for an HTTPS cloud; else $SSL_CERT_FILE,
+    # else the system's and certifi's roots (httpx's default)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -106,6 +109,9 @@ class CloudClient:
     ):
         self.url = url.rstrip("/")
         self.config = config or ClientConfig()
+        if transport is None and self.config.ca_file is not None:
+            context = ssl.create_default_context(cafile=self.config.ca_file)
+            transport = httpx.HTTPTransport(verify=context)
         self.link = EmulatedLink(profile, transport)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeout = httpx.Timeout(self.config.read_s, connect=self.config.connect_s)
@@ -141,13 +147,32 @@ class CloudClient:
         return self._send("POST", path, content=content, headers={"Content-Type": JSON})
 
     # ---- calls ---------------------------------------------------------------------------------
-    def register(self, name: str) -> tuple[str, str]:
-        """A new device id and bearer token (not retried: each call registers a device)."""
+    def register(self, name: str, operator_token: str | None = None) -> tuple[str, str]:
+        """A new device id and bearer token (not retried: each call registers a device). Where
+        the cloud's registration is closed, only its operator's token registers."""
+        headers = {"Authorization": f"Bearer {operator_token}"} if operator_token else None
         try:
-            body = self._send("POST", "/v1/devices", json={"name": name}).json()
+            body = self._send("POST", "/v1/devices", json={"name": name}, headers=headers).json()
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
         return body["device_id"], body["token"]
+
+    def rotate_token(self) -> str:
+        """A new bearer token for this device (the client uses it from now on; the old one
+        stops working)."""
+        try:
+            token = self._send("POST", "/v1/devices/me/token").json()["token"]
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        return token
+
+    def revoke(self) -> None:
+        """Revoke this device's token (nothing authenticates with it afterwards)."""
+        try:
+            self._send("DELETE", "/v1/devices/me")
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
 
     @_idempotent
     def ready(self) -> str:

@@ -314,7 +314,7 @@ def test_bad_requests_get_a_clear_4xx(client, backbone, method, path, make, stat
     ("headers", "message"),
     [
         ({}, "missing bearer token"),
-        ({"Authorization": "Bearer spa_not-a-token"}, "unknown bearer token"),
+        ({"Authorization": "Bearer spa_not-a-token"}, "unknown or revoked bearer token"),
         ({"Authorization": "Basic dXNlcjpwdw=="}, "missing bearer token"),
     ],
     ids=["missing token", "wrong token", "not a bearer token"],

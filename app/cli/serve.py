@@ -9,10 +9,11 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import typer
 from click.core import ParameterSource
+from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
 from app.cli.options import Backbone, Choice
@@ -89,10 +90,23 @@ def cloud(ctx: typer.Context, **flags: Any) -> None:
             "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         ) from None
     records = make_url(settings.database_url).render_as_string(hide_password=True)
+    scheme = "https" if settings.ssl_certfile else "http"
     typer.echo(
         f"spa cloud: backbone {settings.backbone or '(default)'} on "
-        f"http://{settings.host}:{settings.port} (records: {records})"
+        f"{scheme}://{settings.host}:{settings.port} (records: {records}; registration "
+        f"{settings.registration_policy}; rate limit {settings.rate_limits or 'none'})"
     )
+    if settings.registration_policy == "closed" and settings.operator_token is None:
+        typer.secho(
+            "registration is closed and no --operator-token is set: no new device can register",
+            fg="yellow", err=True,
+        )  # fmt: skip
+    if not settings.loopback and settings.ssl_certfile is None:
+        typer.secho(
+            f"serving plain HTTP on {settings.host}: bearer tokens cross the network in the "
+            "clear (give --ssl-certfile and --ssl-keyfile)",
+            fg="yellow", err=True,
+        )  # fmt: skip
     serve(settings)
 
 
@@ -101,8 +115,15 @@ def _flag(name: str, field: FieldInfo) -> inspect.Parameter:
     the command line, so the environment still beats the field's default; pydantic validates, so
     one run reports every bad value."""
     kind, metavar = field.annotation, None
+    optional = type(None) in get_args(kind)
+    if optional:  # X | None: the option takes an X
+        kind = next(a for a in get_args(kind) if a is not type(None))
     if get_origin(kind) is Literal:
         kind, metavar = str, "[" + "|".join(get_args(kind)) + "]"
+    if kind is SecretStr:
+        kind = str
+    if optional:
+        kind = Optional[kind]  # noqa: UP045 (a runtime type for typer, not an annotation)
     env = CloudSettings.model_config["env_prefix"] + name.upper()
     text = f"{field.description or ''} (env {env})".strip()
     option = typer.Option(help=text, metavar=metavar)
