@@ -4,6 +4,7 @@ Bounded: a fixed number of examples per operation and mode."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import schemathesis
 from cloud_client import CloudClient
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
 
-EXAMPLES = 15  # per operation and mode
+EXAMPLES = 40  # per operation and mode: over 1,000 calls in all (each mode asserts ≥ 500)
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +39,43 @@ def test_no_input_gets_a_server_error(fuzzed, mode):
     server, authorization = fuzzed
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 12
-    answered = {op.label: _fuzz(op, mode, authorization) for op in operations}
+    assert len(operations) >= 15
+    calls: list[int] = []
+    answered = {op.label: _fuzz(op, mode, authorization, server.url, calls) for op in operations}
+    assert len(calls) >= 500, len(calls)
     exercised = {label for label, codes in answered.items() if codes}
     # every operation was called; in negative mode, those with any input to break
     assert len(exercised) == len(operations) if mode == "positive" else len(exercised) >= 10
     assert not {c for codes in answered.values() for c in codes if c >= 500}
+    # no operation retired the shared token: every other one was fuzzed past authentication
+    info = httpx.get(f"{server.url}/v1/info", headers={"Authorization": authorization})
+    assert info.status_code == 200
 
 
-def _fuzz(operation, mode: GenerationMode, authorization: str) -> set[int]:
+#: operations that retire the token they are called with: each case gets a fresh device, so the
+#: shared one keeps working for every other operation
+TOKEN_CHANGING = {"DELETE /v1/devices/me", "POST /v1/devices/me/token"}
+
+
+def _fuzz(
+    operation, mode: GenerationMode, authorization: str, url: str, calls: list[int]
+) -> set[int]:
     """Call one operation with EXAMPLES generated inputs; the status codes it answered."""
     seen: set[int] = set()
+
+    def token() -> str:
+        if operation.label not in TOKEN_CHANGING:
+            return authorization
+        return "Bearer " + httpx.post(f"{url}/v1/devices", json={"name": "fuzz"}).json()["token"]
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
         max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )
     def fuzz(case):
-        response = case.call(headers={"Authorization": authorization}, timeout=30)
+        response = case.call(headers={"Authorization": token()}, timeout=30)
         seen.add(response.status_code)
+        calls.append(response.status_code)
         assert response.status_code < 500, (case.as_curl_command(), response.text)
 
     try:
