@@ -212,6 +212,40 @@ def test_errors_are_readable_messages(demo):
         generate(client, user=MY_DEVICE).result()
 
 
+#: (endpoint, arguments, a fragment of the readable message): bad values in the page's fields
+UI_CASES = [
+    ("/generate", {"user": "nobody"}, "nobody"),
+    ("/generate", {"setting": "magic"}, "magic"),
+    ("/generate", {"decoding": "psychic"}, "psychic"),
+    ("/generate", {"net": "moon"}, "moon"),
+    ("/generate", {"tap_mode": "teleport"}, "teleport"),
+    ("/generate", {"max_tokens": 0}, "0 is less than minimum value 8"),
+    ("/generate", {"max_tokens": 1000}, "1000 is greater than maximum value 128"),
+    ("/generate", {"repetition_penalty": 9}, "9 is greater than maximum value 2"),
+    ("/train", ["pirate", 0, 0.5, "int8"], "0 is less than minimum value 1"),
+    ("/train", ["pirate", 2, 3.0, "int8"], "3.0 is greater than maximum value 1"),
+    ("/train", ["pirate", 2, 0.5, "zip"], "zip"),
+    ("/delete_items", ["pirate", "three"], "ids must be whole numbers"),
+    ("/delete_items", ["pirate", " "], "give the ids of the items to delete"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "args", "message"), UI_CASES)
+def test_a_bad_field_is_a_readable_message(demo, endpoint, args, message):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _devices = demo
+    client = Client(url, verbose=False)
+    with pytest.raises((AppError, ValueError)) as refused:
+        if endpoint == "/generate":
+            generate(client, **args).result()
+        else:
+            client.predict(*args, api_name=endpoint)
+    text = str(refused.value)
+    assert message in text and "Traceback" not in text, text
+
+
 def test_a_cloud_that_is_not_there_is_a_readable_error(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(CloudUnreachable, match=f"cannot reach the cloud at {url}.*spa cloud"):
