@@ -18,17 +18,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_agent.agent import DeviceAgent
 from device_agent.history import user_items
 from device_agent.trainer import DeviceTrainConfig
-from personalization.config import FEDERATED_STRATEGIES, DecodeConfig
+from personalization.config import DecodeConfig, FederatedStrategy
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
@@ -41,30 +41,44 @@ PERSONAL_PREFIXES = ("side.up.", "side.out_norm.", "gate.")
 app = ClientApp()
 
 
-@dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """The run's `[tool.flwr.app.config]` as the devices read it."""
+class RunConfig(BaseModel):
+    """The run's `[tool.flwr.app.config]`, validated once for the server and the devices: a bad
+    value is one `ConfigError` naming its key, not a traceback deep in a round."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", alias_generator=lambda name: name.replace("_", "-")
+    )
 
     cloud_url: str
     work_dir: Path
     data: Path
-    strategy: str
+    strategy: FederatedStrategy
     setting: str
-    local_epochs: int
-    held_out: int
-    eval_tokens: int
-    calibration_prompts: int
+    local_epochs: int = Field(ge=1)
+    held_out: int = Field(ge=1)
+    eval_tokens: int = Field(ge=1)
+    calibration_prompts: int = Field(ge=0)
     fail_partition: int
     seed: int
+    num_rounds: int = Field(ge=1)
+    num_nodes: int = Field(ge=1)
+    min_nodes: int = Field(ge=1)
+    round_timeout: float = Field(gt=0)
+    run_name: str = ""
 
     @classmethod
     def of(cls, context: Context) -> RunConfig:
-        c = context.run_config
-        if c["strategy"] not in FEDERATED_STRATEGIES:
-            strategies = ", ".join(FEDERATED_STRATEGIES)
-            raise ConfigError(f"unknown strategy {c['strategy']!r}; choose one of {strategies}")
-        kinds = {"str": str, "Path": lambda v: Path(str(v)), "int": int}  # field types, by name
-        return cls(**{f.name: kinds[f.type](c[f.name.replace("_", "-")]) for f in fields(cls)})
+        return cls.parse(dict(context.run_config))
+
+    @classmethod
+    def parse(cls, values: dict) -> RunConfig:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            reasons = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise ConfigError(f"bad federated run config: {reasons}") from None
 
 
 def shared(model: SPAModel, strategy: str) -> dict[str, torch.Tensor]:

@@ -90,3 +90,45 @@ def test_a_good_file_imports_every_format(tmp_path):
             {"instruction": "i", "input": None, "output": "o"}]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(read_items(path)) == 3
+
+
+def _run_config() -> dict:
+    """The app's own `[tool.flwr.app.config]` (what `flwr run` starts from)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+#: (keys overridden, or removed with None; a fragment of the message)
+RUN_CONFIG_CASES = [
+    ({"strategy": "fedprox"}, "strategy: Input should be 'local', 'fedavg' or 'fedper'"),
+    ({"local-epochs": 0}, "local-epochs: Input should be greater than or equal to 1"),
+    ({"num-rounds": "three"}, "num-rounds: Input should be a valid integer"),
+    ({"round-timeout": -1.0}, "round-timeout: Input should be greater than 0"),
+    ({"held-out": 0}, "held-out: Input should be greater than or equal to 1"),
+    ({"min-nodes": 0}, "min-nodes: Input should be greater than or equal to 1"),
+    ({"data": None}, "data: Field required"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), RUN_CONFIG_CASES)
+def test_a_bad_flower_run_config_is_one_clear_line(change, message):
+    from device_agent.federated import RunConfig
+    from personalization.errors import ConfigError
+
+    values = _run_config() | change
+    values = {k: v for k, v in values.items() if v is not None}
+    with pytest.raises(ConfigError) as refused:
+        RunConfig.parse(values)
+    text = str(refused.value)
+    assert text.startswith("bad federated run config: ") and message in text, text
+    assert "\n" not in text
+
+
+def test_the_app_run_config_parses():
+    from device_agent.federated import RunConfig
+
+    config = RunConfig.parse(_run_config())
+    assert (config.strategy, config.local_epochs, config.run_name) == ("fedavg", 2, "")

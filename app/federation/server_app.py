@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from app.federation.records import Failure, Records, RoundMetric, plot, table
+from device_agent.federated import RunConfig
 
 app = ServerApp()
 
@@ -73,12 +74,11 @@ class RecordedFedAvg(FedAvg):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    c = context.run_config
-    strategy, nodes = str(c["strategy"]), int(c["num-nodes"])
-    work = str(c["work-dir"])
-    run = str(c["run-name"]) or f"{strategy}-{context.run_id}"
+    c = RunConfig.of(context)  # a bad value stops the run here, with one line naming its key
+    strategy, nodes, work = c.strategy, c.num_nodes, str(c.work_dir)
+    run = c.run_name or f"{strategy}-{context.run_id}"
     records = Records(f"sqlite:///{work}/federated.db")
-    min_nodes = max(1, min(int(c["min-nodes"]), nodes))
+    min_nodes = min(c.min_nodes, nodes)
     fed = RecordedFedAvg(
         records, run, strategy,
         min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=nodes,
@@ -86,8 +86,8 @@ def main(grid: Grid, context: Context) -> None:
     fed.start(
         grid=grid,
         initial_arrays=ArrayRecord(),  # devices start from the same seeded initialisation
-        num_rounds=int(c["num-rounds"]),
-        timeout=float(c["round-timeout"]),
+        num_rounds=c.num_rounds,
+        timeout=c.round_timeout,
         train_config=ConfigRecord({"strategy": strategy}),
     )
     summary = table(records, run)
