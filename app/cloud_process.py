@@ -26,6 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if `process` is still there after `grace_s`; reaped either way."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class CloudStartError(SpaError, RuntimeError):
     """The cloud this process started exited, or was not ready in time (its log says why)."""
 
@@ -65,9 +75,5 @@ def cloud(
             time.sleep(0.3)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        terminate(process, 30)
         log.close()

@@ -68,9 +68,9 @@ class DemoConfig:
 @dataclass(frozen=True)
 class DemoDecoding:
     """The page's default repetition controls: a 135M backbone steered by 40 replies loops
-    without them (a sentence comes back again and again); no 4-gram may repeat. The repetition
-    penalty stays off: as in transformers it also penalises the prompt's tokens — the chat
-    template's end-of-turn among them — so answers run past their natural end."""
+    without them (a sentence comes back again and again); no token 3-gram may repeat. The
+    repetition penalty stays off: as in transformers it also penalises the prompt's tokens — the
+    chat template's end-of-turn among them — so answers run past their natural end."""
 
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 3

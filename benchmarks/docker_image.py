@@ -22,7 +22,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hardware import write_results  # noqa: E402
+
+from app.cloud_process import free_port, terminate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "docker.json"
@@ -98,12 +99,7 @@ def engine(stack: contextlib.ExitStack, keep: bool = False):
 
     def stop() -> None:
         say(f"stopping dockerd (pid {daemon.pid})")
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        terminate(daemon, 60)
         if not keep:
             say(f"deleting its data directory {WORK / 'data'}")
             shutil.rmtree(WORK / "data", ignore_errors=True)
@@ -185,14 +181,6 @@ def serve_directory(path: Path):
     finally:
         server.shutdown()
         server.server_close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(tag: str, base: str, env: dict, stack: contextlib.ExitStack) -> float:

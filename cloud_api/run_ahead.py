@@ -19,7 +19,7 @@ import time
 
 from cloud_api.errors import ApiError
 from cloud_api.sessions import Session
-from personalization.decoding import Detokenizer, logits_processors
+from personalization.decoding import Detokenizer
 from personalization.run_ahead import Draft, Drafter
 from protocol import wire
 from protocol.events import CorrectedEvent, DraftEvent, StartEvent
@@ -82,7 +82,7 @@ class RunAheadSession(Session):
         try:
             self.records.update_session(self.id, status="running")
             drafter = Drafter(self.model, self.prompt_ids, self.decode)
-            ids = self.prompt_ids if logits_processors(self.decode) else None
+            ids = self.prompt_ids if drafter.process else None  # the device's verdicts need them
             self._emit(StartEvent(**dict(self.facts()), prompt_ids=ids))
             try:
                 self._loop_drafts(drafter)
