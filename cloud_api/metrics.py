@@ -2,8 +2,9 @@
 
 Read from the live state at scrape time (no background work): open sessions, and what the step
 scheduler did — backbone passes, sequences stepped (a decoding step of one sequence is one
-token; a beam session steps one per beam), prefills, busy seconds and rows per pass. Tokens per
-second are `rate(spa_scheduler_sequences_total[1m])` on the Prometheus side.
+token; a beam session steps one per beam), prefills, busy seconds and rows per pass — and the
+process's memory and CPU. Tokens per second are `rate(spa_scheduler_sequences_total[1m])` on the
+Prometheus side.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -57,9 +58,11 @@ class CloudCollector(Collector):
 
 
 def registry(cloud: Cloud) -> CollectorRegistry:
-    """A registry of this cloud's own (not the process-wide default: tests run several)."""
+    """A registry of this cloud's own (not the process-wide default: tests run several), with
+    the process's memory, CPU and open files (`process_*`, where /proc exists)."""
     r = CollectorRegistry(auto_describe=True)
     r.register(CloudCollector(cloud))
+    ProcessCollector(registry=r)
     return r
 
 

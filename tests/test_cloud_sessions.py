@@ -305,6 +305,7 @@ def test_sixteen_mixed_sessions_share_passes_and_each_equals_itself_alone(
     assert metrics["spa_scheduler_batch_rows_bucket1"] < metrics["spa_scheduler_batch_rows_count"]
     assert metrics["spa_scheduler_batch_rows_bucket+Inf"] == passes
     assert metrics["spa_sessions_live"] == 0 and metrics["spa_sessions_limit"] == 16
+    assert metrics["process_resident_memory_bytes"] > 50e6  # what the soak benchmark reads
 
 
 def test_a_waiting_device_does_not_hold_up_other_sessions(server, backbone, side, gate):
