@@ -71,7 +71,8 @@ def main() -> None:
     tests = [(list(to_example(backbone, r, keep="end").prompt), r.output) for r in splits.test]
 
     drafts = {"untrained": Draft(backbone, DraftConfig(layers=args.draft_layers))}
-    drafts |= aligned_drafts(args, backbone, target, catalogue, splits.train)
+    last = list({r.user: r for r in splits.train}.values())  # one prompt per training user
+    drafts |= aligned_drafts(args, backbone, target, catalogue, last)
 
     N = args.draft_beams
     methods = {

@@ -78,8 +78,12 @@ def test_beauty_keeps_later_purchases_for_evaluation(tmp_path):
         for u in range(20)
     ]  # fmt: skip
     splits = load_splits(_write(tmp_path / "beauty.jsonl", rows), valid=2, test=5)
+    assert len(splits.train) == 13 * 4  # every purchase after the first, of each training user
     for r in splits.train:
-        assert r.output == f"v{r.user[1:]}" and "t" + r.user[1:] not in r.input
+        u = r.user[1:]
+        assert r.output.startswith(f"i{u}-") and f"v{u}" not in r.input + r.output
+        k = int(r.output.rsplit("-", 1)[1])
+        assert r.input.splitlines()[-1] == f"{k}. i{u}-{k - 1}"  # the purchases before it
     for r in splits.test:
         assert r.output == f"t{r.user[1:]}" and f"v{r.user[1:]}" in r.input
 

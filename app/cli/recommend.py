@@ -10,6 +10,7 @@ import typer
 
 from app.cli.options import Backbone, Choice
 from app.cli.speculative import DraftBeams, DraftCheckpoint, DraftLayers, Gamma, load_draft
+from personalization.atspeed.target import TARGET_SETTINGS
 from personalization.config import RECOMMEND_STRATEGIES
 from personalization.errors import ConfigError
 
@@ -41,8 +42,15 @@ def recommend(
     backbone: Backbone = None,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="A trained SPA checkpoint as the target. Default: the backbone alone."),
+        typer.Option(
+            help="A trained SPA checkpoint as the target. Default: the target `spa train-target` "
+            "trained last for this backbone, else the backbone alone."
+        ),
     ] = None,
+    zero_shot: Annotated[
+        bool,
+        typer.Option("--zero-shot", help="The backbone alone, even where a target is trained."),
+    ] = False,
     strategy: Annotated[str, typer.Option(click_type=STRATEGY, help="How to search.")] = "beam",
     k: Annotated[int, typer.Option("-k", min=1, help="Items to recommend (= beams).")] = 10,
     draft: DraftCheckpoint = None,
@@ -60,6 +68,7 @@ def recommend(
         user_history,
     )
     from personalization.atspeed.recommend import recommend as run
+    from personalization.atspeed.target import default_target
     from personalization.backbone.loading import load_backbone
     from personalization.config import SPAConfig
     from personalization.model import SPAModel
@@ -75,9 +84,14 @@ def recommend(
         raise ConfigError("give the purchase history (titles) or --user with --data")
     f = load_backbone(backbone)
     items = Catalogue.from_titles(f, load_titles(catalogue))
-    model = (
-        load_checkpoint(checkpoint, f)[0] if checkpoint else SPAModel(f, SPAConfig(setting="base"))
-    )
+    if checkpoint is None and not zero_shot:
+        checkpoint = default_target(f)
+    if checkpoint is not None and not zero_shot:
+        model = load_checkpoint(checkpoint, f)[0].eval()
+        typer.secho(f"target: {checkpoint.name} ({model.setting})", dim=True, err=True)
+    else:
+        model = SPAModel(f, SPAConfig(setting="base"))
+        typer.secho("target: the backbone alone (zero-shot)", dim=True, err=True)
     drafter = load_draft(f, draft, draft_layers) if cfg.strategy != "beam" and gamma > 0 else None
     start = time.perf_counter()
     result = run(model, items, [history_prompt(f, history)], cfg, drafter)
@@ -91,3 +105,33 @@ def recommend(
     if result.stats is not None:
         line += f", {result.stats.acceptance:.0%} of drafted steps accepted"
     typer.secho(line + "]", dim=True, err=True)
+
+
+@app.command("train-target")
+def train_target(
+    data: Annotated[
+        Path, typer.Argument(help="Purchase histories, e.g. ../shared/data/beauty.jsonl.")
+    ],
+    backbone: Backbone = None,
+    setting: Annotated[
+        str,
+        typer.Option(click_type=Choice(TARGET_SETTINGS, "setting"), help="The plug-in trained."),
+    ] = "full",
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    train_users: Annotated[
+        int | None, typer.Option(min=1, help="Training users (default: all not held out).")
+    ] = None,
+    valid_users: Annotated[int, typer.Option(min=1)] = 100,
+    test_users: Annotated[int, typer.Option(min=1, help="Users held out for evaluation.")] = 500,
+) -> None:
+    """Train the recommendation target on the training users' purchase sequences, cache it, and
+    make it the default target of `spa recommend` (a trained one is reused)."""
+    from personalization.atspeed.target import TargetConfig
+    from personalization.atspeed.target import train_target as run
+    from personalization.backbone.loading import load_backbone
+
+    cfg = TargetConfig(setting=setting, epochs=epochs, lr=lr, train_users=train_users,
+                       valid_users=valid_users, test_users=test_users)  # fmt: skip
+    path = run(load_backbone(backbone), data, cfg)
+    typer.echo(str(path))

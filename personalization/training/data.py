@@ -7,8 +7,8 @@ the file's stem unless given) and splits it deterministically by seed:
 - document / question sets (xsum, cnndm, sciq, coqa) split by record;
 - personachat splits by *user*: the training users' replies train, other users' last replies
   test (a user's persona and earlier replies are their private history);
-- beauty keeps each user's later purchases for evaluation: history → validation item,
-  history + validation item → test item.
+- beauty trains on every purchase of a training user's history from the ones before it, and
+  scores held-out users on their test item after their history and validation item.
 
 `Example`s are what the model sees: the prompt's token ids (in the backbone's chat template when it
 has one, the input truncated to fit) and the target's ids ending in EOS.
@@ -213,14 +213,14 @@ def load_splits(
 
 
 def _beauty(rows: list[dict], part: str) -> list[Record]:
-    """Training users' histories predict their own last item; held-out users are scored on
-    their (later) test item, seen after their history and validation item."""
+    """Training users: each purchase of their history from the ones before it (their validation
+    and test items, a later period, stay out); held-out users are scored on their test item,
+    seen after their history and validation item."""
     out = []
     for row in rows:
         user, history, later = _fields(row, "user_id", "history", "valid")
         if part == "train":
-            full = history + later
-            out.append(beauty_record(user, full[:-1], full[-1]))
+            out += [beauty_record(user, history[:i], history[i]) for i in range(1, len(history))]
         else:
             (test_item,) = _fields(row, "test")
             out.append(beauty_record(user, history + later, test_item[0]))

@@ -1,0 +1,226 @@
+"""Next-item recommendation on Amazon Beauty: the trained target against what users would
+otherwise pick, on one split (issue 20).
+
+    python benchmarks/recommend.py train    [--setting full] [--epochs 2]   # cached
+    python benchmarks/recommend.py quality  [--users 500] [--methods ...]   # resumable
+    python benchmarks/recommend.py table
+
+The split is `personalization.atspeed.target.TargetConfig`'s: users shuffled by seed, 500 test
+users and 100 validation users held out, every other user's purchase history (each purchase from
+the ones before it) trains — the target, and on the same sequences the baselines: most popular,
+SASRec and GRU4Rec from Cornac. Every user's validation and test items stay out of training. A test
+user's history (purchases, then validation items) is the prompt; the truth is their test item.
+
+The generative methods (the backbone zero-shot, the trained target) return the top 20 of one
+catalogue-constrained beam search with 20 beams, run as strict speculative search with the
+backbone's first two layers as the draft — whose output is the target's own beam search (tests
+check it) — and Recall / NDCG @ 5, 10, 20 are read from that list, for every method alike. Each
+method's ranked lists go to .bench/recommend/<method>.jsonl as they are computed (a rerun
+resumes); the figures, with bootstrap 95 % intervals, go to benchmarks/results/recommend.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _hardware import write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from personalization.atspeed.target import TargetConfig  # noqa: E402
+
+RESULTS = ROOT / "benchmarks/results/recommend.json"
+KS = (5, 10, 20)
+METHODS = ("most popular", "SASRec", "GRU4Rec", "zero-shot backbone", "trained target")
+
+
+def _split(args) -> tuple[list[dict], list[list[str]]]:
+    """The test users (history + validation items → test item) and the training sequences."""
+    import random
+
+    from personalization.training.data import read_jsonl
+
+    cfg = TargetConfig(setting=args.setting, seed=args.seed)
+    rows = list(read_jsonl(args.data / "beauty.jsonl"))
+    random.Random(cfg.seed).shuffle(rows)  # as training.data.load_splits
+    test = rows[: cfg.test_users][: args.users]
+    train = rows[cfg.test_users + cfg.valid_users :]
+    users = [{"user": r["user_id"], "history": r["history"] + r["valid"], "truth": r["test"][0]}
+             for r in test]  # fmt: skip
+    return users, [r["history"] for r in train]
+
+
+def _target(args):
+    from personalization.atspeed.target import target_path
+    from personalization.backbone.loading import load_backbone
+
+    backbone = load_backbone(args.backbone)
+    return backbone, target_path(backbone, _target_config(args))
+
+
+def _target_config(args) -> TargetConfig:
+    return TargetConfig(setting=args.setting, epochs=args.epochs, lr=args.lr, seed=args.seed)
+
+
+def train(args) -> None:
+    from personalization.atspeed.target import train_target
+    from personalization.backbone.loading import load_backbone
+
+    backbone = load_backbone(args.backbone)
+    t0 = time.perf_counter()
+    path = train_target(backbone, args.data / "beauty.jsonl", _target_config(args))
+    print(f"trained target: {path} ({(time.perf_counter() - t0) / 60:.1f} min)")
+
+
+def _rank_generative(args, model, users, out: Path) -> None:
+    """Top-20 titles per user by strict speculative beam search (= the model's beam search)."""
+    from personalization.atspeed.catalogue import Catalogue
+    from personalization.atspeed.draft import Draft, DraftConfig
+    from personalization.atspeed.recommend import (
+        RecommendConfig,
+        history_prompt,
+        load_titles,
+        recommend,
+    )
+
+    backbone = model.backbone
+    catalogue = Catalogue.from_titles(backbone, load_titles(args.data / "beauty_items.json"))
+    draft = Draft(backbone, DraftConfig(layers=2))
+    cfg = RecommendConfig(strategy="speculative-strict", k=max(KS), gamma=5, draft_beams=max(KS))
+    done = _done(out)
+    todo = [u for u in users if u["user"] not in done]
+    with out.open("a") as f:
+        for u in tqdm(todo, desc=out.stem, unit="user"):
+            t0 = time.perf_counter()
+            result = recommend(model, catalogue, [history_prompt(backbone, u["history"])], cfg,
+                               draft)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            titles = [i.title for i in result.items[0]]
+            f.write(json.dumps({"user": u["user"], "titles": titles, "s": seconds}) + "\n")
+            f.flush()
+
+
+def _done(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["user"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def quality(args) -> None:
+    users, sequences = _split(args)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{len(users)} test users; {len(sequences)} training sequences, "
+          f"{sum(len(s) for s in sequences)} purchases", flush=True)  # fmt: skip
+    for method in args.methods:
+        out = work / f"{method.replace(' ', '-')}.jsonl"
+        if method in ("most popular", "SASRec", "GRU4Rec"):
+            if len(_done(out)) >= len(users):
+                continue
+            from personalization.atspeed.baselines import MostPopular, Sequential
+
+            t0 = time.perf_counter()
+            if method == "most popular":
+                model = MostPopular(sequences)
+            else:
+                model = Sequential(sequences, method.lower(), **_cornac_options(args))
+            fit_s = time.perf_counter() - t0
+            with out.open("w") as f:
+                for u in users:
+                    t0 = time.perf_counter()
+                    titles = model.recommend(u["history"], max(KS))
+                    seconds = time.perf_counter() - t0
+                    f.write(json.dumps({"user": u["user"], "titles": titles, "s": seconds,
+                                        "fit_s": fit_s}) + "\n")  # fmt: skip
+            print(f"{method}: fitted in {fit_s:.0f} s", flush=True)
+        else:
+            from personalization.config import SPAConfig
+            from personalization.model import SPAModel
+            from personalization.training.checkpoint import load_checkpoint
+
+            backbone, path = _target(args)
+            if method == "zero-shot backbone":
+                model = SPAModel(backbone, SPAConfig(setting="base"))
+            elif not path.is_file():
+                print(f"{method}: not trained yet ({path}); run the train phase", flush=True)
+                continue
+            else:
+                model = load_checkpoint(path, backbone)[0].eval()
+            _rank_generative(args, model, users, out)
+    summarise(args, users)
+
+
+def _cornac_options(args) -> dict:
+    return {"n_epochs": args.cornac_epochs, "batch_size": 128, "seed": args.seed}
+
+
+def summarise(args, users) -> None:
+    from personalization.atspeed.recommend import metrics
+    from personalization.training.evaluate import bootstrap_interval
+
+    truths = {u["user"]: u["truth"] for u in users}
+    results = {"methods": {}, "config": {
+        "users": len(users), "ks": KS, "target": asdict(_target_config(args)),
+        "cornac": _cornac_options(args), "search": "20 beams, strict speculative (γ = 5)",
+    }}  # fmt: skip
+    for method in METHODS:
+        path = Path(args.work) / f"{method.replace(' ', '-')}.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+        rows = [r for r in rows if r["user"] in truths]
+        if len(rows) < len(users):
+            continue
+        entry = {"users": len(rows), "s_per_user": sum(r["s"] for r in rows) / len(rows)}
+        for k in KS:
+            for name in (f"recall@{k}", f"ndcg@{k}"):
+                per_user = [metrics([r["titles"]], [truths[r["user"]]], k)[name] for r in rows]
+                entry[name] = sum(per_user) / len(per_user)
+                entry[name + "_ci"] = bootstrap_interval(per_user)
+        results["methods"][method] = entry
+    write_results(results, args.out)
+    table(args.out)
+
+
+def table(path: Path) -> None:
+    r = json.loads(Path(path).read_text())
+    print(f"Hardware: {r['hardware']}; {r['date']}; {r['config']['users']} test users\n")
+    head = " | ".join(f"Recall@{k} | NDCG@{k}" for k in KS)
+    print(f"| method | {head} | s / user |")
+    print("|---|" + "---|" * (2 * len(KS) + 1))
+    for method, e in r["methods"].items():
+        cells = " | ".join(
+            f"{e[n]:.3f} [{e[n + '_ci'][0]:.3f}, {e[n + '_ci'][1]:.3f}]"
+            for k in KS
+            for n in (f"recall@{k}", f"ndcg@{k}")
+        )
+        print(f"| {method} | {cells} | {e['s_per_user']:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", choices=("train", "quality", "table"))
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    parser.add_argument("--backbone", default="smollm2")
+    parser.add_argument("--setting", default="full", help="the trained target's plug-in")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--users", type=int, default=500, help="test users scored")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--cornac-epochs", type=int, default=30)
+    parser.add_argument("--work", default=str(ROOT / ".bench/recommend"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    {"train": train, "quality": quality, "table": lambda a: table(a.out)}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
