@@ -4,15 +4,17 @@
         [--draft-beams 1.0] [--draft-layers 2] [--train-users 96] [--teacher-beams 5]
         [--epochs 2] [--draft-dir DIR] [--data ../shared/data]
 
-The target is the backbone alone (zero-shot), recommending the next purchase of held-out Beauty
-users under the catalogue trie. One run prints, for each K, side by side: the target's own beam
+The target is the one `spa train-target` trained last (`--target`; or the backbone alone,
+`--target zero-shot`), recommending the next purchase of its held-out Beauty test users under
+the catalogue trie. One run prints, for each K, side by side: the target's own beam
 search (the reference), strict and relaxed speculative search with drafts aligned by AtSpeed-S
 and AtSpeed-R, the same with the untrained draft ("tree attention only"), and the token tree
 without any draft (γ = 0). Every method runs for every user in turn, rotating the order, so
 machine drift affects all alike; times are wall clock per user, prompt pass included.
 
-Drafts are distilled on other (training) users from the target's own beam search and cached under
---draft-dir (default $SPA_CACHE_DIR/drafts); a later run reuses them.
+Drafts are distilled on the target's training users from the target's own beam search and
+cached under --draft-dir (default $SPA_CACHE_DIR/drafts); a later run reuses them. The rows go to
+benchmarks/results/speculative_beam.json as well.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import hardware  # noqa: E402
+from _hardware import hardware, write_results  # noqa: E402
 
 from personalization.atspeed.catalogue import Catalogue  # noqa: E402
 from personalization.atspeed.distill import DistillConfig, distill, teacher_data  # noqa: E402
@@ -37,13 +39,16 @@ from personalization.atspeed.recommend import (  # noqa: E402
     metrics,
     recommend,
 )
+from personalization.atspeed.target import TargetConfig, default_target  # noqa: E402
 from personalization.backbone.embedded import cache_dir  # noqa: E402
 from personalization.backbone.loading import load_backbone  # noqa: E402
 from personalization.config import SPAConfig  # noqa: E402
 from personalization.model import SPAModel  # noqa: E402
+from personalization.training.checkpoint import load_checkpoint  # noqa: E402
 from personalization.training.data import encode_target, load_splits, to_example  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results" / "speculative_beam.json"
 
 
 def main() -> None:
@@ -60,15 +65,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--draft-dir", type=Path, default=None)
+    parser.add_argument(
+        "--target", default="default",
+        help="a checkpoint, 'zero-shot', or 'default': the target `spa train-target` trained last",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     start = time.perf_counter()
 
     backbone = load_backbone(args.backbone)
     catalogue = Catalogue.from_titles(backbone, load_titles(args.data / "beauty_items.json"))
-    splits = load_splits(args.data / "beauty.jsonl", "beauty", test=args.users,
-                         train=args.train_users)  # fmt: skip
-    target = SPAModel(backbone, SPAConfig(setting="base"))
-    tests = [(list(to_example(backbone, r, keep="end").prompt), r.output) for r in splits.test]
+    held = TargetConfig()  # the trained target's split: its test users, then its training users
+    splits = load_splits(args.data / "beauty.jsonl", "beauty", test=held.test_users,
+                         valid=held.valid_users, train=args.train_users)  # fmt: skip
+    path = default_target(backbone) if args.target == "default" else args.target
+    if path in (None, "zero-shot"):
+        target, args.target = SPAModel(backbone, SPAConfig(setting="base")), "zero-shot"
+    else:
+        target = load_checkpoint(Path(path), backbone)[0].eval()
+        args.target = f"{Path(path).name} ({target.setting})"
+    tests = [(list(to_example(backbone, r, keep="end").prompt), r.output)
+             for r in splits.test[: args.users]]  # fmt: skip
 
     drafts = {"untrained": Draft(backbone, DraftConfig(layers=args.draft_layers))}
     last = list({r.user: r for r in splits.train}.values())  # one prompt per training user
@@ -99,6 +116,8 @@ def main() -> None:
                 runs[name].append((time.perf_counter() - t0, result, truth))
         rows += summarise(K, runs, catalogue)
     print(report(args, backbone, catalogue, tests, drafts, rows, time.perf_counter() - start))
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_results({"rows": rows, "config": config, "catalogue": len(catalogue)}, args.out)
 
 
 def aligned_drafts(args, backbone, target, catalogue, train) -> dict[str, Draft]:
@@ -109,7 +128,8 @@ def aligned_drafts(args, backbone, target, catalogue, train) -> dict[str, Draft]
         for m in ("atspeed-s", "atspeed-r")
     }
     setup = {"users": [r.user for r in train], "teacher_beams": args.teacher_beams,
-             "layers": args.draft_layers, "backbone": backbone.fingerprint}  # fmt: skip
+             "layers": args.draft_layers, "backbone": backbone.fingerprint,
+             "target": args.target}  # fmt: skip
     out, examples = {}, None
     for method, cfg in configs.items():
         key = json.dumps({**setup, **asdict(cfg)}, sort_keys=True)
@@ -172,7 +192,8 @@ def report(args, backbone, catalogue, tests, drafts, rows, seconds) -> str:
     prompt_tokens = sum(len(p) for p, _ in tests) / len(tests)
     lines = [
         f"hardware: {hardware()}",
-        f"target: {backbone.name} alone (L={backbone.num_layers}, H={backbone.hidden_size}, "
+        f"target: {args.target} on {backbone.name} (L={backbone.num_layers}, "
+        f"H={backbone.hidden_size}, "
         f"{backbone.num_parameters / 1e6:.1f} M parameters); draft: its first "
         f"{args.draft_layers} layers + shared embeddings/head "
         f"({drafts['untrained'].num_parameters / 1e6:.1f} M own parameters)",
