@@ -35,6 +35,8 @@ from protocol.messages import (
     DeviceOut,
     FeaturesIn,
     Info,
+    RecommendIn,
+    RecommendOut,
     SessionIn,
     SessionOut,
     SessionRecord,
@@ -243,6 +245,14 @@ def features(request: Request, body: FeaturesIn, _device: Device) -> Response:
     cloud = _cloud(request)
     payload = training.features(cloud.require_backbone(), body, cloud.settings, cloud.compute)
     return Response(payload, media_type=BINARY)
+
+
+@_v1.post("/recommendations", tags=["recommendation"])
+def recommendations(request: Request, body: RecommendIn, _device: Device) -> RecommendOut:
+    """The top-K items of the cloud's catalogue for a purchase history (titles, oldest first),
+    ranked by the cloud's target — beam search, or strict speculative search (the same items).
+    404 where the cloud serves no catalogue."""
+    return _cloud(request).recommend(body)
 
 
 @_v1.post("/sessions", status_code=201, tags=["sessions"])

@@ -98,6 +98,17 @@ class CloudSettings(BaseSettings):
         "'100/second;3000/minute'); more get 429 with Retry-After. 'none': no limit. Default: "
         "none on a loopback host, 100/second otherwise.",
     )
+    # ---- recommendation ------------------------------------------------------------------------
+    catalogue: Path | None = Field(
+        None,
+        description="A JSON list of item titles: POST /v1/recommendations recommends among them "
+        "(none: the endpoint answers 404).",
+    )
+    recommend_target: str = Field(
+        "default",
+        description="What ranks the items: 'default' (the target `spa train-target` trained last "
+        "for this backbone, else the backbone alone), 'zero-shot', or a checkpoint path.",
+    )
     ssl_certfile: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM).")
     ssl_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
 

@@ -17,6 +17,7 @@ import torch
 from cloud_api import __version__, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
+from cloud_api.recommend import Recommender
 from cloud_api.run_ahead import RunAheadSession
 from cloud_api.scheduler import BatchedBackbone, Stats, StepScheduler
 from cloud_api.sessions import Registry, Session
@@ -37,7 +38,7 @@ from personalization.config import (
 )
 from personalization.model import SPAModel
 from protocol import PROTOCOL_VERSION, wire
-from protocol.messages import GateIn, Info, SessionIn
+from protocol.messages import GateIn, Info, RecommendIn, RecommendOut, SessionIn
 
 log = logging.getLogger("cloud_api")
 
@@ -56,6 +57,8 @@ class Cloud:
         self.loaded = threading.Event()
         self._heads: dict[str, bytes] = {}
         self._codecs: dict[str, bytes] = {}
+        self._recommender: Recommender | None = None
+        self._recommender_lock = threading.Lock()
         if backbone is not None:
             self.loaded.set()
 
@@ -129,6 +132,15 @@ class Cloud:
             with self.compute:  # fitting the basis runs the backbone once
                 self._codecs[name] = training.codec(f, name)
         return self._codecs[name]
+
+    # ---- recommendation --------------------------------------------------------------------------
+    def recommend(self, body: RecommendIn) -> RecommendOut:
+        with self._recommender_lock:
+            if self._recommender is None:
+                self._recommender = Recommender(
+                    self.require_backbone(), self.settings, self.compute
+                )
+        return self._recommender(body)
 
     # ---- sessions --------------------------------------------------------------------------------
     def open_session(self, device_id: str, body: SessionIn) -> Session:

@@ -41,6 +41,8 @@ from protocol.messages import (
     ExampleIn,
     FeaturesIn,
     Info,
+    RecommendIn,
+    RecommendOut,
     RecordIn,
     SessionIn,
     SessionOut,
@@ -310,6 +312,11 @@ class CloudClient:
     def cancel(self, session_id: str) -> None:
         with contextlib.suppress(httpx.TransportError):  # gone: nothing left to cancel
             self.http.post(f"/v1/sessions/{session_id}/cancel", timeout=5.0)
+
+    @_idempotent
+    def recommend(self, body: RecommendIn) -> RecommendOut:
+        """The cloud's top-K catalogue items for a purchase history (a read: retried)."""
+        return RecommendOut.model_validate(self._post("/v1/recommendations", body).json())
 
     @_idempotent
     def session_record(self, session_id: str) -> SessionRecord:

@@ -302,3 +302,33 @@ class FeaturesIn(Strict):
     examples: list[ExampleIn] = Field(min_length=1)
     rungs: list[int] | None = Field(None, description="Default: the default rungs (about L/4).")
     dtype: WireDtype | None = Field(None, description="Precision of taps and final; default fp16.")
+
+
+class RecommendIn(Strict):
+    """A purchase history (titles, oldest first) → the top-K catalogue items."""
+
+    history: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
+        min_length=1, max_length=256
+    )
+    k: int = Field(10, ge=1, le=50, description="Items returned (= beams searched).")
+    strategy: Literal["beam", "speculative-strict"] = Field(
+        "beam",
+        description="The target's own beam search, or strict speculative search (the same items, "
+        "faster): γ steps drafted by the backbone's first layers, verified in one pass.",
+    )
+    gamma: int = Field(5, ge=1, le=16, description="Speculative: steps drafted per verification.")
+
+
+class RecommendedItem(BaseModel):
+    title: str
+    score: float = Field(description="The item's log-probability among catalogue items.")
+
+
+class RecommendOut(BaseModel):
+    items: list[RecommendedItem]
+    target: str = Field(description="Which model ranked: a trained target, or the backbone.")
+    strategy: str
+    k: int
+    seconds: float = Field(description="The search's wall time on the cloud.")
+    target_passes: int
+    acceptance: float | None = Field(None, description="Speculative: drafted steps accepted.")

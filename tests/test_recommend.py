@@ -291,3 +291,53 @@ def test_baselines_fit_the_training_sequences():
     assert set(sasrec.recommend(["never bought"], 5)) <= set(TITLES)  # unknown items: ignored
     with pytest.raises(ConfigError, match="unknown sequential model"):
         Sequential(sequences, "bert4rec")
+
+
+def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, catalogue):
+    """A real uvicorn cloud with a catalogue: beam and strict speculative search over HTTP give
+    the items and scores of the same search in process; no catalogue → 404; bad input → 422."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cloud_server import running
+
+    from device_agent.client import CloudClient
+    from device_agent.errors import CloudError
+    from protocol.messages import RecommendIn
+
+    items = tmp_path / "items.json"
+    items.write_text(json.dumps(TITLES))
+    target = SPAModel(tiny_llama, SPAConfig(setting="base"))
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
+    with running(tmp_path, catalogue=items, recommend_target="zero-shot") as server:
+        client = _device(CloudClient, server.url)
+        for strategy in ("beam", "speculative-strict"):
+            for history in HISTORIES:
+                got = client.recommend(
+                    RecommendIn(history=history, k=4, strategy=strategy, gamma=2)
+                )
+                cfg = RecommendConfig(strategy=strategy, k=4, gamma=2)
+                prompt = history_prompt(tiny_llama, history, 1024)
+                want = recommend(target, catalogue, [prompt], cfg, draft).items[0]
+                assert [i.title for i in got.items] == [i.title for i in want], strategy
+                assert [i.score for i in got.items] == pytest.approx(
+                    [i.score for i in want], abs=1e-4
+                )
+                assert got.target == "zero-shot" and got.target_passes > 0
+        with pytest.raises(CloudError) as bad:
+            client._send("POST", "/v1/recommendations", json={"history": [], "k": 3})
+        assert bad.value.status == 422
+        client.close()
+    with running(tmp_path / "bare", recommend_target="zero-shot") as server:
+        client = _device(CloudClient, server.url)
+        with pytest.raises(CloudError, match="no catalogue") as none:
+            client.recommend(RecommendIn(history=["soap"]))
+        assert none.value.status == 404
+        client.close()
+
+
+def _device(client_class, url: str):
+    with client_class(url) as anonymous:
+        _, token = anonymous.register("shopper")
+    return client_class(url, token)
