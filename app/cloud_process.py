@@ -47,14 +47,18 @@ def cloud(
     timeout_s: float = 600,
     port: int | None = None,
     on_wait: Callable[[float], None] | None = None,
+    catalogue: Path | None = None,
 ) -> Iterator[str]:
-    """`spa cloud` with its records and log in `work`; yields its URL once it is ready."""
+    """`spa cloud` with its records and log in `work` (and `catalogue` to recommend from);
+    yields its URL once it is ready."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     work.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-c", "from app.cli import main; main()", "cloud",
                "--port", str(port), "--backbone", backbone, "--log-level", "warning",
                "--database-url", f"sqlite:///{work / 'cloud.db'}"]  # fmt: skip
+    if catalogue is not None:
+        command += ["--catalogue", str(Path(catalogue).resolve())]
     log = (work / "cloud.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
     try:

@@ -14,6 +14,9 @@ from pathlib import Path
 from app.cloud_process import cloud
 from app.devices import DemoConfig, Devices, default_root
 
+#: the Recommend tab's catalogue, where the shared data is next to the checkout
+SHARED_CATALOGUE = Path("../shared/data/beauty_items.json")
+
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -41,7 +44,8 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
         if url is None:
             log = root / "cloud" / "cloud.log"
             say(f"starting the cloud API (backbone {settings.backbone}); log: {log}")
-            url = stack.enter_context(cloud(settings.backbone, root / "cloud"))
+            items = SHARED_CATALOGUE if SHARED_CATALOGUE.is_file() else None
+            url = stack.enter_context(cloud(settings.backbone, root / "cloud", catalogue=items))
         devices = Devices(root, url, settings.config)
         say(f"cloud API at {url} (spec: {url}/docs), backbone {devices.backbone}")
         say(f"devices in {devices.root}; training the demo users that are not trained yet")

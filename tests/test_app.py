@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import os
 import re
 import threading
@@ -24,6 +25,20 @@ from personalization.config import DEFAULT_TAP_ENCODING
 pytestmark = pytest.mark.timeout(300)
 
 CHROMIUM = os.environ.get("SPA_CHROMIUM", "/usr/bin/chromium")
+CATALOGUE = [
+    "rose serum",
+    "rose serum 2 oz",
+    "red rose oil",
+    "olive oil soap",
+    "olive cream",
+    "olive oil shampoo",
+    "shampoo",
+    "soap",
+    "cream",
+    "serum",
+    "oil",
+    "rose oil soap",
+]
 ARTIFACTS = Path(os.environ.get("SPA_TEST_ARTIFACTS", "test-artifacts"))
 
 
@@ -31,7 +46,9 @@ ARTIFACTS = Path(os.environ.get("SPA_TEST_ARTIFACTS", "test-artifacts"))
 def demo(tmp_path_factory):
     """(page URL, Devices): the whole demo on the tiny backbone, stopped at the end."""
     directory = tmp_path_factory.mktemp("demo")
-    with running(directory) as server:
+    items = directory / "items.json"
+    items.write_text(json.dumps(CATALOGUE))
+    with running(directory, catalogue=items, recommend_target="zero-shot") as server:
         devices = Devices(directory, server.url, DemoConfig(epochs=3, calibration_prompts=2))
         assert devices.prepare() == ["pirate", "chef", "haiku"]
         page = build(devices, directory)
@@ -270,6 +287,21 @@ def test_the_device_tab_trains_with_progress_and_a_loss_curve(demo):
     assert "taps int8" in final["status"]  # trained on int8 taps, served with int8 taps
 
 
+def test_the_recommend_tab_shows_beam_and_speculative_search_side_by_side(demo):
+    from gradio_client import Client
+
+    from app.ui.recommend import TYPED
+
+    client = Client(demo[0], verbose=False)
+    status, beam, spec = client.predict(TYPED, "rose serum\nshampoo", 4, 2, api_name="/recommend")
+    assert "speed-up" in status and "same items: yes" in status and "zero-shot" in status
+    titles = [row[1] for row in beam["data"]]
+    assert len(titles) == 4 and set(titles) <= set(CATALOGUE)
+    assert [row[1] for row in spec["data"]] == titles  # strict: the same items, same order
+    with pytest.raises(Exception, match="purchase history"):
+        client.predict(TYPED, "  ", 4, 2, api_name="/recommend")
+
+
 def test_the_federated_tab_runs_a_simulation_and_fills_in_rounds(demo):
     """The demo users as Flower devices against the demo's cloud, through `flwr run`."""
     from gradio_client import Client
@@ -332,6 +364,16 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
             penalty = page.locator("#penalty input[type=number]").input_value()
             no_repeat = page.locator("#no-repeat input[type=number]").input_value()
             page.screenshot(path=str(ARTIFACTS / "generate-tab.png"), full_page=True)
+            # the Recommend tab: a typed history, both searches side by side
+            page.get_by_role("tab", name="Recommend").click()
+            page.locator("#rec-history textarea").fill("rose serum\nshampoo")
+            page.locator("#recommend").click()
+            page.wait_for_function(
+                "document.querySelector('#rec-status')?.innerText.includes('speed-up')",
+                timeout=120_000,
+            )
+            recommended = page.locator("#rec-status").inner_text()
+            shown = page.locator("#rec-beam").inner_text().splitlines()
         finally:
             with contextlib.suppress(Exception):
                 browser.close()
@@ -342,3 +384,5 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
     assert outline == "solid"  # the hovered token is outlined
     assert (float(penalty), int(no_repeat)) == (1.0, 3)
     assert (ARTIFACTS / "generate-tab.png").stat().st_size > 10_000
+    assert "same items: yes" in recommended, recommended
+    assert sum(line in CATALOGUE for line in shown) == 10, shown  # K = 10 items on screen

@@ -1,5 +1,6 @@
 """The Gradio demo: Generate (branch-coloured tokens, live latency books), Device (history,
-training), Federated (a Flower simulation). `build` makes the page for a set of `Devices`."""
+training), Federated (a Flower simulation), Recommend (next items: beam vs speculative search).
+`build` makes the page for a set of `Devices`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.devices import Devices
-from app.ui import device, federated, generate
+from app.ui import device, federated, generate, recommend
 
 INTRO = """# SPA — Side Plugin Adaption
 A frozen backbone answers in the **cloud**; each user's **device** keeps a small private side
@@ -31,4 +32,6 @@ def build(devices: Devices, root: Path) -> gr.Blocks:
             device.build(devices, user, page)
         with gr.Tab("Federated"):
             federated.build(devices, root)
+        with gr.Tab("Recommend"):
+            recommend.build(devices)
     return page
