@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cloud_server import free_port, running
+from test_recommend import TITLES as CATALOGUE
 
 from app.devices import MY_DEVICE, DemoConfig, Devices
 from app.ui import build
@@ -25,20 +26,6 @@ from personalization.config import DEFAULT_TAP_ENCODING
 pytestmark = pytest.mark.timeout(300)
 
 CHROMIUM = os.environ.get("SPA_CHROMIUM", "/usr/bin/chromium")
-CATALOGUE = [
-    "rose serum",
-    "rose serum 2 oz",
-    "red rose oil",
-    "olive oil soap",
-    "olive cream",
-    "olive oil shampoo",
-    "shampoo",
-    "soap",
-    "cream",
-    "serum",
-    "oil",
-    "rose oil soap",
-]
 ARTIFACTS = Path(os.environ.get("SPA_TEST_ARTIFACTS", "test-artifacts"))
 
 

@@ -258,7 +258,8 @@ def test_trained_target_end_to_end(tmp_path, monkeypatch, tiny_llama):
     prepared = prepare(tiny_llama, data, cfg)
     held_out = {r.user for r in prepared.splits.valid + prepared.splits.test}
     assert len(held_out) == 9 and not held_out & {r.user for r in prepared.splits.train}
-    assert len(prepared.train) == 31 * 4  # each purchase after the first, history only
+    assert len(prepared.train) == 31 * 3  # each user's last 3 purchases, from their history
+    assert all(int(r.input.splitlines()[-1][0]) >= 2 for r in prepared.splits.train)
     assert runner.invoke(cli, args).exit_code == 0  # trained already: reused, not retrained
 
     def ranked(user: str, *flags: str) -> tuple[list[str], str]:

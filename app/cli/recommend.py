@@ -122,6 +122,9 @@ def train_target(
     train_users: Annotated[
         int | None, typer.Option(min=1, help="Training users (default: all not held out).")
     ] = None,
+    windows: Annotated[
+        int, typer.Option(min=1, help="Of each training user, the last N purchases trained on.")
+    ] = 3,
     valid_users: Annotated[int, typer.Option(min=1)] = 100,
     test_users: Annotated[int, typer.Option(min=1, help="Users held out for evaluation.")] = 500,
 ) -> None:
@@ -132,6 +135,6 @@ def train_target(
     from personalization.backbone.loading import load_backbone
 
     cfg = TargetConfig(setting=setting, epochs=epochs, lr=lr, train_users=train_users,
-                       valid_users=valid_users, test_users=test_users)  # fmt: skip
+                       windows=windows, valid_users=valid_users, test_users=test_users)  # fmt: skip
     path = run(load_backbone(backbone), data, cfg)
     typer.echo(str(path))

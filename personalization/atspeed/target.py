@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from personalization.backbone.embedded import cache_dir
@@ -23,6 +23,7 @@ from personalization.backbone.frozen import Backbone
 from personalization.config import Setting
 from personalization.errors import ConfigError
 from personalization.files import atomic_path
+from personalization.training.data import records_hash
 from personalization.training.experiment import DataConfig, Prepared, fit, prepare_data
 from personalization.training.train import TrainConfig
 
@@ -36,6 +37,7 @@ class TargetConfig:
     lr: float = 1e-3
     batch_size: int = 8
     train_users: int | None = None  # None: every user not held out
+    windows: int | None = 3  # each training user's last purchases trained on (None: every one)
     valid_users: int = 100  # held out: the validation loss (and the `spa` gate's calibration)
     test_users: int = 500  # held out: what benchmarks/recommend.py scores
     max_prompt_tokens: int = 512  # as `recommend.history_prompt`
@@ -86,7 +88,23 @@ def default_target(backbone: Backbone) -> Path | None:
 
 
 def prepare(backbone: Backbone, data: str | Path, cfg: TargetConfig) -> Prepared:
-    return prepare_data(backbone, cfg.data(data))
+    """The split's examples; of each training user, the last `cfg.windows` purchases (each from
+    the ones before it) — the backbone's features of every window would cost hours of CPU."""
+    prepared = prepare_data(backbone, cfg.data(data))
+    if cfg.windows is None:
+        return prepared
+    records, examples = prepared.splits.train, prepared.train
+    seen: dict[str, int] = {}
+    keep = []
+    for i in reversed(range(len(records))):
+        seen[records[i].user] = seen.get(records[i].user, 0) + 1
+        if seen[records[i].user] <= cfg.windows:
+            keep.append(i)
+    keep.reverse()
+    train = [records[i] for i in keep]
+    splits = replace(prepared.splits, train=train)
+    return replace(prepared, splits=splits, train=[examples[i] for i in keep],
+                   data_hash=records_hash(train))  # fmt: skip
 
 
 def train_target(
