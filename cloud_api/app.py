@@ -22,7 +22,7 @@ from cloud_api import __version__, auth, errors, metrics, training
 from cloud_api.db import DeviceRow
 from cloud_api.errors import ApiError
 from cloud_api.run_ahead import RunAheadSession
-from cloud_api.sessions import END
+from cloud_api.sessions import END, Session
 from cloud_api.settings import CloudSettings
 from cloud_api.state import Cloud
 from personalization.backbone.frozen import Backbone
@@ -37,6 +37,7 @@ from protocol.messages import (
     Info,
     RecommendIn,
     RecommendOut,
+    RecommendSessionIn,
     SessionIn,
     SessionOut,
     SessionRecord,
@@ -255,10 +256,21 @@ def recommendations(request: Request, body: RecommendIn, _device: Device) -> Rec
     return _cloud(request).recommend(body)
 
 
+@_v1.post("/recommendations/sessions", status_code=201, tags=["recommendation"])
+def open_recommendation(request: Request, body: RecommendSessionIn, device: Device) -> SessionOut:
+    """Recommend with the device's own side network: a session whose events ask the device for
+    g(x) once per target pass over the token tree (`tree_request`, answered like a side request)
+    and end with the items (`recommended`, then `done`). 404 without a catalogue."""
+    return _session_out(_cloud(request).open_recommendation(device.id, body))
+
+
 @_v1.post("/sessions", status_code=201, tags=["sessions"])
 def open_session(request: Request, body: SessionIn, device: Device) -> SessionOut:
     """Open a generation session; it starts when the device opens its event stream."""
-    session = _cloud(request).open_session(device.id, body)
+    return _session_out(_cloud(request).open_session(device.id, body))
+
+
+def _session_out(session: Session) -> SessionOut:
     base = f"/v1/sessions/{session.id}"
     return SessionOut(
         **dict(session.facts()),

@@ -1,4 +1,6 @@
-"""`POST /v1/recommendations`: next-item recommendation under the cloud's catalogue.
+"""`POST /v1/recommendations`: next-item recommendation under the cloud's catalogue — ranked by
+the cloud's own target, or (`POST /v1/recommendations/sessions`, `RecommendSession`) by the
+backbone with the device's own side network, asked once per pass over the token tree.
 
 The catalogue (`--catalogue`), the target (`--recommend-target`: the trained default, the
 backbone alone, or a checkpoint) and the draft of strict speculative search (the backbone's
@@ -8,11 +10,15 @@ like every other pass, so it queues behind — and never interleaves with — th
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 
+import torch
+
 from cloud_api.errors import ApiError
+from cloud_api.sessions import Session, SideRequest
 from cloud_api.settings import CloudSettings
 from personalization.atspeed.catalogue import Catalogue
 from personalization.atspeed.draft import Draft, DraftConfig
@@ -28,7 +34,11 @@ from personalization.config import SPAConfig
 from personalization.errors import SpaError
 from personalization.model import SPAModel
 from personalization.training.checkpoint import load_checkpoint
+from protocol import wire
+from protocol.events import RecommendedEvent, StartEvent, TreeRequestEvent
 from protocol.messages import RecommendedItem, RecommendIn, RecommendOut
+
+log = logging.getLogger("cloud_api.recommend")
 
 
 class Recommender:
@@ -59,6 +69,11 @@ class Recommender:
                 self._loaded = (catalogue, target, name, draft)
             return self._loaded
 
+    def parts(self) -> tuple[Catalogue, Draft]:
+        """The catalogue and the draft, for a session that brings its own side network."""
+        catalogue, _target, _name, draft = self._load()
+        return catalogue, draft
+
     def __call__(self, body: RecommendIn) -> RecommendOut:
         catalogue, target, name, draft = self._load()
         cfg = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
@@ -73,3 +88,89 @@ class Recommender:
             target_passes=result.target_passes,
             acceptance=None if result.stats is None else result.stats.acceptance,
         )  # fmt: skip
+
+
+class RecommendSession(Session):
+    """A recommendation whose target's side network is the device's: the tree search runs here,
+    and each target pass asks the device once for g(x) of its new positions (`tree_request`).
+    A device that misses a deadline leaves the rest of the search to the backbone alone."""
+
+    def __init__(
+        self,
+        *,
+        catalogue: Catalogue,
+        draft: Draft,
+        config: RecommendConfig,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.catalogue, self.draft, self.config = catalogue, draft, config
+        self._keep: torch.Tensor | None = None  # the side cache's cut, sent with the next ask
+        self._unanswered = False
+
+    # ---- the device's side network over the tree (personalization.atspeed.speculative.TreeSide)
+    def keep(self, index: torch.Tensor) -> None:
+        self._keep = index
+
+    def __call__(self, taps: torch.Tensor, mask: torch.Tensor, real: torch.Tensor):
+        self._attached.wait()  # paused while the device is away (cancel wakes it)
+        with self._lock:
+            if self._stop or self._unanswered:
+                return None
+            rows, positions = taps.shape[:2]
+            request = SideRequest(len(self._requests) + 1, 0, positions, int(real.sum()))
+            self._requests[request.id] = request
+        keep, self._keep = self._keep, None
+        sent = self._emit(
+            TreeRequestEvent(
+                request_id=request.id, deadline_s=self.deadline_s,
+                mask=wire.b64encode(wire.pack_bits(mask)), mask_shape=list(mask.shape),
+                real=wire.b64encode(wire.pack_bits(real)),
+                keep=None if keep is None else keep.tolist(),
+                **self._taps(0, taps, 0),
+            )
+        )  # fmt: skip
+        self.totals.device_contacts += 1
+        self.totals.tap_positions += rows * positions
+        self.totals.bytes_to_device += sent
+        waited = time.perf_counter()
+        request.done.wait(self.deadline_s)
+        self.totals.device_wait_s += time.perf_counter() - waited
+        with self._lock:
+            if request.state == "waiting":
+                request.state = "expired"
+            if request.state != "answered":
+                self.totals.fallbacks += request.state == "expired"
+                self._unanswered = True  # its side cache missed this pass: ask no more
+                return None
+        return request.g
+
+    # ---- the search thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        started = time.perf_counter()
+        status, reason = "finished", ""
+        try:
+            self.records.update_session(self.id, status="running")
+            self._emit(StartEvent(**dict(self.facts())))
+            t0 = time.perf_counter()
+            result = recommend(self.model, self.catalogue, [self.prompt_ids], self.config,
+                               self.draft, side=self)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            if not self._stop:
+                self._emit(
+                    RecommendedEvent(
+                        items=[RecommendedItem(title=i.title, score=i.score)
+                               for i in result.items[0]],
+                        target_passes=result.target_passes, seconds=seconds,
+                        acceptance=None if self.config.strategy == "beam" or result.stats is None
+                        else result.stats.acceptance,
+                    )
+                )  # fmt: skip
+            self.totals.cloud_s = seconds - self.totals.device_wait_s
+        except Exception as exc:  # a bug must end this session cleanly, not the server
+            log.exception("recommendation session %s failed", self.id)
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
+        if self._stop:
+            status, reason = self._stop
+        self.totals.wall_s = time.perf_counter() - started
+        self._end(status, reason)

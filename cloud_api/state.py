@@ -17,11 +17,12 @@ import torch
 from cloud_api import __version__, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
-from cloud_api.recommend import Recommender
+from cloud_api.recommend import Recommender, RecommendSession
 from cloud_api.run_ahead import RunAheadSession
 from cloud_api.scheduler import BatchedBackbone, Stats, StepScheduler
 from cloud_api.sessions import Registry, Session
 from cloud_api.settings import CloudSettings
+from personalization.atspeed.recommend import RecommendConfig, history_prompt
 from personalization.backbone.frozen import Backbone
 from personalization.backbone.loading import load_backbone
 from personalization.baselines import baseline_parameters
@@ -38,7 +39,14 @@ from personalization.config import (
 )
 from personalization.model import SPAModel
 from protocol import PROTOCOL_VERSION, wire
-from protocol.messages import GateIn, Info, RecommendIn, RecommendOut, SessionIn
+from protocol.messages import (
+    GateIn,
+    Info,
+    RecommendIn,
+    RecommendOut,
+    RecommendSessionIn,
+    SessionIn,
+)
 
 log = logging.getLogger("cloud_api")
 
@@ -180,25 +188,10 @@ class Cloud:
         seed = decoding.seed
         if decoding.strategy == "sample" and seed is None:
             seed = secrets.randbelow(2**31)  # reported, so the device can replay the run
-        # the cloud never runs g: a width-1 side network only carries the rungs and the dtype
-        side = SideConfig(
-            hidden_size=f.hidden_size, num_layers=f.num_layers, rungs=rungs, reduction=f.hidden_size
-        )
-        model = SPAModel(
+        model = self._device_model(
             self.batched(),  # its passes share batches with every other session's
-            SPAConfig(
-                setting=body.setting,
-                threshold=threshold,
-                wire_dtype=dtype,
-                tap_encoding=body.tap_encoding or limits.tap_encoding,
-            ),
-            side,  # fmt: skip
-        )
-        if gated and not body.strict and body.gate is not None:
-            weight, bias = _gate_tensors(body.gate, f.hidden_size)
-            with torch.no_grad():
-                model.gate.linear.weight.copy_(weight)
-                model.gate.linear.bias.copy_(bias)
+            body, rungs, threshold, None if body.strict else body.gate,
+        )  # fmt: skip
         decode = DecodeConfig(
             strategy=decoding.strategy,
             max_new_tokens=max_new_tokens,
@@ -241,6 +234,74 @@ class Cloud:
                     max_new_tokens=max_new_tokens,
                 )
             )
+        except Exception:
+            self.registry.remove(session)
+            raise
+        return session
+
+    def _device_model(
+        self,
+        backbone,
+        body: SessionIn | RecommendSessionIn,
+        rungs: list[int],
+        threshold: float,
+        gate: GateIn | None,
+    ) -> SPAModel:
+        """The cloud's half of a device's model: the backbone, the gate's weights (when sent),
+        and a width-1 side network that carries only the rungs and the dtype (the cloud never
+        runs g)."""
+        f = self.require_backbone()
+        side = SideConfig(
+            hidden_size=f.hidden_size, num_layers=f.num_layers, rungs=rungs, reduction=f.hidden_size
+        )
+        config = SPAConfig(
+            setting=body.setting, threshold=threshold,
+            wire_dtype=body.tap_dtype or self.settings.tap_dtype,
+            tap_encoding=body.tap_encoding or self.settings.tap_encoding,
+        )  # fmt: skip
+        model = SPAModel(backbone, config, side)
+        if body.setting in GATED_SETTINGS and gate is not None:
+            weight, bias = _gate_tensors(gate, f.hidden_size)
+            with torch.no_grad():
+                model.gate.linear.weight.copy_(weight)
+                model.gate.linear.bias.copy_(bias)
+        return model
+
+    def open_recommendation(self, device_id: str, body: RecommendSessionIn) -> RecommendSession:
+        """A recommendation ranked by the backbone with the device's side network (over a
+        session's event stream); validated like a session, capped with them."""
+        f, limits = self.require_backbone(), self.settings
+        deadline = body.deadline_s or min(limits.default_deadline_s, limits.max_deadline_s)
+        if deadline > limits.max_deadline_s:
+            raise ApiError(
+                422, f"deadline_s {deadline:g} is over the limit {limits.max_deadline_s:g} "
+                "(SPA_CLOUD_MAX_DEADLINE_S)",
+            )  # fmt: skip
+        rungs = training.check_rungs(body.rungs, f.num_layers)
+        model = self._device_model(f, body, rungs, body.threshold, body.gate)
+        with self._recommender_lock:
+            if self._recommender is None:
+                self._recommender = Recommender(f, self.settings, self.compute)
+        catalogue, draft = self._recommender.parts()
+        config = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
+        session = RecommendSession(
+            catalogue=catalogue, draft=draft, config=config,
+            session_id=self._new_session_id(), device_id=device_id, model=model,
+            prompt_ids=history_prompt(f, body.history, limits.max_prompt_tokens),
+            decode=config.decode(catalogue), deadline_s=deadline, strict=False,
+            resume_s=limits.resume_s, records=self.records, on_end=self.registry.remove,
+        )  # fmt: skip
+        self.registry.add(session)  # 429 beyond the cap
+        try:
+            self.records.add_session(
+                SessionRow(
+                    id=session.id, device_id=device_id, setting=body.setting,
+                    strategy=f"recommend-{body.strategy}", strict=False,
+                    threshold=body.threshold, rungs=",".join(map(str, rungs)),
+                    tap_dtype=model.config.wire_dtype, deadline_s=deadline,
+                    prompt_tokens=len(session.prompt_ids), max_new_tokens=catalogue.max_length,
+                )
+            )  # fmt: skip
         except Exception:
             self.registry.remove(session)
             raise

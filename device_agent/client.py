@@ -43,6 +43,7 @@ from protocol.messages import (
     Info,
     RecommendIn,
     RecommendOut,
+    RecommendSessionIn,
     RecordIn,
     SessionIn,
     SessionOut,
@@ -312,6 +313,14 @@ class CloudClient:
     def cancel(self, session_id: str) -> None:
         with contextlib.suppress(httpx.TransportError):  # gone: nothing left to cancel
             self.http.post(f"/v1/sessions/{session_id}/cancel", timeout=5.0)
+
+    def open_recommendation(self, body: RecommendSessionIn) -> SessionOut:
+        """A recommendation session that asks this device's side network (`recommend.py`)."""
+        try:
+            response = self._post("/v1/recommendations/sessions", body)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        return SessionOut.model_validate(response.json())
 
     @_idempotent
     def recommend(self, body: RecommendIn) -> RecommendOut:

@@ -22,7 +22,7 @@ from torch import Tensor
 from personalization.codecs import TapCodec
 from personalization.config import TapEncoding, WireDtype
 from protocol import wire
-from protocol.messages import RunAheadTotals, SessionFacts, SessionTotals
+from protocol.messages import RecommendedItem, RunAheadTotals, SessionFacts, SessionTotals
 
 #: run-ahead adds `correction`: a device token that replaced the backbone's draft
 Branch = Literal["cloud", "device", "fallback", "correction"]
@@ -90,6 +90,41 @@ class SideRequestEvent(_Taps):
     at: int = Field(-1, description="the position g is asked for (-1: the last one sent)")
     reorder: list[int] | None = None
     deadline_s: float
+
+
+class TreeRequestEvent(_Taps):
+    """A recommendation session asks for g(x) over one target pass of its token tree.
+
+    `taps` are the pass's positions [rows, positions, R, H] (padding included); `mask`
+    [rows, positions, S] says which cache slots each position attends to (its prompt and its
+    ancestors, itself last; S = the slots before the pass + `positions`); `keep` [rows, S'] is the
+    cut of the device's side cache to apply first (the slots the kept beams need), None when
+    unchanged. The answer is g for the `real` positions [rows, positions] only, row-major."""
+
+    event: Literal["tree_request"] = "tree_request"
+    request_id: int
+    mask: str = Field(description="base64 of wire.pack_bits")
+    mask_shape: list[int]
+    real: str = Field(description="base64 of wire.pack_bits, [rows, positions]")
+    keep: list[list[int]] | None = None
+    deadline_s: float
+
+    def decode_mask(self) -> Tensor:
+        return wire.unpack_bits(wire.b64decode(self.mask, what="mask"), self.mask_shape)
+
+    def decode_real(self) -> Tensor:
+        shape = [self.rows, self.positions]
+        return wire.unpack_bits(wire.b64decode(self.real, what="real"), shape, what="real")
+
+
+class RecommendedEvent(_Event):
+    """A recommendation session's result (before `done`): the top-K items, best first."""
+
+    event: Literal["recommended"] = "recommended"
+    items: list[RecommendedItem]
+    target_passes: int
+    acceptance: float | None = None
+    seconds: float
 
 
 class DraftEvent(_Taps):
@@ -160,6 +195,8 @@ Event = Annotated[
     | TokenEvent
     | DraftEvent
     | CorrectedEvent
+    | TreeRequestEvent
+    | RecommendedEvent
     | DoneEvent,
     Field(discriminator="event"),
 ]

@@ -332,3 +332,23 @@ class RecommendOut(BaseModel):
     seconds: float = Field(description="The search's wall time on the cloud.")
     target_passes: int
     acceptance: float | None = Field(None, description="Speculative: drafted steps accepted.")
+
+
+class RecommendSessionIn(RecommendIn):
+    """Recommend with the device's own side network on the backbone: a session whose event
+    stream asks the device for g(x) once per target pass over the token tree (`tree_request`)
+    and ends with the items (`recommended`, then `done`)."""
+
+    setting: Literal["lst", "full", "choice", "spa"] = Field("spa")
+    threshold: Finite = Field(0.5, description="σ = 1 where the gate's p(device) ≥ threshold")
+    gate: GateIn | None = Field(None, description="Needed by choice and spa.")
+    rungs: list[int] | None = Field(None, description="Rungs the side network reads; default L/4.")
+    tap_dtype: WireDtype | None = Field(None, description="Precision of taps and g(x).")
+    tap_encoding: TapEncoding | None = Field(None, description="How taps cross the wire.")
+    deadline_s: Finite | None = Field(None, gt=0, description="How long to wait for g(x).")
+
+    @model_validator(mode="after")
+    def _gated(self) -> RecommendSessionIn:
+        if self.setting in GATED_SETTINGS and self.gate is None:
+            raise ValueError(f"setting {self.setting} needs the device's gate weights (gate)")
+        return self

@@ -130,3 +130,29 @@ def unpack_with_metadata(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]
     except (struct.error, ValueError) as exc:
         raise WireError(f"unreadable safetensors header: {exc}") from None
     return tensors, meta
+
+
+def pack_bits(mask: Tensor) -> bytes:
+    """A boolean tensor as bits (row-major, the last byte zero-padded)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    bits = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (bits * weights).sum(1, dtype=torch.uint8).numpy().tobytes()
+
+
+def unpack_bits(data: bytes, shape: Sequence[int], *, what: str = "mask") -> Tensor:
+    """`pack_bits` back to a boolean tensor of `shape` (a WireError if the length is wrong)."""
+    n = 1
+    for size in shape:
+        n *= size
+    if len(data) != (n + 7) // 8 or any(size < 0 for size in shape):
+        raise WireError(f"{what}: {len(data)} bytes is not {list(shape)} packed as bits")
+    raw = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.zeros(0, dtype=torch.uint8)
+    )
+    shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+    bits = (raw[:, None] >> shifts) & 1
+    return bits.reshape(-1)[:n].bool().reshape(*shape)

@@ -27,8 +27,10 @@ SUBCOMMANDS = (
     ["history", "delete"],
     ["train"],
     ["generate"],
+    ["recommend"],
     ["status"],
 )
+TITLES = ["rose serum", "rose oil soap", "olive cream", "olive oil shampoo", "shampoo", "soap"]
 
 
 def device(*args: str):
@@ -51,7 +53,9 @@ def stdout_json(result):
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
-    with running(tmp_path_factory.mktemp("cloud")) as server:
+    root = tmp_path_factory.mktemp("cloud")
+    (root / "items.json").write_text(json.dumps(TITLES))
+    with running(root, catalogue=root / "items.json", recommend_target="zero-shot") as server:
         yield server
 
 
@@ -367,6 +371,16 @@ def test_generate_with_streamed_taps_matches_pull(trained):
     )
     bad = device("generate", "hi", "--tap-mode", "teleport", "--dir", root)
     assert_clean_error(bad, "unknown tap mode 'teleport'; choose one of pull, streamed, run-ahead")
+
+
+def test_recommend_with_the_side_network(trained):
+    root, _ = trained
+    result = device("recommend", "rose serum", "shampoo", "-k", "3", "--dir", root)
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.stdout.splitlines() if ln[:4].strip().endswith(".")]
+    assert len(lines) == 3 and all(ln.split(None, 2)[2] in TITLES for ln in lines)
+    assert "device contacts" in result.output
+    assert_clean_error(device("recommend", "soap", "-k", "0", "--dir", root), "-k")
 
 
 def test_generate_plain_output(trained):

@@ -342,3 +342,44 @@ def _device(client_class, url: str):
     with client_class(url) as anonymous:
         _, token = anonymous.register("shopper")
     return client_class(url, token)
+
+
+@pytest.mark.parametrize("setting", ["spa", "full"])
+def test_http_recommendation_with_the_devices_side_network(
+    tmp_path, tiny_llama, catalogue, setting
+):
+    """The device's own side network ranks over HTTP: beam search (the token tree undrafted) and
+    strict speculative search give the items and scores of the same target in process, with one
+    device contact per target pass; the history and the side network stay on the device."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cloud_server import running
+    from test_speculative import _randomize
+
+    from device_agent.client import CloudClient
+    from device_agent.recommend import RemoteRecommendation
+
+    items = tmp_path / "items.json"
+    items.write_text(json.dumps(TITLES))
+    model = _randomize(SPAModel(tiny_llama, SPAConfig(setting=setting, tap_encoding="raw-le")))
+    draft = Draft(tiny_llama, DraftConfig(layers=1))
+    with running(tmp_path, catalogue=items, recommend_target="zero-shot") as server:
+        client = _device(CloudClient, server.url)
+        for strategy in ("beam", "speculative-strict"):
+            for history in HISTORIES:
+                remote = RemoteRecommendation(client, model, history, k=4, strategy=strategy,
+                                              gamma=2)  # fmt: skip
+                got = remote.run()
+                cfg = RecommendConfig(strategy=strategy, k=4, gamma=2)
+                prompt = history_prompt(tiny_llama, history, 1024)
+                want = recommend(model, catalogue, [prompt], cfg, draft).items[0]
+                assert [i.title for i in got.items] == [i.title for i in want], (strategy, history)
+                assert [i.score for i in got.items] == pytest.approx(
+                    [i.score for i in want], abs=1e-4
+                )
+                assert remote.status == "finished" and remote.contacts == got.target_passes > 0
+                record = client.session_record(remote.session_id)
+                assert record.device_contacts == remote.contacts and record.fallbacks == 0
+        client.close()

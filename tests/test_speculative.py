@@ -236,7 +236,7 @@ def test_rollback_leaves_caches_equal_to_a_fresh_computation(tiny_llama: Backbon
                                            atol=1e-5, rtol=1e-4)  # fmt: skip
             side = SideCache(len(model.side.blocks))
             model.side(model.wire(fresh.taps, model.side_dtype), side)
-            for (k, v), (k2, v2) in zip(tree.side_cache.kv, side.kv, strict=True):
+            for (k, v), (k2, v2) in zip(tree.side.cache.kv, side.kv, strict=True):
                 torch.testing.assert_close(k[row, :, slots], k2[0], atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(v[row, :, slots], v2[0], atol=1e-5, rtol=1e-4)
     # nothing but the prompts and the kept paths' ancestors is left

@@ -329,6 +329,51 @@ def generate(
 
 
 @app.command()
+def recommend(
+    history: Annotated[
+        list[str],
+        typer.Argument(help="Purchased product titles, oldest first.", show_default=False),
+    ],
+    k: Annotated[int, typer.Option("-k", min=1, max=50, help="Items (= beams).")] = 10,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            click_type=Choice(("beam", "speculative-strict"), "strategy"),
+            help="The cloud's search; either way this device's side network is asked once per "
+            "target pass over the token tree.",
+        ),
+    ] = "beam",
+    gamma: Annotated[int, typer.Option(min=1, max=16, help="Steps drafted per pass.")] = 5,
+    setting: Annotated[
+        str | None,
+        typer.Option(
+            click_type=Choice(SIDE_SETTINGS, "setting"),
+            help="Default: the newest.",
+            show_default=False,
+        ),
+    ] = None,
+    dir: Dir = None,
+    cloud_url: CloudUrl = None,
+) -> None:
+    """Top-K items of the cloud's catalogue for a purchase history, ranked by the backbone with
+    this device's own side network (the cloud needs --catalogue)."""
+    from device_agent.recommend import RemoteRecommendation
+
+    with _agent(dir, cloud_url) as agent:
+        run = RemoteRecommendation(agent.client, agent.model(setting), history, k=k,
+                                   strategy=strategy, gamma=gamma)  # fmt: skip
+        result = run.run()
+    for rank, item in enumerate(result.items, 1):
+        typer.echo(f"{rank:>3}. {item.score:8.3f}  {item.title}")
+    typer.secho(
+        f"[{strategy}, K={k}: {result.seconds:.1f} s on the cloud, {result.target_passes} target "
+        f"passes, {run.contacts} device contacts, {run.bytes_down:,} B down / {run.bytes_up:,} B "
+        "up]",
+        dim=True, err=True,
+    )  # fmt: skip
+
+
+@app.command()
 def status(dir: Dir = None, json_out: Json = False) -> None:
     """The device: history size, training runs, current checkpoint."""
     with _agent(dir) as agent:

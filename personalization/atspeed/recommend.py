@@ -22,6 +22,7 @@ from personalization.atspeed.draft import Draft
 from personalization.atspeed.speculative import (
     SpeculativeConfig,
     SpeculativeStats,
+    TreeSide,
     speculative_beam_search,
 )
 from personalization.backbone.frozen import Backbone
@@ -97,18 +98,22 @@ def recommend(
     prompts: Sequence[Sequence[int]],
     config: RecommendConfig,
     draft: Draft | None = None,
+    side: TreeSide | None = None,
 ) -> Recommendations:
-    """Top-K catalogue items for each prompt (speculative strategies batch all prompts)."""
+    """Top-K catalogue items for each prompt (speculative strategies batch all prompts). With
+    `side` (the target's side network on a device) beam search runs on the token tree undrafted
+    (γ = 0: the same search), so the device is asked once per pass, not once per beam."""
     decode = config.decode(catalogue)
-    if config.strategy == "beam":
+    if config.strategy == "beam" and side is None:
         results = [beam_search(target, p, decode, catalogue) for p in prompts]
         found = [r.hypotheses for r in results]
         passes, stats = sum(r.forward_passes for r in results), None
     else:
-        if draft is None and config.gamma > 0:
+        spec = config.speculative() if config.strategy != "beam" else SpeculativeConfig(gamma=0)
+        if draft is None and spec.gamma > 0:
             raise ConfigError(f"strategy {config.strategy} needs a draft model")
         result = speculative_beam_search(
-            target, draft, prompts, decode, config.speculative(), catalogue
+            target, draft if spec.gamma else None, prompts, decode, spec, catalogue, side
         )
         found, stats = result.hypotheses, result.stats
         passes = stats.target_passes

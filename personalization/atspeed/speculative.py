@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -120,45 +121,74 @@ class _TreeModel:
         raise NotImplementedError
 
 
+class TreeSide(Protocol):
+    """The side network over token trees, wherever it runs: here (`LocalTreeSide`) or on the
+    device, asked over the wire once per target pass (`cloud_api.recommend`)."""
+
+    def __call__(self, taps: Tensor, mask: Tensor, real: Tensor) -> Tensor | None:
+        """g(x) [n, H], wire-rounded, of the `real` positions [B, T] of a pass whose taps are
+        [B, T, R, H] and whose mask is [B, T, S]; None: not answered (the backbone goes alone)."""
+
+    def keep(self, index: Tensor) -> None:
+        """Keep only these cache slots [B, S'] (the target's cache was cut to the kept beams)."""
+
+
+class LocalTreeSide:
+    """The model's own side network, in this process, with its cache over the tree."""
+
+    def __init__(self, model: SPAModel):
+        self.model = model
+        self.cache = model.side.new_cache()
+
+    def __call__(self, taps: Tensor, mask: Tensor, real: Tensor) -> Tensor:
+        m = self.model  # the side network sees the wire-rounded taps of the whole tree
+        return m.wire(m.side(m.wire_taps(taps, m.side_dtype), self.cache, mask))[real]
+
+    def keep(self, index: Tensor) -> None:
+        self.cache.kv = [(gather_slots(k, index), gather_slots(v, index)) for k, v in self.cache.kv]
+
+
 class TargetTree(_TreeModel):
     """The target — an `SPAModel` in any setting — scoring token trees: logits per node, as its
-    `Stepper` computes them (side network, gate, wire rounding), the whole tree at once."""
+    `Stepper` computes them (side network, gate, wire rounding), the whole tree at once. Its
+    side network answers once per pass, here or (`side`) on a device."""
 
     def __init__(
-        self, model: SPAModel, prompts: Sequence[Sequence[int]], catalogue: Catalogue | None
+        self,
+        model: SPAModel,
+        prompts: Sequence[Sequence[int]],
+        catalogue: Catalogue | None,
+        side: TreeSide | None = None,
     ):
         self.model = model
         self.catalogue = catalogue
         self.contacts = 0
-        side = model.setting in SIDE_SETTINGS
-        self.side_cache = model.side.new_cache() if side else None
+        uses_side = model.setting in SIDE_SETTINGS
+        self.side = (side or LocalTreeSide(model)) if uses_side else None
         backbone = model.adapted or model.backbone
-        super().__init__(TreeCache(backbone, prompts, model.rungs if side else ()), prompts)
+        super().__init__(TreeCache(backbone, prompts, model.rungs if uses_side else ()), prompts)
 
     def logprobs(self, outputs: Tensor, nodes: Sequence[int]) -> Tensor:
         return constrained_logprobs(outputs, nodes, self.catalogue)
 
     def keep(self, paths: Sequence[Sequence[Path]]) -> Tensor:
         index = super().keep(paths)
-        if self.side_cache is not None:
-            kv = self.side_cache.kv
-            self.side_cache.kv = [(gather_slots(k, index), gather_slots(v, index)) for k, v in kv]
+        if self.side is not None:
+            self.side.keep(index)
         return index
 
     def _outputs(self, out: BackboneOutput, mask: Tensor, real: Tensor) -> Tensor:
         self.passes += 1
         model, f = self.model, out.hidden
-        if self.side_cache is None:
+        if self.side is None:
             return self.tree.backbone.head(f[real])
-        # the device's side network sees the wire-rounded taps of the whole tree in one message
-        g = model.wire(
-            model.side(model.wire_taps(out.taps, model.side_dtype), self.side_cache, mask)
-        )
-        f, g = f[real], g[real].to(f.dtype)
+        g = self.side(out.taps, mask, real)
+        self.contacts += 1
+        f = f[real]
+        if g is None:  # the device did not answer: the backbone's own outputs
+            return model.combine(f, None, torch.zeros(f.shape[:-1], dtype=torch.bool))
         p = model.gate_prob(f) if model.setting in GATED_SETTINGS else None
-        sigma = model.sigma(p, f)
-        self.contacts += bool(sigma.any())
-        return model.combine(f, g, sigma)
+        return model.combine(f, g.to(f.dtype), model.sigma(p, f))
 
 
 class DraftTree(_TreeModel):
@@ -330,8 +360,10 @@ def speculative_beam_search(
     decode: DecodeConfig,
     spec: SpeculativeConfig | None = None,
     catalogue: Catalogue | None = None,
+    side: TreeSide | None = None,
 ) -> SpeculativeResult:
-    """Top-K beam search of `target` for every prompt (a batch), drafted by `draft`."""
+    """Top-K beam search of `target` for every prompt (a batch), drafted by `draft`; `side`: its
+    side network elsewhere (a device), asked once per target pass."""
     spec = spec or SpeculativeConfig()
     if not prompts or any(not p for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -341,7 +373,7 @@ def speculative_beam_search(
     rng = torch.Generator().manual_seed(spec.seed)
     eos = target.backbone.eos_token_ids
     searches = [BeamSearch(decode, eos, catalogue) for _ in prompts]
-    t_tree = TargetTree(target, prompts, catalogue)
+    t_tree = TargetTree(target, prompts, catalogue, side)
     d_tree = DraftTree(draft, prompts, catalogue) if spec.gamma > 0 else None
     t_known = [{(): root} for root in t_tree.roots]
     d_known = [{(): root} for root in d_tree.roots] if d_tree else []

@@ -1,0 +1,224 @@
+"""The SPA paper's Tables 1, 2, 3 and 7 on SmolLM2 and the shared data (issue 22), cell by cell.
+
+    python benchmarks/paper_tables.py [--datasets xsum cnndm coqa sciq] [--settings ...]
+        [--epochs 15] [--lrs 2e-4 5e-4 1e-3] [--train-size 500] [--sizes 100 300 1000]
+    python benchmarks/paper_tables.py --table
+
+A *cell* is one dataset × setting (base zero-shot and one-shot, lst, full, choice, spa, lora,
+adapter) or, for Table 7, `spa` at one training-set size. A trained cell fits one checkpoint per
+learning rate (cached features, resumable per epoch), keeps the rate with the lowest validation
+loss — chosen on validation data, never on the test split — calibrates the gate to the usage
+budget on validation data, and scores the test split: Rouge-L with a bootstrap 95 % interval,
+device usage, M, and the latency model's T_total under `--profile` with the compute measured in
+that run and the default tap encoding. Every finished cell is written at once to
+benchmarks/results/paper_tables.json (with its config, hardware and date) and skipped by a rerun.
+`--skip SETTING=REASON` records why a cell could not run here instead of running it.
+
+Table 1: base zero-shot / one-shot, lst, spa. Table 2: every setting's trainable share, its
+inference, network and total latency for 50 new tokens, and Rouge-L. Table 3: S1 = full,
+S2 = choice, S3 = lst, and SPA, with their device usage. Table 7: spa's usage as the training
+set grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _hardware import hardware, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks/results/paper_tables.json"
+DATASETS = ("xsum", "cnndm", "coqa", "sciq")
+SETTINGS = ("base", "one-shot", "lst", "full", "choice", "spa", "lora", "adapter")
+TOKENS = 50  # Table 2: the cost of 50 new tokens
+
+
+def one_shot(record, demo):
+    """The paper's one-shot row: one training example shown before the input."""
+    from personalization.training.data import Record
+
+    shown = f"Example input:\n{demo.input}\nExample output:\n{demo.output}\n\nInput:\n"
+    return Record(record.instruction, shown + record.input, record.output, record.user)
+
+
+def _load(results: Path) -> dict:
+    return json.loads(results.read_text()) if results.is_file() else {"cells": {}}
+
+
+def _save(results: dict, path: Path) -> None:
+    write_results(results, path)
+
+
+def cell_key(dataset: str, setting: str, size: int | None = None) -> str:
+    return f"{dataset}/{setting}" + (f"/train={size}" if size else "")
+
+
+def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
+    from personalization.backbone.loading import load_backbone
+    from personalization.config import SPAConfig
+    from personalization.latency import profile
+    from personalization.model import SPAModel
+    from personalization.training.data import to_examples
+    from personalization.training.experiment import DataConfig, assess, fit, prepare_data
+    from personalization.training.train import TrainConfig
+
+    backbone = load_backbone(args.backbone)
+    data = prepare_data(
+        backbone,
+        DataConfig(path=str(args.data / f"{dataset}.jsonl"), train_size=train_size,
+                   valid_size=args.valid_size, test_size=args.test_size,
+                   max_prompt_tokens=args.max_prompt_tokens),
+    )  # fmt: skip
+    net = profile(args.profile)
+    t0 = time.perf_counter()
+    config: dict = {"train_size": len(data.train), "valid_size": len(data.valid),
+                    "test_size": len(data.test), "profile": args.profile}  # fmt: skip
+    if setting in ("base", "one-shot"):
+        model = SPAModel(backbone, SPAConfig(setting="base"))
+        if setting == "one-shot":
+            demo = data.splits.train[0]
+            records = [one_shot(r, demo) for r in data.splits.test]
+            test = to_examples(backbone, records, max_prompt_tokens=args.max_prompt_tokens,
+                               keep=data.splits.keep)  # fmt: skip
+            data = replace(data, test=test)
+        report, _ = assess(model, data, net, max_new_tokens=args.max_new_tokens)
+    else:
+        tried = {}
+        for lr in args.lrs:
+            out = Path(args.work) / f"{dataset}-{setting}-n{train_size}-lr{lr:g}.safetensors"
+            cfg = TrainConfig(epochs=args.epochs, lr=lr, target_usage=args.target_usage)
+            result = fit(backbone, data, setting, cfg, out, resume=True)
+            valid = result.epochs[-1].get("valid", {}).get("lm", float("inf"))
+            tried[lr] = (valid, result.model)
+            print(f"  {dataset}/{setting} lr {lr:g}: validation loss {valid:.4f}", flush=True)
+        lr = min(tried, key=lambda k: tried[k][0])
+        model = tried[lr][1].eval()
+        config |= {"epochs": args.epochs, "lrs": list(args.lrs), "lr": lr,
+                   "valid_loss": {f"{k:g}": v for k, (v, _) in tried.items()}}  # fmt: skip
+        report, _ = assess(model, data, net, max_new_tokens=args.max_new_tokens)
+    low, high = report.rouge_l_interval()
+    figures = asdict(report)
+    figures.pop("scores")
+    return figures | {
+        "rouge_l_ci": [low, high], "cost_50_ms": TOKENS * report.t_total_ms,
+        "config": config, "seconds": time.perf_counter() - t0, "hardware": hardware(),
+    }  # fmt: skip
+
+
+def run(args) -> None:
+    results = _load(args.out)
+    skips = dict(s.split("=", 1) for s in args.skip)
+    todo = [(d, s, args.train_size) for d in args.datasets for s in args.settings]
+    todo += [(d, "spa", n) for d in args.datasets for n in args.sizes if n != args.train_size]
+    for i, (dataset, setting, size) in enumerate(todo, 1):
+        key = cell_key(dataset, setting, None if size == args.train_size else size)
+        if key in results["cells"]:
+            continue
+        if setting in skips:
+            results["cells"][key] = {"skipped": skips[setting]}
+        else:
+            print(f"[{i}/{len(todo)}] {key}", flush=True)
+            results["cells"][key] = run_cell(args, dataset, setting, size)
+        results["config"] = {k: (str(v) if isinstance(v, Path) else v)
+                             for k, v in vars(args).items()}  # fmt: skip
+        _save(results, args.out)
+    table(args.out)
+
+
+def _cell(c: dict | None, what: str) -> str:
+    if c is None:
+        return "—"
+    if "skipped" in c:
+        return f"n/a ({c['skipped']})"
+    if what == "rouge":
+        lo, hi = c["rouge_l_ci"]
+        return f"{c['rouge_l']:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{c[what]:.2f}"
+
+
+def table(path: Path) -> None:
+    r = _load(path)
+    cells, cfg = r["cells"], r.get("config", {})
+    datasets = [d for d in DATASETS if any(k.startswith(d + "/") for k in cells)]
+    head = " | ".join(datasets)
+    print(f"Hardware: {r.get('hardware', '?')}; {r.get('date', '?')}; epochs {cfg.get('epochs')}, "
+          f"learning rates {cfg.get('lrs')} (chosen on validation loss), train "
+          f"{cfg.get('train_size')}, test {cfg.get('test_size')}\n")  # fmt: skip
+    print(f"Table 1 — Rouge-L [95 % CI]\n\n| setting | {head} |\n|---|" + "---|" * len(datasets))
+    for s in ("base", "one-shot", "lst", "spa"):
+        print(f"| {s} | " + " | ".join(_cell(cells.get(f"{d}/{s}"), "rouge") for d in datasets)
+              + " |")  # fmt: skip
+    print(f"\nTable 2 — {TOKENS} new tokens on `{cfg.get('profile')}` (ms), Rouge-L\n")
+    print("| setting | dataset | trainable % | inference | network | total | Rouge-L |")
+    print("|---|---|---|---|---|---|---|")
+    for s in SETTINGS:
+        for d in datasets:
+            c = cells.get(f"{d}/{s}")
+            if c is None or "skipped" in c:
+                continue
+            inference = TOKENS * (c["t_cloud_ms"] + c["t_device_ms"])
+            print(f"| {s} | {d} | {c['trainable_pct']:.3f} | {inference:.0f} | "
+                  f"{TOKENS * c['t_net_ms']:.0f} | {c['cost_50_ms']:.0f} | "
+                  f"{c['rouge_l']:.2f} |")  # fmt: skip
+    print(
+        f"\nTable 3 — Rouge-L (device usage)\n\n| setting | {head} |\n|---|"
+        + "---|" * len(datasets)
+    )
+    for label, s in (("S1 (full)", "full"), ("S2 (choice)", "choice"), ("S3 (lst)", "lst"),
+                     ("SPA", "spa")):  # fmt: skip
+        row = []
+        for d in datasets:
+            c = cells.get(f"{d}/{s}")
+            row.append(
+                _cell(c, "rouge") + ("" if not c or "skipped" in c else f" ({c['usage']:.2f})")
+            )
+        print(f"| {label} | " + " | ".join(row) + " |")
+    sizes = sorted({int(k.split("train=")[1]) for k in cells if "/train=" in k})
+    if sizes:
+        print("\nTable 7 — spa's device usage by training-set size\n\n| dataset | "
+              + " | ".join(map(str, [*sizes, cfg.get("train_size")])) + " |")  # fmt: skip
+        print("|---|" + "---|" * (len(sizes) + 1))
+        for d in datasets:
+            row = [cells.get(cell_key(d, "spa", n)) for n in sizes] + [cells.get(f"{d}/spa")]
+            print(f"| {d} | " + " | ".join(_cell(c, "usage") for c in row) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", action="store_true", help="print the tables and stop")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    parser.add_argument("--backbone", default="smollm2")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-4, 5e-4, 1e-3])
+    parser.add_argument("--train-size", type=int, default=500)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100, 300],
+                        help="Table 7: spa's other training-set sizes")  # fmt: skip
+    parser.add_argument("--valid-size", type=int, default=50)
+    parser.add_argument("--test-size", type=int, default=100)
+    parser.add_argument("--max-prompt-tokens", type=int, default=384)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--target-usage", type=float, default=0.5)
+    parser.add_argument("--profile", default="lte")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="SETTING=REASON")
+    parser.add_argument("--work", default=str(ROOT / ".bench/paper"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.table:
+        table(args.out)
+    else:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
