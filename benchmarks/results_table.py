@@ -11,6 +11,9 @@ from pathlib import Path
 
 from _hardware import hardware
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from personalization.training.evaluate import bootstrap_interval  # noqa: E402
+
 ORDER = ("base", "lst", "full", "choice", "spa", "lora", "adapter")
 
 
@@ -19,15 +22,17 @@ def main(folder: str = "benchmarks/results/settings") -> None:
     if not reports:
         sys.exit(f"no JSON reports in {folder}")
     print(f"hardware: {hardware()}\n")
-    print("| dataset | setting | Rouge-L | usage (threshold) | M | bytes / token | trainable % | "
-          "T_total ms / token |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dataset | setting | Rouge-L [95 % CI] | usage (threshold) | M | bytes / token | "
+          "trainable % | cloud ms / token | T_total ms / token |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(reports, key=lambda r: (r["dataset"], ORDER.index(r["setting"]), r["usage"])):
         gate = "" if r.get("threshold") is None else f" ({r['threshold']:.3f})"
+        low, high = bootstrap_interval(r["scores"])
         print(
-            f"| {r['dataset']} | {r['setting']} | {r['rouge_l']:.2f} | {r['usage']:.2f}{gate} | "
-            f"{r['m']:.2f} | {r['bytes_per_token']:,.0f} | {r['trainable_pct']:.3f} | "
-            f"{r['t_total_ms']:.1f} ({r['profile']}) |"
+            f"| {r['dataset']} | {r['setting']} | {r['rouge_l']:.2f} [{low:.2f}, {high:.2f}] | "
+            f"{r['usage']:.2f}{gate} | {r['m']:.2f} | {r['bytes_per_token']:,.0f} | "
+            f"{r['trainable_pct']:.3f} | {r['t_cloud_ms']:.1f} | {r['t_total_ms']:.1f} "
+            f"({r['profile']}) |"
         )
 
 
