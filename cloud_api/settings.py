@@ -106,8 +106,8 @@ class CloudSettings(BaseSettings):
     )
     recommend_target: str = Field(
         "default",
-        description="What ranks the items: 'default' (the target `spa train-target` trained last "
-        "for this backbone, else the backbone alone), 'zero-shot', or a checkpoint path.",
+        description="What ranks the items: default (spa train-target's last), zero-shot, or a "
+        "checkpoint.",
     )
     ssl_certfile: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM).")
     ssl_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
