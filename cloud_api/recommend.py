@@ -4,8 +4,10 @@ backbone with the device's own side network, asked once per pass over the token 
 
 The catalogue (`--catalogue`), the target (`--recommend-target`: the trained default, the
 backbone alone, or a checkpoint) and the draft of strict speculative search (the backbone's
-first two layers) load on the first request and stay. A search holds the backbone's compute lock
-like every other pass, so it queues behind — and never interleaves with — the sessions' steps.
+first two layers) load on the first request and stay. A search of the cloud's own target holds
+the backbone's compute lock like every other pass, so it queues behind — and never interleaves
+with — the sessions' steps. A recommendation session does not: it waits for its device between
+passes, so its passes run beside the scheduler's, unlocked.
 """
 
 from __future__ import annotations
@@ -133,16 +135,9 @@ class RecommendSession(Session):
         self.totals.device_contacts += 1
         self.totals.tap_positions += rows * positions
         self.totals.bytes_to_device += sent
-        waited = time.perf_counter()
-        request.done.wait(self.deadline_s)
-        self.totals.device_wait_s += time.perf_counter() - waited
-        with self._lock:
-            if request.state == "waiting":
-                request.state = "expired"
-            if request.state != "answered":
-                self.totals.fallbacks += request.state == "expired"
-                self._unanswered = True  # its side cache missed this pass: ask no more
-                return None
+        if not self._await(request):
+            self._unanswered = True  # its side cache missed this pass: ask no more
+            return None
         return request.g
 
     # ---- the search thread ---------------------------------------------------------------------

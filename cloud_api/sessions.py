@@ -271,8 +271,17 @@ class Session:
         self.totals.bytes_to_device += sent
         self._step.bytes_to_device += sent
         self._step.request_id = request.id
+        if not self._await(request):
+            return None
+        with self._lock:
+            self._acked = request.start + positions
+        return request.g
+
+    def _await(self, request: SideRequest) -> bool:
+        """Wait up to the deadline for the device's answer (this session queues no pass
+        meanwhile); a request still waiting then expires, and counts as a fallback."""
         waited = time.perf_counter()
-        request.done.wait(self.deadline_s)  # this session queues no pass meanwhile
+        request.done.wait(self.deadline_s)
         wait_s = time.perf_counter() - waited
         self.totals.device_wait_s += wait_s
         self._step.device_wait_s += wait_s
@@ -281,9 +290,8 @@ class Session:
                 request.state = "expired"
             if request.state != "answered":
                 self.totals.fallbacks += request.state == "expired"
-                return None
-            self._acked = request.start + positions
-        return request.g
+                return False
+        return True
 
     def _push(self, taps: Tensor) -> None:
         """Streamed mode: new positions' taps go to the device as soon as they exist."""

@@ -142,13 +142,16 @@ class Cloud:
         return self._codecs[name]
 
     # ---- recommendation --------------------------------------------------------------------------
-    def recommend(self, body: RecommendIn) -> RecommendOut:
+    def recommender(self) -> Recommender:
+        """The catalogue, target and draft of recommendation, made on first use."""
+        f = self.require_backbone()
         with self._recommender_lock:
             if self._recommender is None:
-                self._recommender = Recommender(
-                    self.require_backbone(), self.settings, self.compute
-                )
-        return self._recommender(body)
+                self._recommender = Recommender(f, self.settings, self.compute)
+        return self._recommender
+
+    def recommend(self, body: RecommendIn) -> RecommendOut:
+        return self.recommender()(body)
 
     # ---- sessions --------------------------------------------------------------------------------
     def open_session(self, device_id: str, body: SessionIn) -> Session:
@@ -279,10 +282,7 @@ class Cloud:
             )  # fmt: skip
         rungs = training.check_rungs(body.rungs, f.num_layers)
         model = self._device_model(f, body, rungs, body.threshold, body.gate)
-        with self._recommender_lock:
-            if self._recommender is None:
-                self._recommender = Recommender(f, self.settings, self.compute)
-        catalogue, draft = self._recommender.parts()
+        catalogue, draft = self.recommender().parts()
         config = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
         session = RecommendSession(
             catalogue=catalogue, draft=draft, config=config,
