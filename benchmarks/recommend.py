@@ -185,6 +185,9 @@ def summarise(args, users) -> None:
                 entry[name] = sum(per_user) / len(per_user)
                 entry[name + "_ci"] = bootstrap_interval(per_user)
         results["methods"][method] = entry
+    _, path = _target(args)
+    if path.with_suffix(".json").is_file():  # how the trained target was trained (train_target)
+        results["target_training"] = json.loads(path.with_suffix(".json").read_text())
     write_results(results, args.out)
     table(args.out)
 
