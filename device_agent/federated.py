@@ -1,10 +1,12 @@
 """The Flower `ClientApp`: one simulated node = one user's device (`DeviceAgent`).
 
-Node `partition-id` i is the i-th user of the run's data file (PersonaChat or Beauty); on first
-contact the device registers with the cloud and imports that user's history into its own store,
-keeping the user's last `held-out` items for evaluation. Each round it trains its side network
-against the cloud over HTTP (warm: from its own last checkpoint, overridden by what the strategy
-shares), and replies with only the shared part plus metrics:
+A node's config names its user and its private store (`user-id`, `store-dir`: the deployment
+runtime, `app.federation.deployment`); without them (the simulation) node `partition-id` i is
+the i-th user of the run's data file (PersonaChat or Beauty), stored under the run's work dir.
+On first contact the device registers with the cloud and imports that user's history into its
+own store, keeping the user's last `held-out` items for evaluation. Each round it trains its
+side network against the cloud over HTTP (warm: from its own last checkpoint, overridden by what
+the strategy shares), and replies with only the shared part plus metrics:
 
 | strategy | leaves the device (besides metrics)                    |
 |----------|--------------------------------------------------------|
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,16 +109,32 @@ def user_of(data: Path, partition: int) -> str:
     return users[partition % len(users)]
 
 
+@dataclass(frozen=True)
+class Node:
+    """Whose device this node is, and where its private store lives."""
+
+    partition: int
+    user: str
+    store: Path
+
+    @classmethod
+    def of(cls, cfg: RunConfig, context: Context) -> Node:
+        config = context.node_config
+        partition = int(config["partition-id"])
+        user = str(config["user-id"]) if "user-id" in config else user_of(cfg.data, partition)
+        store = config.get("store-dir") or cfg.work_dir / "devices" / f"device-{partition}"
+        return cls(partition, user, Path(store))
+
+
 @contextlib.contextmanager
-def device(cfg: RunConfig, partition: int) -> Iterator[tuple[DeviceAgent, list[dict]]]:
+def device(cfg: RunConfig, node: Node) -> Iterator[tuple[DeviceAgent, list[dict]]]:
     """This node's device (created and filled with its user's history on first use) and the
     user's held-out items."""
-    user = user_of(cfg.data, partition)
+    user, partition, root = node.user, node.partition, node.store
     items = user_items(cfg.data, user)
     if len(items) <= cfg.held_out:
         raise ConfigError(f"user {user} has {len(items)} items, too few to hold {cfg.held_out} out")
     train_items, held = items[: -cfg.held_out], items[-cfg.held_out :]
-    root = cfg.work_dir / "devices" / f"device-{partition}"
     if not (root / "checkpoints").is_dir():
         DeviceAgent.init(root, cfg.cloud_url, f"{user} (node {partition})").close()
         with DeviceAgent(root) as agent:
@@ -127,12 +146,12 @@ def device(cfg: RunConfig, partition: int) -> Iterator[tuple[DeviceAgent, list[d
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.of(context)
-    partition = int(context.node_config["partition-id"])
-    if partition == cfg.fail_partition:  # the run must survive a device that fails
-        raise RuntimeError(f"injected failure on partition {partition}")
+    node = Node.of(cfg, context)
+    if node.partition == cfg.fail_partition:  # the run must survive a device that fails
+        raise RuntimeError(f"injected failure on partition {node.partition}")
     arrays = msg.content["arrays"]
     initial = arrays.to_torch_state_dict() if len(arrays) else {}
-    with device(cfg, partition) as (agent, _held):
+    with device(cfg, node) as (agent, _held):
         up = agent.client.link.bytes_up
         train_cfg = TrainConfig(epochs=cfg.local_epochs, seed=cfg.seed)
         dcfg = DeviceTrainConfig(
@@ -146,6 +165,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": int(run.examples),
             "bytes-to-cloud": int(agent.client.link.bytes_up - up),
             "bytes-to-server": int(sum(p.numel() * p.element_size() for p in out.values())),
+            "partition-id": node.partition,
         }
     content = RecordDict({"arrays": ArrayRecord(out), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -155,14 +175,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out Rouge-L of the personalised device and of `base`, and the gate's usage."""
     cfg = RunConfig.of(context)
-    partition = int(context.node_config["partition-id"])
-    if partition == cfg.fail_partition:
-        raise RuntimeError(f"injected failure on partition {partition}")
+    node = Node.of(cfg, context)
+    if node.partition == cfg.fail_partition:
+        raise RuntimeError(f"injected failure on partition {node.partition}")
     decode = DecodeConfig(max_new_tokens=cfg.eval_tokens)
     scores = {"rouge-l": 0.0, "rouge-l-base": 0.0}
     tokens = device_tokens = 0
     arrays = msg.content["arrays"]
-    with device(cfg, partition) as (agent, held):
+    with device(cfg, node) as (agent, held):
         model = agent.model(cfg.setting)  # the model generate() uses: global weights go in
         received = arrays.to_torch_state_dict() if len(arrays) else {}
         params = model.trainable()
@@ -185,7 +205,8 @@ def evaluate(msg: Message, context: Context) -> Message:
                     tokens += generation.accounts.tokens
                     device_tokens += generation.accounts.device_tokens
     metrics = {k: v / len(held) for k, v in scores.items()}
-    metrics |= {"usage": device_tokens / max(tokens, 1), "num-examples": len(held)}
+    metrics |= {"usage": device_tokens / max(tokens, 1), "num-examples": len(held),
+                "partition-id": node.partition}  # fmt: skip
     # which weights this device evaluated with (tests check fedavg's are equal everywhere)
     metrics |= {"shared-hash": _digest(mine), "personal-hash": _digest(personal)}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -117,7 +117,7 @@ def train_target(
         str,
         typer.Option(click_type=Choice(TARGET_SETTINGS, "setting"), help="The plug-in trained."),
     ] = "full",
-    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     train_users: Annotated[
         int | None, typer.Option(min=1, help="Training users (default: all not held out).")

@@ -169,8 +169,16 @@ def federate(
     ] = None,
     local_epochs: Annotated[int, typer.Option(min=1)] = 2,
     run_name: Annotated[str, typer.Option(help="Name of the run in the records.")] = "",
+    deployment: Annotated[
+        bool,
+        typer.Option(
+            "--deployment",
+            help="Flower's deployment runtime: a SuperLink and one SuperNode per device, as "
+            "separate processes (on 127.0.0.1), instead of the simulation engine.",
+        ),
+    ] = False,
 ) -> None:
-    """A Flower simulation: each device personalises against one cloud backbone."""
+    """A federated run: each device personalises against one cloud backbone."""
     from app.federation.launch import federate as run
 
     if not data.is_file():
@@ -178,6 +186,6 @@ def federate(
     code = run(
         strategy=strategy, nodes=users, rounds=rounds, data=data, work=work_dir,
         backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"), cloud_url=cloud_url,
-        extra={"local-epochs": local_epochs, "run-name": run_name},
+        extra={"local-epochs": local_epochs, "run-name": run_name}, deployment=deployment,
     )  # fmt: skip
     raise typer.Exit(code)

@@ -1,9 +1,10 @@
-"""`spa federate`: one command for a federated simulation, with everything it starts stopped.
+"""`spa federate`: one command for a federated run, with everything it starts stopped.
 
-Starts the cloud API once (`spa cloud`, a real uvicorn server) for every simulated device, sets
-the safe Flower environment (no runtime dependency re-install, no telemetry or update checks, a
-run-local FLWR_HOME), runs `flwr run <project> --stream` with the federation size and run config,
-then stops the local SuperLink `flwr run` started and the cloud.
+Starts the cloud API once (`spa cloud`, a real uvicorn server) for every device, sets the safe
+Flower environment (no runtime dependency re-install, no telemetry or update checks, a run-local
+FLWR_HOME), then either runs `flwr run <project> --stream` on the simulation engine and stops the
+local SuperLink `flwr run` started, or (`deployment=True`) starts a SuperLink and one SuperNode
+per device as separate processes (`app.federation.deployment`); then it stops the cloud.
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def run_config(values: dict[str, object]) -> str:
     return " ".join(f"{k}={toml(v)}" for k, v in values.items())
 
 
+def _deploy(config: dict[str, object], nodes: int, data: Path, work: Path) -> int:
+    from app.federation.deployment import NodeSpec, deploy
+    from device_agent.federated import user_of
+
+    specs = [NodeSpec(i, user_of(data, i), work / "devices" / f"device-{i}") for i in range(nodes)]
+    rounds, timeout = int(config["num-rounds"]), float(config.get("round-timeout", 3600))
+    run_id, status = deploy(nodes=specs, work=work, config=config,
+                            timeout_s=rounds * 2 * timeout + 300)  # fmt: skip
+    name = config.get("run-name") or f"{config['strategy']}-{run_id}"  # as the ServerApp's
+    summary = work / f"{name}.md"
+    if summary.is_file():
+        print(summary.read_text())
+    return 0 if status == "finished:completed" else 1
+
+
 def federate(
     *,
     strategy: str,
@@ -82,8 +98,9 @@ def federate(
     cloud_url: str | None = None,
     extra: dict[str, object] | None = None,
     cpus_per_node: int = 1,
+    deployment: bool = False,
 ) -> int:
-    """Run one simulation; returns `flwr run`'s exit status. Output streams to the terminal."""
+    """Run the app once; returns 0 when the run completed. Output streams to the terminal."""
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     before = superlinks()
@@ -94,6 +111,8 @@ def federate(
             "strategy": strategy, "num-rounds": rounds, "num-nodes": nodes,
             "min-nodes": max(1, nodes - 1), **(extra or {}),
         }  # fmt: skip
+        if deployment:
+            return _deploy(config, nodes, data, work)
         command = [
             str(Path(sys.executable).with_name("flwr")), "run", str(PROJECT), "--stream",
             "--run-config", run_config(config),

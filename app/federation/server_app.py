@@ -5,12 +5,16 @@ metrics. Aggregation is Flower's own `FedAvg` (weighted by examples): over the w
 for `fedavg`, over its body for `fedper`; for `local` only the metrics are averaged. Every node's
 metrics, every aggregate and every failed node are persisted per round (SQLAlchemy); at the end
 the run is summarised as a Markdown table and a PNG plot in the work directory. A device that
-errors does not stop the round: the strategy needs only `min-nodes` of them.
+errors, dies or does not answer within `round-timeout` does not stop the round: the run waits
+for all `num-nodes` devices once, then each round needs only `min-nodes` of them. A failure is
+recorded against the node the message was sent to (a dead node's error reply comes from the
+SuperLink), and a reply that never came is a failure too.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +35,15 @@ class RecordedFedAvg(FedAvg):
     def __init__(self, records: Records, run: str, strategy: str, **kwargs):
         super().__init__(**kwargs)
         self.records, self.run, self.strategy = records, run, strategy
+        self.sent: list[Message] = []  # this phase's messages (the grid fills in their IDs)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.sent = list(super().configure_train(server_round, arrays, config, grid))
+        return self.sent
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        self.sent = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self.sent
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -52,8 +65,12 @@ class RecordedFedAvg(FedAvg):
         return metrics
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        answered = set()
         for msg in replies:
-            node = str(msg.metadata.src_node_id)
+            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(node_id)
+            node = str(node_id)
             if msg.has_error():
                 # the end of a (Ray) traceback carries the exception itself
                 row = Failure(run=self.run, round=server_round, phase=phase, node=node,
@@ -63,6 +80,16 @@ class RecordedFedAvg(FedAvg):
                 row = RoundMetric(run=self.run, strategy=self.strategy, round=server_round,
                                   phase=phase, node=node, metrics=metrics)  # fmt: skip
             self.records.add(row)
+        for node_id in sorted(set(sent_to.values()) - answered):
+            self.records.add(
+                Failure(
+                    run=self.run,
+                    round=server_round,
+                    phase=phase,
+                    node=str(node_id),
+                    reason="no reply within round-timeout",
+                )
+            )
 
     def _aggregate(self, server_round: int, phase: str, metrics: MetricRecord | None) -> None:
         if metrics is not None:
@@ -72,6 +99,14 @@ class RecordedFedAvg(FedAvg):
             )  # fmt: skip
 
 
+def _wait_for_nodes(grid: Grid, nodes: int, timeout_s: float) -> None:
+    """Start with every device (they register one by one under the deployment runtime); after
+    that a round needs `min-nodes` only — Flower's node sampling waits forever for more."""
+    deadline = time.monotonic() + timeout_s
+    while len(list(grid.get_node_ids())) < nodes and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     c = RunConfig.of(context)  # a bad value stops the run here, with one line naming its key
@@ -79,9 +114,10 @@ def main(grid: Grid, context: Context) -> None:
     run = c.run_name or f"{strategy}-{context.run_id}"
     records = Records(f"sqlite:///{work}/federated.db")
     min_nodes = min(c.min_nodes, nodes)
+    _wait_for_nodes(grid, nodes, c.round_timeout)
     fed = RecordedFedAvg(
         records, run, strategy,
-        min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=nodes,
+        min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
     )  # fmt: skip
     fed.start(
         grid=grid,

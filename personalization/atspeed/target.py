@@ -33,7 +33,7 @@ TARGET_SETTINGS = ("full", "spa", "lora")
 @dataclass(frozen=True, kw_only=True)
 class TargetConfig:
     setting: Setting = "full"
-    epochs: int = 2
+    epochs: int = 4
     lr: float = 1e-3
     batch_size: int = 8
     train_users: int | None = None  # None: every user not held out
