@@ -108,6 +108,8 @@ def test_every_round_has_metrics_from_every_supernode_and_fedavg_agrees(deployed
             devices = {n: m for n, m in per_node.items() if n != "all"}
             assert "all" in per_node and len(devices) == 3
             assert sorted(m["partition-id"] for m in devices.values()) == [0, 1, 2]
+            if phase == "evaluate":
+                assert per_node["all"]["round-seconds"] > 0  # the round's wall time
     for per_node in _rounds(work, "evaluate").values():
         hashes = {m["shared-hash"] for n, m in per_node.items() if n != "all"}
         assert len(hashes) == 1 and hashes != {0}

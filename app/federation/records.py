@@ -63,7 +63,8 @@ class Records:
             return list(s.scalars(select(Failure).where(Failure.run == run)))
 
 
-COLUMNS = ("train-loss", "rouge-l", "rouge-l-base", "usage", "bytes-to-cloud", "bytes-to-server")
+COLUMNS = ("train-loss", "rouge-l", "rouge-l-base", "usage", "bytes-to-cloud", "bytes-to-server",
+           "round-seconds")  # fmt: skip
 
 
 def table(records: Records, run: str) -> str:

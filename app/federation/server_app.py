@@ -36,8 +36,10 @@ class RecordedFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.records, self.run, self.strategy = records, run, strategy
         self.sent: list[Message] = []  # this phase's messages (the grid fills in their IDs)
+        self.round_start = time.monotonic()
 
     def configure_train(self, server_round, arrays, config, grid):
+        self.round_start = time.monotonic()
         self.sent = list(super().configure_train(server_round, arrays, config, grid))
         return self.sent
 
@@ -61,6 +63,8 @@ class RecordedFedAvg(FedAvg):
         replies = list(replies)
         self._record(server_round, "evaluate", replies)
         metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:  # the round's wall time: training, aggregation, evaluation
+            metrics["round-seconds"] = time.monotonic() - self.round_start
         self._aggregate(server_round, "evaluate", metrics)
         return metrics
 
