@@ -1,4 +1,4 @@
-"""The Flower `ClientApp`: one simulated node = one user's device (`DeviceAgent`).
+"""The Flower `ClientApp`: one node = one user's device (`DeviceAgent`).
 
 A node's config names its user and its private store (`user-id`, `store-dir`: the deployment
 runtime, `app.federation.deployment`); without them (the simulation) node `partition-id` i is
@@ -6,7 +6,11 @@ the i-th user of the run's data file (PersonaChat or Beauty), stored under the r
 On first contact the device registers with the cloud and imports that user's history into its
 own store, keeping the user's last `held-out` items for evaluation. Each round it trains its
 side network against the cloud over HTTP (warm: from its own last checkpoint, overridden by what
-the strategy shares), and replies with only the shared part plus metrics:
+the strategy shares), and replies with only the shared part plus metrics. Evaluation: on
+PersonaChat, Rouge-L of the held-out replies against `base`; on Beauty, Recall / NDCG @ `eval-k`
+of the held-out purchases, the device's side network scoring the cloud's catalogue search,
+against the cloud's own recommender (its trained target, else the backbone). What the strategy
+shares:
 
 | strategy | leaves the device (besides metrics)                    |
 |----------|--------------------------------------------------------|
@@ -29,14 +33,17 @@ from flwr.clientapp import ClientApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_agent.agent import DeviceAgent
-from device_agent.history import user_items
+from device_agent.history import purchases_of, user_items
+from device_agent.recommend import RemoteRecommendation
 from device_agent.trainer import DeviceTrainConfig
+from personalization.atspeed.recommend import metrics as ranking_metrics
 from personalization.config import DecodeConfig, FederatedStrategy
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
 from personalization.training.evaluate import rouge_l
 from personalization.training.train import TrainConfig
+from protocol.messages import RecommendIn
 
 #: the side network's output layers: personal under fedper (with the gate)
 PERSONAL_PREFIXES = ("side.up.", "side.out_norm.", "gate.")
@@ -60,6 +67,7 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(ge=1)
     held_out: int = Field(ge=1)
     eval_tokens: int = Field(ge=1)
+    eval_k: int = Field(10, ge=1, le=50)
     calibration_prompts: int = Field(ge=0)
     fail_partition: int
     seed: int
@@ -173,14 +181,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out Rouge-L of the personalised device and of `base`, and the gate's usage."""
+    """The held-out items, scored with the weights the round ends with (`_rouge`, `_recall`)."""
     cfg = RunConfig.of(context)
     node = Node.of(cfg, context)
     if node.partition == cfg.fail_partition:
         raise RuntimeError(f"injected failure on partition {node.partition}")
-    decode = DecodeConfig(max_new_tokens=cfg.eval_tokens)
-    scores = {"rouge-l": 0.0, "rouge-l-base": 0.0}
-    tokens = device_tokens = 0
     arrays = msg.content["arrays"]
     with device(cfg, node) as (agent, held):
         model = agent.model(cfg.setting)  # the model generate() uses: global weights go in
@@ -191,22 +196,48 @@ def evaluate(msg: Message, context: Context) -> Message:
                 params[name].copy_(value)
         mine = shared(model, cfg.strategy)
         personal = {n: p for n, p in params.items() if n not in mine}
-        for item in held:
-            prompt = (
-                f"{item['instruction']}\n\n{item['input']}"
-                if item["input"]
-                else item["instruction"]
-            )
-            for key, setting in (("rouge-l", cfg.setting), ("rouge-l-base", "base")):
-                generation = agent.generate(prompt, setting=setting, decode=decode)
-                list(generation)
-                scores[key] += rouge_l(item["output"], generation.text)
-                if setting != "base":
-                    tokens += generation.accounts.tokens
-                    device_tokens += generation.accounts.device_tokens
-    metrics = {k: v / len(held) for k, v in scores.items()}
-    metrics |= {"usage": device_tokens / max(tokens, 1), "num-examples": len(held),
-                "partition-id": node.partition}  # fmt: skip
+        purchases = purchases_of(cfg.data, node.user)
+        if purchases is None:
+            metrics = _rouge(cfg, agent, held)
+        else:
+            metrics = _recall(cfg, agent, model, purchases)
+    metrics |= {"num-examples": len(held), "partition-id": node.partition}
     # which weights this device evaluated with (tests check fedavg's are equal everywhere)
     metrics |= {"shared-hash": _digest(mine), "personal-hash": _digest(personal)}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _rouge(cfg: RunConfig, agent: DeviceAgent, held: list[dict]) -> dict[str, float]:
+    """Held-out replies: Rouge-L of the device (its setting) and of `base`, and gate usage."""
+    decode = DecodeConfig(max_new_tokens=cfg.eval_tokens)
+    scores = {"rouge-l": 0.0, "rouge-l-base": 0.0}
+    tokens = device_tokens = 0
+    for item in held:
+        prompt = item["instruction"]
+        if item["input"]:
+            prompt += f"\n\n{item['input']}"
+        for key, setting in (("rouge-l", cfg.setting), ("rouge-l-base", "base")):
+            generation = agent.generate(prompt, setting=setting, decode=decode)
+            list(generation)
+            scores[key] += rouge_l(item["output"], generation.text)
+            if setting != "base":
+                tokens += generation.accounts.tokens
+                device_tokens += generation.accounts.device_tokens
+    return {k: v / len(held) for k, v in scores.items()} | {"usage": device_tokens / max(tokens, 1)}
+
+
+def _recall(
+    cfg: RunConfig, agent: DeviceAgent, model: SPAModel, purchases: list[str]
+) -> dict[str, float]:
+    """Held-out purchases: the device's ranking (its side network on the cloud's search) and the
+    cloud's own, each purchase predicted from the ones before it."""
+    k, held = cfg.eval_k, range(len(purchases) - cfg.held_out, len(purchases))
+    scores: dict[str, float] = {}
+    for i in held:
+        history, truth = purchases[:i], purchases[i]
+        mine = RemoteRecommendation(agent.client, model, history, k=k).run().items
+        cloud = agent.client.recommend(RecommendIn(history=history, k=k)).items
+        for suffix, items in (("", mine), ("-cloud", cloud)):
+            for name, value in ranking_metrics([[x.title for x in items]], [truth], k).items():
+                scores[name + suffix] = scores.get(name + suffix, 0.0) + value / len(held)
+    return scores

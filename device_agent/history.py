@@ -88,7 +88,8 @@ def _item(row: Any, where: str) -> dict[str, Any]:
 
 
 def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
-    """One user's history from `personachat.jsonl` (every reply, with its context),
+    """One user's history from `personachat.jsonl` (the persona's sentences as free text, then
+    every reply with its context),
     `beauty.jsonl` (each purchase after the first two, predicted from the ones before it; the
     user's held-out `test` item stays out), or a file of `{"user_id", "items": [item, ...]}` rows
     (items as `read_items` takes them: the demo users)."""
@@ -111,8 +112,10 @@ def _user_items(row: dict, user_id: str, source: str) -> list[dict[str, Any]]:
     if "items" in row:
         return [_item(dict(item), f"{source}:{n}") for n, item in enumerate(row["items"], 1)]
     if "turns" in row:
-        records = personachat_records(row)
-    elif "history" in row:
+        persona = [text_item(s, f"{source}:persona") for s in row.get("persona", []) if s.strip()]
+        replies = personachat_records(row)
+        return persona + [pair_item(r.instruction, r.output, r.input, source) for r in replies]
+    if "history" in row:
         purchases = list(row["history"]) + list(row.get("valid", []))
         records = [
             beauty_record(user_id, purchases[:k], purchases[k]) for k in range(2, len(purchases))
@@ -120,6 +123,15 @@ def _user_items(row: dict, user_id: str, source: str) -> list[dict[str, Any]]:
     else:
         raise DeviceError("user rows need `turns` (PersonaChat), `history` (Beauty) or `items`")
     return [pair_item(r.instruction, r.output, r.input, source) for r in records]
+
+
+def purchases_of(path: str | Path, user_id: str) -> list[str] | None:
+    """A Beauty user's purchases (history, then validation items; the test item stays out), or
+    None where the file is not a purchase file."""
+    row = next((r for r in read_jsonl(path) if str(r.get("user_id")) == user_id), None)
+    if row is None or "history" not in row:
+        return None
+    return list(row["history"]) + list(row.get("valid", []))
 
 
 def to_record(item: Any) -> Record:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cloud_client import device
 from cloud_server import running
 
 from app.federation.launch import federate, superlinks
@@ -123,3 +124,36 @@ def test_a_failing_device_is_recorded_and_does_not_stop_the_run(runs):
                                                        (2, "train"), (2, "evaluate")}  # fmt: skip
     assert all("injected failure on partition 2" in f.reason for f in failures)
     assert "| 1 |" in (work / "local" / "local.md").read_text()
+
+
+def test_beauty_devices_are_scored_by_recall_against_the_clouds_recommender(tmp_path):
+    """Beauty as a federated task: each device's side network scores the cloud's catalogue
+    search for its held-out purchases, beside the cloud's own recommender on the same ones."""
+    from test_recommend import TITLES
+
+    catalogue = tmp_path / "items.json"
+    catalogue.write_text(json.dumps(TITLES))
+    data = tmp_path / "beauty.jsonl"
+    with running(tmp_path / "cloud", catalogue=catalogue) as server:
+        with device(server.url) as client:  # the held-out purchase: the cloud's own top item
+            rows = []
+            for i in range(3):
+                history = TITLES[i : i + 5]
+                top = client.http.post("/v1/recommendations", json={"history": history, "k": 5})
+                held = top.json()["items"][0]["title"]
+                rows.append({"user_id": f"b{i}", "history": history, "valid": [held],
+                             "test": [TITLES[-1]]})  # fmt: skip
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        code = federate(
+            strategy="fedavg", nodes=3, rounds=1, data=data, work=tmp_path / "work",
+            backbone="tiny-llama", cloud_url=server.url,
+            extra={"run-name": "beauty", "local-epochs": 1, "held-out": 1, "eval-k": 5},
+        )  # fmt: skip
+    assert code == 0
+    per_node = _nodes(tmp_path, "work", "evaluate")[1]
+    devices = {int(m["partition-id"]): m for n, m in per_node.items() if n != "all"}
+    assert sorted(devices) == [0, 1, 2]
+    for m in devices.values():  # the device asked the cloud for the same history: a hit at 1
+        assert m["recall@5-cloud"] == 1.0 and m["ndcg@5-cloud"] == 1.0
+        assert 0.0 <= m["ndcg@5"] <= m["recall@5"] <= 1.0
+    assert "recall@5" in per_node["all"]

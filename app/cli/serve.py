@@ -169,6 +169,13 @@ def federate(
     ] = None,
     local_epochs: Annotated[int, typer.Option(min=1)] = 2,
     run_name: Annotated[str, typer.Option(help="Name of the run in the records.")] = "",
+    catalogue: Annotated[
+        Path | None,
+        typer.Option(
+            help="Beauty: the item titles the started cloud recommends among (its trained "
+            "target, if any, is what the devices are compared with).",
+        ),
+    ] = None,
     deployment: Annotated[
         bool,
         typer.Option(
@@ -187,5 +194,6 @@ def federate(
         strategy=strategy, nodes=users, rounds=rounds, data=data, work=work_dir,
         backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"), cloud_url=cloud_url,
         extra={"local-epochs": local_epochs, "run-name": run_name}, deployment=deployment,
+        catalogue=catalogue,
     )  # fmt: skip
     raise typer.Exit(code)

@@ -99,13 +99,14 @@ def federate(
     extra: dict[str, object] | None = None,
     cpus_per_node: int = 1,
     deployment: bool = False,
+    catalogue: Path | None = None,
 ) -> int:
     """Run the app once; returns 0 when the run completed. Output streams to the terminal."""
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     before = superlinks()
     with contextlib.ExitStack() as stack:
-        url = cloud_url or stack.enter_context(cloud(backbone, work))
+        url = cloud_url or stack.enter_context(cloud(backbone, work, catalogue=catalogue))
         config = {
             "cloud-url": url, "work-dir": str(work), "data": str(Path(data).resolve()),
             "strategy": strategy, "num-rounds": rounds, "num-nodes": nodes,

@@ -68,19 +68,27 @@ COLUMNS = ("train-loss", "rouge-l", "rouge-l-base", "usage", "bytes-to-cloud", "
 
 
 def table(records: Records, run: str) -> str:
-    """Rounds as rows, the aggregated metrics as columns (Markdown)."""
+    """Rounds as rows, the aggregated metrics as columns (Markdown): the run's task's metrics
+    (Rouge-L, or Recall / NDCG @ K) and what it cost."""
     rows: dict[int, dict] = {}
     for m in records.metrics(run):
         rows.setdefault(m.round, {}).update(m.metrics)
+    present = {key for values in rows.values() for key in values}
+    ranking = sorted(k for k in present if k.startswith(("recall@", "ndcg@")))
+    columns = (
+        [c for c in COLUMNS if c in present][:1]
+        + ranking
+        + [c for c in COLUMNS[1:] if c in present]
+    )
     failed: dict[int, int] = {}
     for f in records.failures(run):
         failed[f.round] = failed.get(f.round, 0) + 1
     lines = [
-        "| round | " + " | ".join(COLUMNS) + " | failed replies |",
-        "|---" * (len(COLUMNS) + 2) + "|",
+        "| round | " + " | ".join(columns) + " | failed replies |",
+        "|---" * (len(columns) + 2) + "|",
     ]
     for rnd, values in sorted(rows.items()):
-        cells = [_fmt(values.get(c)) for c in COLUMNS]
+        cells = [_fmt(values.get(c)) for c in columns]
         lines.append(f"| {rnd} | " + " | ".join(cells) + f" | {failed.get(rnd, 0)} |")
     return "\n".join(lines)
 
