@@ -18,7 +18,13 @@ from device_agent.client import ClientConfig, CloudClient
 from device_agent.errors import DeviceError, NotTrained, StoreError
 from device_agent.generation import RemoteGeneration
 from device_agent.store import Store
-from device_agent.trainer import DeviceTrainConfig, Progress, frozen_head, train_device
+from device_agent.trainer import (
+    DeviceTrainConfig,
+    Progress,
+    frozen_head,
+    start_model,
+    train_device,
+)
 from personalization.backbone.embedded import cache_dir
 from personalization.config import GATED_SETTINGS, SERVED_SETTINGS, DecodeConfig, TapMode
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
@@ -102,6 +108,12 @@ class DeviceAgent:
         self._model = None
         return run
 
+    def starting_model(self, cfg: DeviceTrainConfig, initial: dict | None = None) -> SPAModel:
+        """What a warm training run of `cfg` would start from: the newest checkpoint of its
+        setting, else the seeded initialisation every device shares; then `initial`."""
+        return start_model(self.store, frozen_head(self.client, self.store), cfg, True,
+                           initial or {}).eval()  # fmt: skip
+
     def model(self, setting: str | None = None) -> SPAModel:
         """The side network (and gate) of the newest checkpoint — of `setting`, if given — on
         the frozen head."""
@@ -130,15 +142,17 @@ class DeviceAgent:
         threshold: float | None = None,
         deadline_s: float | None = None,
         tap_mode: TapMode | None = None,
+        model: SPAModel | None = None,
     ) -> RemoteGeneration:
         """A streaming generation (iterate it); logged in the store when it ends, however."""
         if setting is not None and setting not in SERVED_SETTINGS:
             raise DeviceError(
                 f"unknown setting {setting!r}; choose one of {', '.join(SERVED_SETTINGS)}"
             )
-        model = None
-        if setting != "base":
-            model = self.model(setting)
+        if setting == "base":
+            model = None
+        else:  # `model`: other weights than the store's newest (a federated round's)
+            model = model or self.model(setting)
             setting = model.setting
             if threshold is not None:
                 model.config = replace(model.config, threshold=threshold)

@@ -12,11 +12,12 @@ of the held-out purchases, the device's side network scoring the cloud's catalog
 against the cloud's own recommender (its trained target, else the backbone). What the strategy
 shares:
 
-| strategy | leaves the device (besides metrics)                    |
-|----------|--------------------------------------------------------|
-| local    | nothing                                                |
-| fedavg   | the whole side network and gate                        |
-| fedper   | the side network's body; its output layers and gate stay personal |
+| strategy  | leaves the device (besides metrics)                               |
+|-----------|-------------------------------------------------------------------|
+| local     | nothing                                                           |
+| fedavg    | the whole side network and gate                                   |
+| fedper    | the side network's body; its output layers and gate stay personal |
+| fedavg-ft | as fedavg; a device evaluates the average fine-tuned on its history |
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class RunConfig(BaseModel):
     seed: int
     num_rounds: int = Field(ge=1)
     num_nodes: int = Field(ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)  # of the available devices, each round
     min_nodes: int = Field(ge=1)
     round_timeout: float = Field(gt=0)
     run_name: str = ""
@@ -151,6 +153,13 @@ def device(cfg: RunConfig, node: Node) -> Iterator[tuple[DeviceAgent, list[dict]
         yield agent, held
 
 
+def _train_config(cfg: RunConfig) -> DeviceTrainConfig:
+    train = TrainConfig(epochs=cfg.local_epochs, seed=cfg.seed)
+    return DeviceTrainConfig(
+        setting=cfg.setting, train=train, calibration_prompts=cfg.calibration_prompts
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.of(context)
@@ -161,11 +170,7 @@ def train(msg: Message, context: Context) -> Message:
     initial = arrays.to_torch_state_dict() if len(arrays) else {}
     with device(cfg, node) as (agent, _held):
         up = agent.client.link.bytes_up
-        train_cfg = TrainConfig(epochs=cfg.local_epochs, seed=cfg.seed)
-        dcfg = DeviceTrainConfig(
-            setting=cfg.setting, train=train_cfg, calibration_prompts=cfg.calibration_prompts
-        )
-        run = agent.train(dcfg, warm=True, initial=initial)
+        run = agent.train(_train_config(cfg), warm=True, initial=initial)
         out = shared(agent.model(cfg.setting), cfg.strategy)
         metrics = {
             "train-loss": float(run.epochs[-1]["train"]["lm"]),
@@ -188,17 +193,19 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected failure on partition {node.partition}")
     arrays = msg.content["arrays"]
     with device(cfg, node) as (agent, held):
-        model = agent.model(cfg.setting)  # the model generate() uses: global weights go in
         received = arrays.to_torch_state_dict() if len(arrays) else {}
+        # its newest weights (or, not yet sampled to train, the shared initialisation), with
+        # the round's global weights in
+        model = agent.starting_model(_train_config(cfg), received)
         params = model.trainable()
-        with torch.no_grad():
-            for name, value in received.items():
-                params[name].copy_(value)
         mine = shared(model, cfg.strategy)
         personal = {n: p for n, p in params.items() if n not in mine}
+        if cfg.strategy == "fedavg-ft" and received:  # the average, fine-tuned on this device
+            agent.train(_train_config(cfg), warm=True, initial=received)
+            model = agent.model(cfg.setting)
         purchases = purchases_of(cfg.data, node.user)
         if purchases is None:
-            metrics = _rouge(cfg, agent, held)
+            metrics = _rouge(cfg, agent, model, held)
         else:
             metrics = _recall(cfg, agent, model, purchases)
     metrics |= {"num-examples": len(held), "partition-id": node.partition}
@@ -207,7 +214,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def _rouge(cfg: RunConfig, agent: DeviceAgent, held: list[dict]) -> dict[str, float]:
+def _rouge(
+    cfg: RunConfig, agent: DeviceAgent, model: SPAModel, held: list[dict]
+) -> dict[str, float]:
     """Held-out replies: Rouge-L of the device (its setting) and of `base`, and gate usage."""
     decode = DecodeConfig(max_new_tokens=cfg.eval_tokens)
     scores = {"rouge-l": 0.0, "rouge-l-base": 0.0}
@@ -217,7 +226,7 @@ def _rouge(cfg: RunConfig, agent: DeviceAgent, held: list[dict]) -> dict[str, fl
         if item["input"]:
             prompt += f"\n\n{item['input']}"
         for key, setting in (("rouge-l", cfg.setting), ("rouge-l-base", "base")):
-            generation = agent.generate(prompt, setting=setting, decode=decode)
+            generation = agent.generate(prompt, setting=setting, decode=decode, model=model)
             list(generation)
             scores[key] += rouge_l(item["output"], generation.text)
             if setting != "base":

@@ -179,7 +179,7 @@ def train_device(
         model, info, optim_state = load_checkpoint(ckpt, head)
         start_epoch = info.epoch
     else:
-        model = _start(store, head, cfg, warm, initial or {})
+        model = start_model(store, head, cfg, warm, initial or {})
     optimizer = make_optimizer(model, cfg.train)
     if optim_state:
         optimizer.load_state_dict(optim_state)
@@ -273,7 +273,7 @@ def calibrate_remote(
     return {"target_usage": target, "threshold": threshold, "usage": usage, "tokens": len(seen)}
 
 
-def _start(
+def start_model(
     store: Store, head: FrozenHead, cfg: DeviceTrainConfig, warm: bool, initial: dict
 ) -> SPAModel:
     """A new run's model: seeded, or the newest checkpoint of the setting; then `initial`."""

@@ -46,7 +46,7 @@ SPECULATIVE_STRATEGIES: tuple[str, ...] = tuple(f"speculative-{v}" for v in get_
 RECOMMEND_STRATEGIES: tuple[str, ...] = ("beam", *SPECULATIVE_STRATEGIES)
 #: what a federated device shares with the server: metrics only, its whole plug-in, or the
 #: side network's body (gate and head stay personal)
-FederatedStrategy = Literal["local", "fedavg", "fedper"]
+FederatedStrategy = Literal["local", "fedavg", "fedper", "fedavg-ft"]
 FEDERATED_STRATEGIES: tuple[str, ...] = get_args(FederatedStrategy)
 
 

@@ -30,7 +30,8 @@ def _users(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, dict[str, int]]:
-    """fedavg, fedper, and local with partition 2 failing: 3 devices × 2 rounds each."""
+    """fedavg, fedper, local with partition 2 failing, and fedavg-ft training a sampled
+    fraction: 3 devices × 2 rounds each."""
     data = _users(tmp_path_factory.mktemp("data") / "personachat.jsonl")
     before = superlinks()
     codes = {}
@@ -40,6 +41,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, int]]:
             ("fedavg", {}),
             ("fedper", {}),
             ("local", {"fail-partition": 2}),
+            ("fedavg-ft", {"fraction-train": 0.5}),  # 2 of 3 devices train each round
         ):
             codes[strategy] = federate(
                 strategy=strategy, nodes=3, rounds=2, data=data,
@@ -66,12 +68,15 @@ def _nodes(work: Path, strategy: str, phase: str) -> dict[int, dict[str, dict]]:
     return out
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedper", "local"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedper", "local", "fedavg-ft"])
 def test_every_round_has_metrics_from_the_devices(runs, strategy):
     work, codes = runs
     assert codes[strategy] == 0
-    expected_nodes = 2 if strategy == "local" else 3  # local's partition 2 fails
     for phase in ("train", "evaluate"):
+        # local's partition 2 fails; fedavg-ft trains a sample of 2 and evaluates all 3
+        expected_nodes = (
+            2 if strategy == "local" or (strategy, phase) == ("fedavg-ft", "train") else 3
+        )
         rounds = _nodes(work, strategy, phase)
         assert sorted(rounds) == [1, 2]
         for per_node in rounds.values():
@@ -114,6 +119,23 @@ def test_fedper_shares_the_body_and_keeps_personal_layers_different(runs):
     sent = {s: max(m["bytes-to-server"] for n, m in r.items() if n != "all")
             for s, r in (("fedavg", fedavg), ("fedper", fedper))}  # fmt: skip
     assert 0 < sent["fedper"] < sent["fedavg"]
+
+
+def test_fedavg_ft_evaluates_the_average_fine_tuned_on_each_device(runs):
+    from device_agent.agent import DeviceAgent
+
+    work, _ = runs
+    for per_node in _nodes(work, "fedavg-ft", "evaluate").values():
+        devices = [m for n, m in per_node.items() if n != "all"]
+        assert len({m["shared-hash"] for m in devices}) == 1  # all received the same average
+    for partition in range(3):  # one fine-tuning run per evaluation, besides its training runs
+        with DeviceAgent(work / "fedavg-ft" / "devices" / f"device-{partition}") as agent:
+            runs_done = len(agent.store.checkpoints())
+        trained = sum(
+            any(int(m["partition-id"]) == partition for n, m in per_node.items() if n != "all")
+            for per_node in _nodes(work, "fedavg-ft", "train").values()
+        )
+        assert runs_done == trained + 2, partition
 
 
 def test_a_failing_device_is_recorded_and_does_not_stop_the_run(runs):

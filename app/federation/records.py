@@ -53,9 +53,12 @@ class Records:
         with Session(self.engine) as s, s.begin():
             s.add(row)
 
-    def metrics(self, run: str, node: str = "all") -> list[RoundMetric]:
+    def metrics(self, run: str, node: str | None = "all") -> list[RoundMetric]:
+        """The aggregates (`all`), one node's rows, or (None) every row of the run."""
         with Session(self.engine) as s:
-            q = select(RoundMetric).where(RoundMetric.run == run, RoundMetric.node == node)
+            q = select(RoundMetric).where(RoundMetric.run == run)
+            if node is not None:
+                q = q.where(RoundMetric.node == node)
             return list(s.scalars(q.order_by(RoundMetric.round, RoundMetric.phase)))
 
     def failures(self, run: str) -> list[Failure]:

@@ -2,13 +2,14 @@
 
 It never sees a history — only what each device's strategy shares (`device_agent.federated`) and
 metrics. Aggregation is Flower's own `FedAvg` (weighted by examples): over the whole side network
-for `fedavg`, over its body for `fedper`; for `local` only the metrics are averaged. Every node's
-metrics, every aggregate and every failed node are persisted per round (SQLAlchemy); at the end
-the run is summarised as a Markdown table and a PNG plot in the work directory. A device that
-errors, dies or does not answer within `round-timeout` does not stop the round: the run waits
-for all `num-nodes` devices once, then each round needs only `min-nodes` of them. A failure is
-recorded against the node the message was sent to (a dead node's error reply comes from the
-SuperLink), and a reply that never came is a failure too.
+for `fedavg` and `fedavg-ft`, over its body for `fedper`; for `local` only the metrics are
+averaged. Each round trains a `fraction-train` sample of the devices and evaluates all of them.
+Every node's metrics, every aggregate and every failed node are persisted per round (SQLAlchemy);
+at the end the run is summarised as a Markdown table and a PNG plot in the work directory. A
+device that errors, dies or does not answer within `round-timeout` does not stop the round: the
+run waits for all `num-nodes` devices once, then each round needs only `min-nodes` of them. A
+failure is recorded against the node the message was sent to (a dead node's error reply comes
+from the SuperLink), and a reply that never came is a failure too.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     fed = RecordedFedAvg(
         records, run, strategy,
         min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
+        fraction_train=c.fraction_train,  # every device is evaluated every round
     )  # fmt: skip
     fed.start(
         grid=grid,
