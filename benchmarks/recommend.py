@@ -118,7 +118,9 @@ def _rank_generative(args, model, users, out: Path, relaxed: Path | None = None)
         cfg = RecommendConfig(strategy="speculative-relaxed", k=max(KS), gamma=5,
                               draft_beams=max(KS))  # fmt: skip
     done = _done(out)
-    todo = [u for u in users if u["user"] not in done]
+    todo = [u for u in users[: args.limit] if u["user"] not in done]
+    if args.reverse:  # a second process on the same method works from the other end
+        todo.reverse()
     with out.open("a") as f:
         for u in tqdm(todo, desc=out.stem, unit="user"):
             t0 = time.perf_counter()
@@ -193,7 +195,10 @@ def _cornac_options(args) -> dict:
 def _rows(args, method: str, truths: dict) -> list[dict]:
     path = Path(args.work) / f"{method.replace(' ', '-')}.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-    return [r for r in rows if r["user"] in truths]
+    first = {}
+    for r in rows:  # two processes meeting in the middle may both score one user: keep one
+        first.setdefault(r["user"], r)
+    return [r for r in first.values() if r["user"] in truths]
 
 
 def summarise(args, users) -> None:
@@ -210,17 +215,21 @@ def summarise(args, users) -> None:
     beam = {r["user"]: r for r in _rows(args, "trained target", truths)}
     for method in METHODS:
         rows = _rows(args, method, truths)
-        if len(rows) < len(users):
-            if rows:
-                print(f"{method}: {len(rows)} of {len(users)} users so far", flush=True)
+        if not rows:
             continue
+        if len(rows) < len(users):  # a row on fewer users says so (`users`), never silently
+            print(f"{method}: {len(rows)} of {len(users)} users", flush=True)
         entry = {"users": len(rows), "s_per_user": sum(r["s"] for r in rows) / len(rows)}
         for k in KS:
             for name in (f"recall@{k}", f"ndcg@{k}"):
                 per_user = [metrics([r["titles"]], [truths[r["user"]]], k)[name] for r in rows]
                 entry[name] = sum(per_user) / len(per_user)
                 entry[name + "_ci"] = bootstrap_interval(per_user)
-        if method == RELAXED and len(beam) >= len(users):  # against the same users' beam lists
+        if method == RELAXED and all(r["user"] in beam for r in rows):  # the same users' beam
+            entry["recall@20_beam_same_users"] = sum(
+                metrics([beam[r["user"]]["titles"]], [truths[r["user"]]], 20)["recall@20"]
+                for r in rows
+            ) / len(rows)
             entry["speed_up"] = sum(beam[r["user"]]["s"] for r in rows) / sum(r["s"] for r in rows)
             entry["same_as_beam"] = sum(r["titles"] == beam[r["user"]]["titles"] for r in rows)
         results["methods"][method] = entry
@@ -238,8 +247,8 @@ def table(path: Path) -> None:
     r = json.loads(Path(path).read_text())
     print(f"Hardware: {r['hardware']}; {r['date']}; {r['config']['users']} test users\n")
     head = " | ".join(f"Recall@{k} | NDCG@{k}" for k in KS)
-    print(f"| method | {head} | s / user | speed-up | = beam |")
-    print("|---|" + "---|" * (2 * len(KS) + 3))
+    print(f"| method | users | {head} | s / user | speed-up | = beam |")
+    print("|---|---|" + "---|" * (2 * len(KS) + 3))
     for method, e in r["methods"].items():
         cells = " | ".join(
             f"{e[n]:.3f} [{e[n + '_ci'][0]:.3f}, {e[n + '_ci'][1]:.3f}]"
@@ -248,7 +257,7 @@ def table(path: Path) -> None:
         )
         speed = f"{e['speed_up']:.2f}×" if "speed_up" in e else ""
         same = f"{e['same_as_beam']}/{e['users']}" if "same_as_beam" in e else ""
-        print(f"| {method} | {cells} | {e['s_per_user']:.3f} | {speed} | {same} |")
+        print(f"| {method} | {e['users']} | {cells} | {e['s_per_user']:.3f} | {speed} | {same} |")
     if "speculative" in r:
         s = r["speculative"]
         print(f"\nSpeculative beam search on the target ({s['config']['target']}), "
@@ -273,6 +282,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users", type=int, default=500, help="test users scored")
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="score users from the last (a second process on the same method)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score only the first N of them with the generative methods run now "
+        "(their rows then say on how many users)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--cornac-epochs", type=int, default=30)
     parser.add_argument(

@@ -383,3 +383,18 @@ def test_http_recommendation_with_the_devices_side_network(
                 record = client.session_record(remote.session_id)
                 assert record.device_contacts == remote.contacts and record.fallbacks == 0
         client.close()
+
+
+def test_a_trained_target_teaches_a_draft_without_carrying_its_graph(tiny_llama, catalogue):
+    """A trained target's parameters require gradients; its teacher distributions must not, or
+    the draft's second backward pass runs into the target's freed graph."""
+    model = SPAModel(tiny_llama, SPAConfig(setting="full"))
+    assert any(p.requires_grad for p in model.trainable().values())
+    prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
+    examples = teacher_data(model, prompts, [None] * len(prompts), catalogue, beams=2)
+    assert not any(t.requires_grad for ex in examples for t in ex.teacher)
+    report = distill(Draft(tiny_llama, DraftConfig(layers=1)), examples, catalogue,
+                     DistillConfig(method="atspeed-s", epochs=2))  # fmt: skip
+    assert len(report.epochs) == 2
+    found = recommend(model, catalogue, prompts[:1], RecommendConfig(k=2))
+    assert len(found.items[0]) == 2

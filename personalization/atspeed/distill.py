@@ -69,6 +69,7 @@ class TeacherExample:
     teacher: tuple[Tensor, ...]  # per prefix: log-probs over `catalogue.allowed(node)`
 
 
+@torch.no_grad()  # the teacher's distributions are targets, not part of the draft's graph
 def teacher_data(
     target: SPAModel,
     prompts: Sequence[Sequence[int]],

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from personalization.atspeed.beams import beam_search
 from personalization.atspeed.catalogue import Catalogue
 from personalization.atspeed.draft import Draft
@@ -92,6 +94,7 @@ def history_prompt(
     )
 
 
+@torch.no_grad()
 def recommend(
     target: SPAModel,
     catalogue: Catalogue,
