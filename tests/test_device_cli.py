@@ -228,8 +228,9 @@ def test_history_import_one_user(fresh, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = device("history", "import", path, "--user", "u1", "--dir", fresh)
     assert result.exit_code == 0, result.output
-    assert "imported 3 history items" in result.output
-    assert [i["output"] for i in _listed(fresh)] == ["hello 1-0", "hello 1-1", "hello 1-2"]
+    assert "imported 4 history items" in result.output  # the persona sentence and 3 replies
+    outputs = ["i like tea.", "hello 1-0", "hello 1-1", "hello 1-2"]
+    assert [i["output"] for i in _listed(fresh)] == outputs
     assert_clean_error(
         device("history", "import", path, "--user", "nobody", "--dir", fresh), "no user 'nobody'"
     )

@@ -265,7 +265,11 @@ def _personachat_rows() -> list[dict]:
 
 def test_user_items_from_personachat(tmp_path):
     path = _write(tmp_path / "personachat.jsonl", [json.dumps(r) for r in _personachat_rows()])
-    items = user_items(path, "u1")
+    persona, items = user_items(path, "u1")[:2], user_items(path, "u1")[2:]
+    # the persona's sentences first, as free text; then every reply with its context
+    assert [(i["kind"], i["output"]) for i in persona] == [("text", "i am user 1."),
+                                                           ("text", "i like tea.")]  # fmt: skip
+    assert {i["source"] for i in persona} == {"personachat.jsonl:u1:persona"}
     assert len(items) == 4
     assert [i["output"] for i in items] == [f"reply 1-{t}" for t in range(4)]
     assert {i["kind"] for i in items} == {"pair"}
@@ -322,9 +326,11 @@ def _first_row(name: str, where=lambda r: True) -> tuple[Path, dict]:
 def test_user_items_on_real_personachat():
     path, row = _first_row("personachat.jsonl")
     items = user_items(path, row["user_id"])
-    assert len(items) == len(row["turns"]) > 0
-    assert [i["output"] for i in items] == [t["reply"].strip() for t in row["turns"]]
-    assert {i["source"] for i in items} == {f"personachat.jsonl:{row['user_id']}"}
+    persona, replies = items[: len(row["persona"])], items[len(row["persona"]) :]
+    assert [i["output"] for i in persona] == [s.strip() for s in row["persona"]]
+    assert len(replies) == len(row["turns"]) > 0
+    assert [i["output"] for i in replies] == [t["reply"].strip() for t in row["turns"]]
+    assert {i["source"] for i in replies} == {f"personachat.jsonl:{row['user_id']}"}
 
 
 @pytest.mark.parametrize("with_valid", [False, True])
