@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from app.cloud_process import free_port
-from app.federation.launch import PROJECT, flower_env, run_config
+from app.federation.env import PROJECT, flower_env, run_config
 from personalization.errors import SpaError
 
 #: the programs of Flower's deployment runtime; none may outlive a deployment

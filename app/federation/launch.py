@@ -18,21 +18,7 @@ import time
 from pathlib import Path
 
 from app.cloud_process import cloud
-
-PROJECT = Path(__file__).resolve().parents[2]  # where pyproject.toml's [tool.flwr.app] lives
-
-
-def flower_env(work: Path) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)  # flwr starts `flower-superlink` from PATH
-    return os.environ | {
-        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-        "FLWR_HOME": str(work / "flwr-home"),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+from app.federation.env import PROJECT, flower_env, run_config
 
 
 def superlinks() -> set[int]:
@@ -55,21 +41,6 @@ def stop(pid: int, grace_s: float = 15.0) -> None:
             time.sleep(0.1)
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
-
-
-def run_config(values: dict[str, object]) -> str:
-    """TOML key=value pairs for `flwr run --run-config`."""
-
-    def toml(v: object) -> str:
-        return (
-            f'"{v}"'
-            if isinstance(v, str | Path)
-            else str(v).lower()
-            if isinstance(v, bool)
-            else str(v)
-        )
-
-    return " ".join(f"{k}={toml(v)}" for k, v in values.items())
 
 
 def _deploy(config: dict[str, object], nodes: int, data: Path, work: Path) -> int:
