@@ -103,7 +103,10 @@ def _run_config() -> dict:
 
 #: (keys overridden, or removed with None; a fragment of the message)
 RUN_CONFIG_CASES = [
-    ({"strategy": "fedprox"}, "strategy: Input should be 'local', 'fedavg', 'fedper' or 'fedavg-ft'"),  # noqa: E501
+    (
+        {"strategy": "fedprox"},
+        "strategy: Input should be 'local', 'fedavg', 'fedper' or 'fedavg-ft'",
+    ),
     ({"local-epochs": 0}, "local-epochs: Input should be greater than or equal to 1"),
     ({"num-rounds": "three"}, "num-rounds: Input should be a valid integer"),
     ({"round-timeout": -1.0}, "round-timeout: Input should be greater than 0"),
