@@ -109,14 +109,10 @@ def _rank_generative(args, model, users, out: Path, relaxed: Path | None = None)
 
     backbone = model.backbone
     catalogue = Catalogue.from_titles(backbone, load_titles(args.data / "beauty_items.json"))
-    if relaxed is None:
-        draft = Draft(backbone, DraftConfig(layers=2))
-        cfg = RecommendConfig(strategy="speculative-strict", k=max(KS), gamma=5,
-                              draft_beams=max(KS))  # fmt: skip
-    else:
-        draft = Draft.load(relaxed, backbone)[0]
-        cfg = RecommendConfig(strategy="speculative-relaxed", k=max(KS), gamma=5,
-                              draft_beams=max(KS))  # fmt: skip
+    strict = relaxed is None
+    draft = Draft(backbone, DraftConfig(layers=2)) if strict else Draft.load(relaxed, backbone)[0]
+    cfg = RecommendConfig(strategy="speculative-strict" if strict else "speculative-relaxed",
+                          k=max(KS), gamma=5, draft_beams=max(KS))  # fmt: skip
     done = _done(out)
     todo = [u for u in users[: args.limit] if u["user"] not in done]
     if args.reverse:  # a second process on the same method works from the other end

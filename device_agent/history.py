@@ -94,7 +94,7 @@ def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
     user's held-out `test` item stays out), or a file of `{"user_id", "items": [item, ...]}` rows
     (items as `read_items` takes them: the demo users)."""
     try:
-        row = next((r for r in read_jsonl(path) if str(r.get("user_id")) == user_id), None)
+        row = _row(path, user_id)
     except (DataError, OSError) as exc:
         raise DeviceError(str(exc)) from None
     if row is None:
@@ -116,7 +116,7 @@ def _user_items(row: dict, user_id: str, source: str) -> list[dict[str, Any]]:
         replies = personachat_records(row)
         return persona + [pair_item(r.instruction, r.output, r.input, source) for r in replies]
     if "history" in row:
-        purchases = list(row["history"]) + list(row.get("valid", []))
+        purchases = _purchases(row)
         records = [
             beauty_record(user_id, purchases[:k], purchases[k]) for k in range(2, len(purchases))
         ]
@@ -126,11 +126,17 @@ def _user_items(row: dict, user_id: str, source: str) -> list[dict[str, Any]]:
 
 
 def purchases_of(path: str | Path, user_id: str) -> list[str] | None:
-    """A Beauty user's purchases (history, then validation items; the test item stays out), or
-    None where the file is not a purchase file."""
-    row = next((r for r in read_jsonl(path) if str(r.get("user_id")) == user_id), None)
-    if row is None or "history" not in row:
-        return None
+    """A Beauty user's purchases, or None where the file is not a purchase file."""
+    row = _row(path, user_id)
+    return _purchases(row) if row is not None and "history" in row else None
+
+
+def _row(path: str | Path, user_id: str) -> dict | None:
+    return next((r for r in read_jsonl(path) if str(r.get("user_id")) == user_id), None)
+
+
+def _purchases(row: dict) -> list[str]:
+    """History, then validation items; the held-out test item stays out."""
     return list(row["history"]) + list(row.get("valid", []))
 
 

@@ -77,6 +77,12 @@ def _become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
+def _stat(pid: int | str) -> tuple[str, int]:
+    """A process's state letter and parent PID, from /proc (raises OSError once it is gone)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
 def flower_descendants(root: int | None = None) -> dict[int, str]:
     """Flower processes below `root` (default: this process), by PID → program name."""
     root = root or os.getpid()
@@ -86,8 +92,7 @@ def flower_descendants(root: int | None = None) -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            parents[int(entry.name)] = _stat(entry.name)[1]
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
             names[int(entry.name)] = next((p for p in FLOWER_PROGRAMS if p in cmdline), "")
     below = set()
@@ -101,20 +106,19 @@ def flower_descendants(root: int | None = None) -> dict[int, str]:
 def _reap_zombies() -> None:
     """Reap our dead children that nobody waits for (Flower processes orphaned to us by a
     killed SuperNode: a zombie has no command line left to be recognised by)."""
-    me = str(os.getpid())
     for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, IndexError, ChildProcessError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if entry.name.isdigit() and fields[0] == "Z" and fields[1] == me:
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError, ChildProcessError):
+            if _stat(entry.name) == ("Z", os.getpid()):
                 os.waitpid(int(entry.name), os.WNOHANG)
 
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return _stat(pid)[0] != "Z"
+    except (OSError, ValueError, IndexError):
         return False
-    return state != "Z"
 
 
 class Deployment:
@@ -219,9 +223,8 @@ class Deployment:
             status = runs[0]["status"] if runs else status
             if status.startswith("finished"):
                 return status
-            for name, process in self.processes.items():
-                if name == "superlink" and process.poll() is not None:
-                    raise DeploymentError(f"the SuperLink exited; see {self.work / 'logs'}")
+            if self.processes["superlink"].poll() is not None:
+                raise DeploymentError(f"the SuperLink exited; see {self.work / 'logs'}")
             time.sleep(poll_s)
         with contextlib.suppress(DeploymentError, subprocess.TimeoutExpired):
             self._flwr("stop", str(run_id), CONNECTION)

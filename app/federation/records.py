@@ -77,12 +77,9 @@ def table(records: Records, run: str) -> str:
     for m in records.metrics(run):
         rows.setdefault(m.round, {}).update(m.metrics)
     present = {key for values in rows.values() for key in values}
-    ranking = sorted(k for k in present if k.startswith(("recall@", "ndcg@")))
-    columns = (
-        [c for c in COLUMNS if c in present][:1]
-        + ranking
-        + [c for c in COLUMNS[1:] if c in present]
-    )
+    ranking = sorted(k for k in present if k.startswith(("recall@", "ndcg@")))  # Beauty's task
+    shown = [c for c in COLUMNS if c in present]
+    columns = shown[:1] + ranking + shown[1:]  # train loss first, then the task's metrics
     failed: dict[int, int] = {}
     for f in records.failures(run):
         failed[f.round] = failed.get(f.round, 0) + 1
