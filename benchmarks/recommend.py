@@ -202,11 +202,15 @@ def summarise(args, users) -> None:
     from personalization.training.evaluate import bootstrap_interval
 
     truths = {u["user"]: u["truth"] for u in users}
+    if args.relaxed_draft:
+        relaxed = f"20 beams, relaxed speculative (γ = 5, N = 20), draft {args.relaxed_draft.name}"
+    else:  # a run of other methods keeps the label of the run that made the relaxed rows
+        earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        relaxed = earlier.get("config", {}).get("relaxed", "no relaxed run")
     results = {"methods": {}, "config": {
         "users": len(users), "ks": KS, "target": asdict(_target_config(args)),
         "cornac": _cornac_options(args), "search": "20 beams, strict speculative (γ = 5)",
-        "relaxed": "20 beams, relaxed speculative (γ = 5, N = 20), draft "
-                   + (Path(args.relaxed_draft).name if args.relaxed_draft else "none"),
+        "relaxed": relaxed,
     }}  # fmt: skip
     beam = {r["user"]: r for r in _rows(args, "trained target", truths)}
     for method in METHODS:
