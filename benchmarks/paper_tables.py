@@ -39,14 +39,20 @@ RESULTS = ROOT / "benchmarks/results/paper_tables.json"
 DATASETS = ("xsum", "cnndm", "coqa", "sciq")
 SETTINGS = ("base", "one-shot", "lst", "full", "choice", "spa", "lora", "adapter")
 TOKENS = 50  # Table 2: the cost of 50 new tokens
+FIT_WHOLE = {"coqa": 576}  # prompt tokens that fit every CoQA story (≤ 473 tokens) and question
 
 
-def one_shot(record, demo):
-    """The paper's one-shot row: one training example shown before the input."""
+def one_shot(tokenizer, record, demo, demo_tokens: int = 128) -> tuple:
+    """The paper's one-shot row: one training example (its input cut to `demo_tokens`) shown
+    before the input; returns the record and the tokens the example adds, so that the prompt cap
+    can grow by as much and the input itself is cut no more than in the zero-shot row."""
     from personalization.training.data import Record
 
-    shown = f"Example input:\n{demo.input}\nExample output:\n{demo.output}\n\nInput:\n"
-    return Record(record.instruction, shown + record.input, record.output, record.user)
+    ids = tokenizer(demo.input, add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids[:demo_tokens]) + (" …" if len(ids) > demo_tokens else "")
+    shown = f"Example input:\n{text}\nExample output:\n{demo.output}\n\nInput:\n"
+    added = len(tokenizer(shown, add_special_tokens=False)["input_ids"])
+    return Record(record.instruction, shown + record.input, record.output, record.user), added
 
 
 def _load(results: Path) -> dict:
@@ -66,28 +72,30 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
     from personalization.config import SPAConfig
     from personalization.latency import profile
     from personalization.model import SPAModel
-    from personalization.training.data import to_examples
+    from personalization.training.data import to_example
     from personalization.training.experiment import DataConfig, assess, fit, prepare_data
     from personalization.training.train import TrainConfig
 
     backbone = load_backbone(args.backbone)
+    max_prompt_tokens = max(args.max_prompt_tokens, FIT_WHOLE.get(dataset, 0))
     data = prepare_data(
         backbone,
         DataConfig(path=str(args.data / f"{dataset}.jsonl"), train_size=train_size,
                    valid_size=args.valid_size, test_size=args.test_size,
-                   max_prompt_tokens=args.max_prompt_tokens),
+                   max_prompt_tokens=max_prompt_tokens),
     )  # fmt: skip
     net = profile(args.profile)
     t0 = time.perf_counter()
     config: dict = {"train_size": len(data.train), "valid_size": len(data.valid),
-                    "test_size": len(data.test), "profile": args.profile}  # fmt: skip
+                    "test_size": len(data.test), "profile": args.profile,
+                    "max_prompt_tokens": max_prompt_tokens}  # fmt: skip
     if setting in ("base", "one-shot"):
         model = SPAModel(backbone, SPAConfig(setting="base"))
         if setting == "one-shot":
             demo = data.splits.train[0]
-            records = [one_shot(r, demo) for r in data.splits.test]
-            test = to_examples(backbone, records, max_prompt_tokens=args.max_prompt_tokens,
-                               keep=data.splits.keep)  # fmt: skip
+            shots = [one_shot(backbone.tokenizer, r, demo) for r in data.splits.test]
+            test = [to_example(backbone, r, max_prompt_tokens=max_prompt_tokens + added,
+                               keep=data.splits.keep) for r, added in shots]  # fmt: skip
             data = replace(data, test=test)
         report, _ = assess(model, data, net, max_new_tokens=args.max_new_tokens)
     else:
@@ -120,7 +128,8 @@ def run(args) -> None:
     todo += [(d, "spa", n) for d in args.datasets for n in args.sizes if n != args.train_size]
     for i, (dataset, setting, size) in enumerate(todo, 1):
         key = cell_key(dataset, setting, None if size == args.train_size else size)
-        if key in results["cells"]:
+        done = results["cells"].get(key, {})
+        if done and ("skipped" not in done or setting in skips):  # a skipped cell may run later
             continue
         if setting in skips:
             results["cells"][key] = {"skipped": skips[setting]}

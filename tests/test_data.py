@@ -123,5 +123,8 @@ def test_every_shared_dataset_loads(dataset, tiny_llama):
     assert splits.dataset == dataset and len(splits.test) == 20 and splits.train
     for record in splits.train[:5] + splits.test[:5]:
         assert record.instruction and record.input and record.output
-        example = to_example(tiny_llama, record, max_prompt_tokens=256)
+        example = to_example(tiny_llama, record, max_prompt_tokens=256, keep=splits.keep)
         assert len(example.prompt) <= 256 and len(example.target) >= 2
+        if dataset == "coqa":  # a story cut to fit keeps the question it ends with
+            question = record.input.rsplit("Question:", 1)[1].strip()
+            assert question in tiny_llama.tokenizer.decode(example.prompt)
