@@ -228,16 +228,20 @@ def table(path: Path) -> None:
     for s in ("base", "one-shot", "lst", "spa"):
         print(f"| {s} | " + " | ".join(_cell(cells.get(f"{d}/{s}"), "rouge") for d in datasets)
               + " |")  # fmt: skip
-    print(f"\nTable 2 — {TOKENS} new tokens on `{cfg.get('profile')}` (ms), Rouge-L\n")
-    print("| setting | dataset | trainable % | inference | network | total | Rouge-L |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nTable 2 — {TOKENS} new tokens on `{cfg.get('profile')}` (ms), Rouge-L. *inference*: "
+          "cloud + device compute per token as measured in the cell's own run; *network*: the "
+          "latency model on M (device round trips per token) and the bytes per token of the "
+          "default tap encoding\n")  # fmt: skip
+    print("| setting | dataset | trainable % | M | bytes / token | inference | network | total "
+          "| Rouge-L |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for s in SETTINGS:
         for d in datasets:
             c = cells.get(f"{d}/{s}")
             if c is None or "skipped" in c:
                 continue
             inference = TOKENS * (c["t_cloud_ms"] + c["t_device_ms"])
-            print(f"| {s} | {d} | {c['trainable_pct']:.3f} | {inference:.0f} | "
+            print(f"| {s} | {d} | {c['trainable_pct']:.3f} | {c['m']:.2f} | "
+                  f"{c['bytes_per_token']:,.0f} | {inference:.0f} | "
                   f"{TOKENS * c['t_net_ms']:.0f} | {c['cost_50_ms']:.0f} | "
                   f"{c['rouge_l']:.2f} |")  # fmt: skip
     print(
