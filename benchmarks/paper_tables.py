@@ -56,6 +56,20 @@ def one_shot(tokenizer, record, demo, demo_tokens: int = 128) -> tuple:
     return Record(record.instruction, shown + record.input, record.output, record.user), added
 
 
+def data_config(args, dataset: str, train_size: int, valid_size: int, test_size: int):
+    """The cell's split; CoQA's prompt cap fits its stories whole (`FIT_WHOLE`)."""
+    from personalization.training.experiment import DataConfig
+
+    cap = max(args.max_prompt_tokens, FIT_WHOLE.get(dataset, 0))
+    return DataConfig(
+        path=str(args.data / f"{dataset}.jsonl"),
+        train_size=train_size,
+        valid_size=valid_size,
+        test_size=test_size,
+        max_prompt_tokens=cap,
+    )
+
+
 def _load(results: Path) -> dict:
     return json.loads(results.read_text()) if results.is_file() else {"cells": {}}
 
@@ -74,17 +88,13 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
     from personalization.latency import profile
     from personalization.model import SPAModel
     from personalization.training.data import to_example
-    from personalization.training.experiment import DataConfig, assess, fit, prepare_data
+    from personalization.training.experiment import assess, fit, prepare_data
     from personalization.training.train import TrainConfig
 
     backbone = load_backbone(args.backbone)
-    max_prompt_tokens = max(args.max_prompt_tokens, FIT_WHOLE.get(dataset, 0))
-    data = prepare_data(
-        backbone,
-        DataConfig(path=str(args.data / f"{dataset}.jsonl"), train_size=train_size,
-                   valid_size=args.valid_size, test_size=args.test_size,
-                   max_prompt_tokens=max_prompt_tokens),
-    )  # fmt: skip
+    cfg_data = data_config(args, dataset, train_size, args.valid_size, args.test_size)
+    max_prompt_tokens = cfg_data.max_prompt_tokens
+    data = prepare_data(backbone, cfg_data)
     net = profile(args.profile)
     t0 = time.perf_counter()
     config: dict = {"train_size": len(data.train), "valid_size": len(data.valid),
@@ -160,16 +170,11 @@ def backfill_gate_figures(args, dataset: str, setting: str, size: int, cell: dic
     """Add `gate_figures` to a gated cell finished before they were recorded (its checkpoint)."""
     from personalization.backbone.loading import load_backbone
     from personalization.training.checkpoint import load_checkpoint
-    from personalization.training.experiment import DataConfig, prepare_data
+    from personalization.training.experiment import prepare_data
 
     c = cell["config"]
     backbone = load_backbone(args.backbone)
-    data = prepare_data(
-        backbone,
-        DataConfig(path=str(args.data / f"{dataset}.jsonl"), train_size=size,
-                   valid_size=c["valid_size"], test_size=c["test_size"],
-                   max_prompt_tokens=c.get("max_prompt_tokens", args.max_prompt_tokens)),
-    )  # fmt: skip
+    data = prepare_data(backbone, data_config(args, dataset, size, c["valid_size"], c["test_size"]))
     model = load_checkpoint(_checkpoint(args, dataset, setting, size, c["lr"]), backbone)[0]
     cell |= gate_figures(backbone, model, data, validation(backbone, model, data))
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hardware import write_results  # noqa: E402
-from paper_tables import FIT_WHOLE  # noqa: E402
+from paper_tables import data_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,7 +68,7 @@ def variant(args, backbone, data, lr: float, reduction: int) -> dict:
 
 def run(args) -> None:
     from personalization.backbone.loading import load_backbone
-    from personalization.training.experiment import DataConfig, prepare_data
+    from personalization.training.experiment import prepare_data
 
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
     backbone = load_backbone(args.backbone)
@@ -77,13 +77,8 @@ def run(args) -> None:
         key = f"{dataset}/r{reduction}/lr{lr:g}/n{args.train_size}/e{args.epochs}"
         if key in results["rows"]:
             continue
-        data = prepare_data(
-            backbone,
-            DataConfig(path=str(args.data / f"{dataset}.jsonl"), train_size=args.train_size,
-                       valid_size=args.valid_size, test_size=args.test_size,
-                       max_prompt_tokens=max(args.max_prompt_tokens,
-                                             FIT_WHOLE.get(dataset, 0))),
-        )  # fmt: skip
+        split = data_config(args, dataset, args.train_size, args.valid_size, args.test_size)
+        data = prepare_data(backbone, split)
         results["rows"][key] = {"dataset": dataset, "train_size": len(data.train)} | variant(
             args, backbone, data, lr, reduction
         )
