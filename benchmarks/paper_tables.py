@@ -7,11 +7,13 @@
 A *cell* is one dataset × setting (base zero-shot and one-shot, lst, full, choice, spa, lora,
 adapter) or, for Table 7, `spa` at one training-set size. A trained cell fits one checkpoint per
 learning rate (cached features, resumable per epoch), keeps the rate with the lowest validation
-loss — chosen on validation data, never on the test split — calibrates the gate to the usage
-budget on validation data, and scores the test split: Rouge-L with a bootstrap 95 % interval,
-device usage, M, and the latency model's T_total under `--profile` with the compute measured in
-that run and the default tap encoding. Every finished cell is written at once to
-benchmarks/results/paper_tables.json (with its config, hardware and date) and skipped by a rerun.
+loss — chosen on validation data, never on the test split — calibrates only that rate's gate
+to the usage budget on validation data, and scores the test split: Rouge-L with a bootstrap 95 %
+interval, device usage, M, and the latency model's T_total under `--profile` with the compute
+measured in that run and the default tap encoding. Every finished cell is written at once to
+benchmarks/results/paper_tables.json (with its config, hardware and date) and skipped by a rerun
+with the same recipe (epochs, learning rates); a trained cell asked for with another recipe runs
+again, resuming its checkpoints (e.g. 5 epochs → 15 continues the 5-epoch run).
 `--skip SETTING=REASON` records why a cell could not run here instead of running it.
 
 Table 1: base zero-shot / one-shot, lst, spa. Table 2: every setting's trainable share, its
@@ -114,7 +116,7 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
         for lr in args.lrs:
             out = _checkpoint(args, dataset, setting, train_size, lr)
             cfg = TrainConfig(epochs=args.epochs, lr=lr, target_usage=args.target_usage)
-            model = fit(backbone, data, setting, cfg, out, resume=True).model
+            model = fit(backbone, data, setting, cfg, out, resume=True, calibrate_gate=False).model
             losses = validation(backbone, model, data)  # a finished checkpoint reports no epochs
             tried[lr] = (losses, model)
             print(f"  {dataset}/{setting} lr {lr:g}: validation loss {losses.lm:.4f}", flush=True)
@@ -122,7 +124,8 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
         losses, model = tried[lr][0], tried[lr][1].eval()
         config |= {"epochs": args.epochs, "lrs": list(args.lrs), "lr": lr,
                    "valid_loss": {f"{k:g}": v.lm for k, (v, _) in tried.items()}}  # fmt: skip
-        report, _ = assess(model, data, net, max_new_tokens=args.max_new_tokens)
+        usage = args.target_usage if setting in GATED else None
+        report, _ = assess(model, data, net, target_usage=usage, max_new_tokens=args.max_new_tokens)
     low, high = report.rouge_l_interval()
     figures = asdict(report)
     figures.pop("scores")
@@ -132,6 +135,26 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
         "rouge_l_ci": [low, high], "cost_50_ms": TOKENS * report.t_total_ms,
         "config": config, "seconds": time.perf_counter() - t0, "hardware": hardware(),
     }  # fmt: skip
+
+
+def _recipe(c) -> tuple[int, list[float]]:
+    """(epochs, learning rates tried) of a finished cell or of the command line."""
+    c = c["config"] if isinstance(c, dict) else vars(c)
+    return c["epochs"], [float(x) for x in c["lrs"]]
+
+
+def _recipes(cells: dict) -> str:
+    """Which trained cells ran with which recipe, for the tables' header."""
+    groups: dict[str, list[str]] = {}
+    for key, c in cells.items():
+        if "epochs" in c.get("config", {}):
+            epochs, lrs = _recipe(c)
+            tried = ", ".join(f"{x:g}" for x in lrs)
+            lr = (
+                f"lr {tried}" if len(lrs) == 1 else f"lr chosen from {{{tried}}} on validation loss"
+            )
+            groups.setdefault(f"{epochs} epochs, {lr}", []).append(key)
+    return "; ".join(f"{recipe}: {', '.join(sorted(keys))}" for recipe, keys in groups.items())
 
 
 def _checkpoint(args, dataset: str, setting: str, train_size: int, lr: float) -> Path:
@@ -190,8 +213,9 @@ def run(args) -> None:
         if done and setting in GATED and "config" in done and "gate_usage" not in done:
             backfill_gate_figures(args, dataset, setting, size, done)
             _save(results, args.out)
-        if done and ("skipped" not in done or setting in skips):  # a skipped cell may run later
-            continue
+        stale = "epochs" in done.get("config", {}) and _recipe(done) != _recipe(args)
+        if done and not stale and ("skipped" not in done or setting in skips):
+            continue  # a skipped cell may run later
         if setting in skips:
             results["cells"][key] = {"skipped": skips[setting]}
         else:
@@ -219,16 +243,15 @@ def table(path: Path) -> None:
     cells, cfg = r["cells"], r.get("config", {})
     datasets = [d for d in DATASETS if any(k.startswith(d + "/") for k in cells)]
     head = " | ".join(datasets)
-    lrs = cfg.get("lrs") or []
-    lr = f"learning rate {lrs[0]:g} (no sweep)" if len(lrs) == 1 else (
-        f"learning rate chosen from {lrs} on validation loss")  # fmt: skip
     sizes = {}  # per dataset: the split sizes its cells ran with (a small file caps train)
     for key, c in cells.items():
         if "/train=" not in key and "config" in c:
             sizes[key.split("/")[0]] = "{train_size}/{valid_size}/{test_size}".format(**c["config"])
-    print(f"Hardware: {r.get('hardware', '?')}; {r.get('date', '?')}; epochs {cfg.get('epochs')}, "
-          f"{lr}; train/validation/test examples: "
-          + ", ".join(f"{d} {sizes[d]}" for d in datasets if d in sizes) + "\n")  # fmt: skip
+    print(
+        f"Hardware: {r.get('hardware', '?')}; {r.get('date', '?')}; train/validation/test "
+        "examples: " + ", ".join(f"{d} {sizes[d]}" for d in datasets if d in sizes) + "\n"
+    )
+    print(f"Trained cells — {_recipes(cells)}\n")  # fmt: skip
     print(f"Table 1 — Rouge-L [95 % CI]\n\n| setting | {head} |\n|---|" + "---|" * len(datasets))
     for s in ("base", "one-shot", "lst", "spa"):
         print(f"| {s} | " + " | ".join(_cell(cells.get(f"{d}/{s}"), "rouge") for d in datasets)
@@ -277,8 +300,8 @@ def table(path: Path) -> None:
 def _table7(c: dict | None) -> str:
     if c is None or "skipped" in c or "gate_usage" not in c:
         return _cell(c, "usage")
-    n = c["config"]["train_size"]
-    return f"{c['gate_usage']:.2f} ({c['usage']:.2f}), {c['rouge_l']:.2f}, n = {n}"
+    n, epochs = c["config"]["train_size"], c["config"]["epochs"]
+    return f"{c['gate_usage']:.2f} ({c['usage']:.2f}), {c['rouge_l']:.2f}, n = {n}, {epochs} ep"
 
 
 def main() -> None:

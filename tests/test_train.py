@@ -4,6 +4,7 @@ random backbones."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,28 @@ def test_checkpoint_round_trips_exactly(tiny_llama, cache, tmp_path):
             assert torch.equal(value, theirs["state"][index][key]), (index, key)
     ids = torch.tensor([signature_examples(tiny_llama, 1)[0].ids])
     assert torch.equal(sequence_logits(model, ids)[0], sequence_logits(loaded, ids)[0])
+
+
+def test_a_resumed_run_trains_as_the_uninterrupted_one(tiny_llama, cache, tmp_path):
+    """3 epochs straight == 1 epoch, checkpoint, reload, 2 more: the same shuffles, the same
+    optimizer state, so the same weights (paper_tables.py extends 5-epoch cells to 15 this way)."""
+    data = cache.load(signature_examples(tiny_llama, 12))
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=3e-3)
+    torch.manual_seed(0)
+    straight = side_model(tiny_llama)
+    train(straight, data, cfg, progress=False)
+
+    torch.manual_seed(0)
+    first = side_model(tiny_llama)
+    optimizer = make_optimizer(first, cfg)
+    train(first, data, replace(cfg, epochs=1), optimizer=optimizer, progress=False)
+    path = save_checkpoint(tmp_path / "c.safetensors", first, describe(first, epoch=1), optimizer)
+    resumed, info, optim = load_checkpoint(path, tiny_llama)
+    again = make_optimizer(resumed, cfg)
+    again.load_state_dict(optim)
+    train(resumed, data, cfg, optimizer=again, start_epoch=info.epoch, progress=False)
+    for name, p in straight.trainable().items():
+        assert torch.equal(p, resumed.trainable()[name]), name
 
 
 @pytest.mark.parametrize("setting", ["lora", "adapter", "lst"])

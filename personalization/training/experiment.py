@@ -93,10 +93,13 @@ def fit(
     resume: bool = False,
     cache_root: str | Path | None = None,
     calibration_prompts: int = 30,
+    calibrate_gate: bool = True,
     progress: bool = True,
 ) -> FitResult:
     """Train `setting` on `data.train`, calibrate its gate on `data.valid`, save to `out`
-    (after every epoch, so an interrupted run resumes with `resume=True`)."""
+    (after every epoch, so an interrupted run resumes with `resume=True`).
+    `calibrate_gate=False` skips calibration (it generates from every validation prompt): a
+    learning-rate sweep calibrates only the rate it keeps (`assess(target_usage=…)`)."""
     seconds: dict[str, float] = {}
     start_epoch, optimizer = 0, None
     if resume and Path(out).is_file():
@@ -133,7 +136,7 @@ def fit(
     )  # fmt: skip
     seconds["train"] = time.perf_counter() - t
     calibration = None
-    if model.setting in GATED_SETTINGS:
+    if calibrate_gate and model.setting in GATED_SETTINGS:
         t = time.perf_counter()
         calibration = calibrate(
             model, valid_data, cfg.target_usage,

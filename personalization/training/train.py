@@ -163,6 +163,8 @@ def train(
     optimizer = optimizer or make_optimizer(model, cfg)
     params = list(model.trainable().values())
     rng = random.Random(cfg.seed)
+    for _ in range(start_epoch):  # a resumed run shuffles as the uninterrupted one would
+        rng.random()
     torch.manual_seed(cfg.seed)
     result = TrainResult()
     steps = math.ceil(len(data) / cfg.batch_size)
