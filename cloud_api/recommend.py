@@ -7,7 +7,9 @@ backbone alone, or a checkpoint) and the draft of strict speculative search (the
 first two layers) load on the first request and stay. A search of the cloud's own target holds
 the backbone's compute lock like every other pass, so it queues behind — and never interleaves
 with — the sessions' steps. A recommendation session does not: it waits for its device between
-passes, so its passes run beside the scheduler's, unlocked.
+passes, so its passes run beside the scheduler's, unlocked. The target's answers are
+deterministic and the target is fixed for the server's life, so repeats are answered from an LRU
+memory (`--recommend-cache`; a federated evaluation asks for the same user's every round).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -48,6 +51,7 @@ class Recommender:
         self.backbone, self.settings, self.compute = backbone, settings, compute
         self._loaded: tuple[Catalogue, SPAModel, str, Draft] | None = None
         self._lock = threading.Lock()
+        self._memory: OrderedDict[tuple, RecommendOut] = OrderedDict()  # LRU, by request
 
     def _load(self) -> tuple[Catalogue, SPAModel, str, Draft]:
         with self._lock:
@@ -77,6 +81,19 @@ class Recommender:
         return catalogue, draft
 
     def __call__(self, body: RecommendIn) -> RecommendOut:
+        key = (tuple(body.history), body.strategy, body.k, body.gamma)
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key].model_copy(update={"cached": True})
+        out = self._search(body)
+        with self._lock:
+            self._memory[key] = out
+            while len(self._memory) > self.settings.recommend_cache:
+                self._memory.popitem(last=False)
+        return out
+
+    def _search(self, body: RecommendIn) -> RecommendOut:
         catalogue, target, name, draft = self._load()
         cfg = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
         prompt = history_prompt(self.backbone, body.history, self.settings.max_prompt_tokens)

@@ -332,6 +332,10 @@ class RecommendOut(BaseModel):
     seconds: float = Field(description="The search's wall time on the cloud.")
     target_passes: int
     acceptance: float | None = Field(None, description="Speculative: drafted steps accepted.")
+    cached: bool = Field(
+        False, description="Answered from the cloud's memory of an identical request; `seconds` "
+        "and `target_passes` are the original search's."
+    )  # fmt: skip
 
 
 class RecommendSessionIn(RecommendIn):

@@ -326,6 +326,11 @@ def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, catalogue):
                     [i.score for i in want], abs=1e-4
                 )
                 assert got.target == "zero-shot" and got.target_passes > 0
+                again = client.recommend(
+                    RecommendIn(history=history, k=4, strategy=strategy, gamma=2)
+                )  # a repeat is answered from the cloud's memory, unchanged
+                assert not got.cached and again.cached
+                assert again.model_dump(exclude={"cached"}) == got.model_dump(exclude={"cached"})
         with pytest.raises(CloudError) as bad:
             client._send("POST", "/v1/recommendations", json={"history": [], "k": 3})
         assert bad.value.status == 422
