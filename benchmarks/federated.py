@@ -12,12 +12,16 @@ device sent to the cloud and to the server, the round's wall time, failures.
   but the last, which it is scored on: Recall / NDCG @ 10 of its side network on the cloud's
   catalogue search. `base` is the cloud's own recommender on the same item — the centrally
   trained target where `spa train-target` has run (else the zero-shot backbone; the JSON says
-  which).
+  which). Every round also measures the held-out title's loss per token (`item-nll`, beside the
+  backbone's own), which the central target gets on the same items too (`central`); with
+  `--search-rounds last` the (costly) search runs in the last round only.
 - personachat: each device is one user (persona sentences as free text, then replies), scored
   on its last two replies by Rouge-L; `base` is the backbone alone.
 
-Each strategy is one `spa federate` run (the simulation engine, its own cloud) under
-.bench/federated/<task>/<strategy>; a finished run is not run again. Figures go to
+Each strategy is one `spa federate` run (the simulation engine) under
+.bench/federated/<task>/<strategy>; a finished run is not run again. One cloud serves them all,
+so its deterministic ranking of a user (`base`) is searched once and then answered from its
+memory (`spa cloud --recommend-cache`) for every round and strategy. Figures go to
 benchmarks/results/federated.json, and `table` prints the Markdown tables from it.
 """
 
@@ -38,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks/results/federated.json"
 STRATEGIES = ("local", "fedavg", "fedper", "fedavg-ft")
-TASKS = {  # metric, base metric, held-out items per device
-    "beauty": ("recall@10", "recall@10-cloud", 1),
-    "personachat": ("rouge-l", "rouge-l-base", 2),
+TASKS = {  # (metric, its base) pairs, held-out items per device
+    "beauty": ((("recall@10", "recall@10-cloud"), ("item-nll", "item-nll-backbone")), 1),
+    "personachat": ((("rouge-l", "rouge-l-base"),), 2),
 }
 
 
@@ -61,29 +65,36 @@ def _users(args, work: Path) -> Path:
 
 
 def run(args) -> None:
-    from app.federation.launch import federate
+    from app.cloud_process import cloud
 
     work = Path(args.work) / args.task
     work.mkdir(parents=True, exist_ok=True)
     data = _users(args, work)
-    _, _, held_out = TASKS[args.task]
-    for strategy in args.strategies:
-        out = work / strategy
-        if (out / f"{strategy}.md").is_file():
-            print(f"{args.task}/{strategy}: done already", flush=True)
-            continue
-        t0 = time.perf_counter()
-        code = federate(
-            strategy=strategy, nodes=args.devices, rounds=args.rounds, data=data, work=out,
-            backbone=args.backbone,
-            catalogue=args.data / "beauty_items.json" if args.task == "beauty" else None,
-            extra={"run-name": strategy, "local-epochs": args.local_epochs,
-                   "held-out": held_out, "fraction-train": args.fraction,
-                   "min-nodes": max(1, round(args.devices * args.fraction) - 1)},
-        )  # fmt: skip
-        print(f"{args.task}/{strategy}: exit {code} in {time.perf_counter() - t0:.0f} s",
-              flush=True)  # fmt: skip
+    _, held_out = TASKS[args.task]
+    todo = [s for s in args.strategies if not (work / s / f"{s}.md").is_file()]
+    for strategy in set(args.strategies) - set(todo):
+        print(f"{args.task}/{strategy}: done already", flush=True)
+    catalogue = args.data / "beauty_items.json" if args.task == "beauty" else None
+    if todo:
+        with cloud(args.backbone, work, catalogue=catalogue) as url:
+            for strategy in todo:
+                _run_one(args, strategy, data, work / strategy, url, held_out)
     summarise(args)
+
+
+def _run_one(args, strategy: str, data: Path, out: Path, url: str, held_out: int) -> None:
+    from app.federation.launch import federate
+
+    t0 = time.perf_counter()
+    code = federate(
+        strategy=strategy, nodes=args.devices, rounds=args.rounds, data=data, work=out,
+        backbone=args.backbone, cloud_url=url,
+        extra={"run-name": strategy, "local-epochs": args.local_epochs,
+               "held-out": held_out, "fraction-train": args.fraction,
+               "search-rounds": args.search_rounds,
+               "min-nodes": max(1, round(args.devices * args.fraction) - 1)},
+    )  # fmt: skip
+    print(f"{args.task}/{strategy}: exit {code} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def _per_round(db: Path, strategy: str) -> dict[int, dict]:
@@ -107,7 +118,7 @@ def summarise(args) -> None:
     from personalization.training.evaluate import bootstrap_interval
 
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"tasks": {}}
-    metric, base, _ = TASKS[args.task]
+    pairs, _ = TASKS[args.task]
     work = Path(args.work) / args.task
     rows = []
     for strategy in STRATEGIES:
@@ -115,24 +126,56 @@ def summarise(args) -> None:
         if not (work / strategy / f"{strategy}.md").is_file():
             continue
         for rnd, r in sorted(_per_round(db, strategy).items()):
-            scores = [m[metric] for m in r["evaluate"] if metric in m]
-            bases = [m[base] for m in r["evaluate"] if base in m]
             sent = r["train"]
-            rows.append({
-                "strategy": strategy, "round": rnd, "devices": len(scores),
-                metric: _mean(scores), f"{metric}_ci": bootstrap_interval(scores),
-                base: _mean(bases), f"{base}_ci": bootstrap_interval(bases),
+            row = {"strategy": strategy, "round": rnd, "devices": len(r["evaluate"])}
+            for name in (name for pair in pairs for name in pair):
+                values = [m[name] for m in r["evaluate"] if name in m]
+                if values:
+                    row |= {name: _mean(values), f"{name}_ci": bootstrap_interval(values)}
+            rows.append(row | {
                 "trained": len(sent),
                 "bytes_to_cloud": sum(m["bytes-to-cloud"] for m in sent) / max(len(sent), 1),
                 "bytes_to_server": sum(m["bytes-to-server"] for m in sent) / max(len(sent), 1),
                 "seconds": r["all"].get("round-seconds"), "failures": r.get("failures", []),
             })  # fmt: skip
     results["tasks"][args.task] = {
-        "rows": rows, "metric": metric, "base": base,
+        "rows": rows, "metrics": pairs,
+        "central": central(args, work / "beauty.jsonl") if args.task == "beauty" else None,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }  # fmt: skip
     write_results(results, args.out)
     table(args.out)
+
+
+def central(args, data: Path) -> dict:
+    """The centrally trained target (`spa train-target`) on the devices' own held-out items:
+    its loss per title token, teacher-forced and tokenised as the devices do."""
+    from device_agent.history import to_record, user_items
+    from device_agent.trainer import DeviceTrainConfig
+    from personalization.atspeed.target import default_target
+    from personalization.backbone.loading import load_backbone
+    from personalization.training.checkpoint import load_checkpoint
+    from personalization.training.data import read_jsonl, to_example
+    from personalization.training.evaluate import bootstrap_interval
+    from personalization.training.features import make_cache
+    from personalization.training.train import evaluate_loss
+
+    backbone = load_backbone(args.backbone)
+    path = default_target(backbone)
+    if path is None:
+        return {"target": "none: spa train-target has not run (the cloud ranks zero-shot)"}
+    model, cfg = load_checkpoint(path, backbone)[0].eval(), DeviceTrainConfig()
+    cache = make_cache(backbone, model.rungs, model.config.wire_dtype)
+    losses = []
+    for row in read_jsonl(data):
+        held = user_items(data, str(row["user_id"]))[-TASKS["beauty"][1] :]
+        examples = [to_example(backbone, to_record(i), max_prompt_tokens=cfg.max_prompt_tokens,
+                               max_target_tokens=cfg.max_target_tokens, keep=cfg.keep)
+                    for i in held]  # fmt: skip
+        cache.ensure(examples, progress=False)
+        losses.append(evaluate_loss(model, cache.lazy(examples), cfg.train).lm)
+    return {"target": f"{path.name} ({model.setting})", "devices": len(losses),
+            "item-nll": _mean(losses), "item-nll_ci": bootstrap_interval(losses)}  # fmt: skip
 
 
 def _mean(values: list[float]) -> float:
@@ -143,21 +186,34 @@ def table(path: Path) -> None:
     r = json.loads(Path(path).read_text())
     print(f"Hardware: {r['hardware']}; {r['date']}")
     for task, t in r["tasks"].items():
-        metric, base = t["metric"], t["base"]
+        names = [n for pair in t.get("metrics") or [(t["metric"], t["base"])] for n in pair]
         c = t["config"]
         print(f"\n{task}: {c['devices']} devices, {c['rounds']} rounds, {c['fraction']} of them "
               f"trained per round, {c['local_epochs']} local epochs, "
               f"{c['backbone']}\n")  # fmt: skip
-        print(f"| strategy | round | {metric} | base ({base}) | devices trained | bytes to cloud "
+        print(f"| strategy | round | {' | '.join(names)} | devices trained | bytes to cloud "
               "/ device | bytes to server / device | round s | failures |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|" + "---|" * len(names) + "---|---|---|---|---|")
         for row in t["rows"]:
-            m, b = row[f"{metric}_ci"], row[f"{base}_ci"]
             seconds = f"{row['seconds']:.0f}" if row["seconds"] is not None else "–"
-            print(f"| {row['strategy']} | {row['round']} | {row[metric]:.3f} [{m[0]:.3f}, "
-                  f"{m[1]:.3f}] | {row[base]:.3f} [{b[0]:.3f}, {b[1]:.3f}] | {row['trained']} "
-                  f"| {row['bytes_to_cloud']:,.0f} | {row['bytes_to_server']:,.0f} | {seconds} "
-                  f"| {len(row['failures'])} |")  # fmt: skip
+            print(f"| {row['strategy']} | {row['round']} | "
+                  + " | ".join(_figure(row, n) for n in names)
+                  + f" | {row['trained']} | {row['bytes_to_cloud']:,.0f} | "
+                  f"{row['bytes_to_server']:,.0f} | {seconds} | "
+                  f"{len(row['failures'])} |")  # fmt: skip
+        if t.get("central"):
+            c = t["central"]
+            print(f"\nCentral target {c['target']} on the same devices' held-out items: "
+                  + (f"item-nll {_figure(c, 'item-nll')}; " if "item-nll" in c else "")
+                  + "its Recall@10 is the recall@10-cloud column")  # fmt: skip
+
+
+def _figure(row: dict, name: str) -> str:
+    """A metric with its interval; – in a round that did not measure it."""
+    if name not in row:
+        return "–"
+    low, high = row[f"{name}_ci"]
+    return f"{row[name]:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def main() -> None:
@@ -168,6 +224,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.25, help="devices trained per round")
     parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument(
+        "--search-rounds", choices=("every", "last"), default="every",
+        help="beauty: the catalogue search every round, or in the last only",
+    )  # fmt: skip
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")

@@ -9,8 +9,10 @@ side network against the cloud over HTTP (warm: from its own last checkpoint, ov
 the strategy shares), and replies with only the shared part plus metrics. Evaluation: on
 PersonaChat, Rouge-L of the held-out replies against `base`; on Beauty, Recall / NDCG @ `eval-k`
 of the held-out purchases, the device's side network scoring the cloud's catalogue search,
-against the cloud's own recommender (its trained target, else the backbone). What the strategy
-shares:
+against the cloud's own recommender (its trained target, else the backbone) — in every round,
+or only the last (`search-rounds = "last"`: the search is the costly part) — and, every round,
+the held-out title's loss per token under the device's model and under the backbone alone (a
+continuous measure where a few dozen devices' recalls are mostly 0). What the strategy shares:
 
 | strategy  | leaves the device (besides metrics)                               |
 |-----------|-------------------------------------------------------------------|
@@ -27,6 +29,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -34,16 +37,16 @@ from flwr.clientapp import ClientApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_agent.agent import DeviceAgent
-from device_agent.history import purchases_of, user_items
+from device_agent.history import purchases_of, to_record, user_items
 from device_agent.recommend import RemoteRecommendation
-from device_agent.trainer import DeviceTrainConfig
+from device_agent.trainer import DeviceTrainConfig, RemoteFeatures
 from personalization.atspeed.recommend import metrics as ranking_metrics
 from personalization.config import DecodeConfig, FederatedStrategy
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
 from personalization.training.evaluate import rouge_l
-from personalization.training.train import TrainConfig
+from personalization.training.train import TrainConfig, evaluate_loss
 from protocol.messages import RecommendIn
 
 #: the side network's output layers: personal under fedper (with the gate)
@@ -69,6 +72,7 @@ class RunConfig(BaseModel):
     held_out: int = Field(ge=1)
     eval_tokens: int = Field(ge=1)
     eval_k: int = Field(10, ge=1, le=50)
+    search_rounds: Literal["every", "last"] = "every"
     calibration_prompts: int = Field(ge=0)
     fail_partition: int
     seed: int
@@ -207,7 +211,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         if purchases is None:
             metrics = _rouge(cfg, agent, model, held)
         else:
-            metrics = _recall(cfg, agent, model, purchases)
+            metrics = _item_loss(cfg, agent, model, held)
+            rnd = int(msg.content["config"].get("server-round", cfg.num_rounds))
+            if cfg.search_rounds == "every" or rnd >= cfg.num_rounds:
+                metrics |= _recall(cfg, agent, model, purchases)
     metrics |= {"num-examples": len(held), "partition-id": node.partition}
     # which weights this device evaluated with (tests check fedavg's are equal everywhere)
     metrics |= {"shared-hash": _digest(mine), "personal-hash": _digest(personal)}
@@ -233,6 +240,24 @@ def _rouge(
                 tokens += generation.accounts.tokens
                 device_tokens += generation.accounts.device_tokens
     return {k: v / len(held) for k, v in scores.items()} | {"usage": device_tokens / max(tokens, 1)}
+
+
+def _item_loss(
+    cfg: RunConfig, agent: DeviceAgent, model: SPAModel, held: list[dict]
+) -> dict[str, float]:
+    """Held-out purchases, teacher-forced: the title's loss per token under the device's model
+    and under the backbone alone (one features request, tokenised as in training)."""
+    train = _train_config(cfg)
+    examples = agent.client.tokenize(
+        [to_record(i) for i in held], max_prompt_tokens=train.max_prompt_tokens,
+        max_target_tokens=train.max_target_tokens, keep=train.keep,
+    )  # fmt: skip
+    features = RemoteFeatures(agent.client, model.rungs, model.config.wire_dtype)(examples)
+    backbone = -float(torch.cat([f.base_logprob for f in features]).mean())
+    return {
+        "item-nll": evaluate_loss(model, features, train.train).lm,
+        "item-nll-backbone": backbone,
+    }
 
 
 def _recall(

@@ -150,7 +150,9 @@ def test_a_failing_device_is_recorded_and_does_not_stop_the_run(runs):
 
 def test_beauty_devices_are_scored_by_recall_against_the_clouds_recommender(tmp_path):
     """Beauty as a federated task: each device's side network scores the cloud's catalogue
-    search for its held-out purchases, beside the cloud's own recommender on the same ones."""
+    search for its held-out purchases, beside the cloud's own recommender on the same ones — in
+    the last round only (`search-rounds`) — and every round the held-out title's loss under the
+    device's model and under the backbone alone."""
     from test_recommend import TITLES
 
     catalogue = tmp_path / "items.json"
@@ -167,15 +169,23 @@ def test_beauty_devices_are_scored_by_recall_against_the_clouds_recommender(tmp_
                              "test": [TITLES[-1]]})  # fmt: skip
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         code = federate(
-            strategy="fedavg", nodes=3, rounds=1, data=data, work=tmp_path / "work",
+            strategy="fedavg", nodes=3, rounds=2, data=data, work=tmp_path / "work",
             backbone="tiny-llama", cloud_url=server.url,
-            extra={"run-name": "beauty", "local-epochs": 1, "held-out": 1, "eval-k": 5},
+            extra={"run-name": "beauty", "local-epochs": 1, "held-out": 1, "eval-k": 5,
+                   "search-rounds": "last"},
         )  # fmt: skip
     assert code == 0
-    per_node = _nodes(tmp_path, "work", "evaluate")[1]
-    devices = {int(m["partition-id"]): m for n, m in per_node.items() if n != "all"}
-    assert sorted(devices) == [0, 1, 2]
-    for m in devices.values():  # the device asked the cloud for the same history: a hit at 1
+    rounds = _nodes(tmp_path, "work", "evaluate")
+    first, last = ({int(m["partition-id"]): m for n, m in rounds[r].items() if n != "all"}
+                   for r in (1, 2))  # fmt: skip
+    assert sorted(first) == sorted(last) == [0, 1, 2]
+    for m in first.values():  # no search before the last round
+        assert "recall@5" not in m and "recall@5-cloud" not in m
+    for m in last.values():  # the device asked the cloud for the same history: a hit at 1
         assert m["recall@5-cloud"] == 1.0 and m["ndcg@5-cloud"] == 1.0
         assert 0.0 <= m["ndcg@5"] <= m["recall@5"] <= 1.0
-    assert "recall@5" in per_node["all"]
+    for p in first:  # the backbone is frozen; the device's model moves with training
+        assert first[p]["item-nll-backbone"] == pytest.approx(last[p]["item-nll-backbone"])
+        assert first[p]["item-nll-backbone"] > 0 and last[p]["item-nll"] > 0
+        assert last[p]["item-nll"] != pytest.approx(last[p]["item-nll-backbone"])
+    assert "recall@5" in rounds[2]["all"] and "item-nll" in rounds[1]["all"]
