@@ -140,7 +140,7 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
 def _recipe(c) -> tuple[int, list[float]]:
     """(epochs, learning rates tried) of a finished cell or of the command line."""
     c = c["config"] if isinstance(c, dict) else vars(c)
-    return c["epochs"], [float(x) for x in c["lrs"]]
+    return c["epochs"], sorted(float(x) for x in c["lrs"])
 
 
 def _recipes(cells: dict) -> str:
@@ -210,12 +210,12 @@ def run(args) -> None:
     for i, (dataset, setting, size) in enumerate(todo, 1):
         key = cell_key(dataset, setting, None if size == args.train_size else size)
         done = results["cells"].get(key, {})
-        if done and setting in GATED and "config" in done and "gate_usage" not in done:
+        stale = "epochs" in done.get("config", {}) and _recipe(done) != _recipe(args)
+        if not stale and setting in GATED and "config" in done and "gate_usage" not in done:
             backfill_gate_figures(args, dataset, setting, size, done)
             _save(results, args.out)
-        stale = "epochs" in done.get("config", {}) and _recipe(done) != _recipe(args)
-        if done and not stale and ("skipped" not in done or setting in skips):
-            continue  # a skipped cell may run later
+        if done and (setting in skips or ("skipped" not in done and not stale)):
+            continue  # kept: asked to skip, or finished with this recipe (else it runs again)
         if setting in skips:
             results["cells"][key] = {"skipped": skips[setting]}
         else:

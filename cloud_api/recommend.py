@@ -85,10 +85,10 @@ class Recommender:
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
-                return self._memory[key].model_copy(update={"cached": True})
+                return self._memory[key].model_copy(update={"cached": True}, deep=True)
         out = self._search(body)
-        with self._lock:
-            self._memory[key] = out
+        with self._lock:  # a copy: what the caller does with `out` cannot change the memory
+            self._memory[key] = out.model_copy(deep=True)
             while len(self._memory) > self.settings.recommend_cache:
                 self._memory.popitem(last=False)
         return out

@@ -98,8 +98,8 @@ def fit(
 ) -> FitResult:
     """Train `setting` on `data.train`, calibrate its gate on `data.valid`, save to `out`
     (after every epoch, so an interrupted run resumes with `resume=True`).
-    `calibrate_gate=False` skips calibration (it generates from every validation prompt): a
-    learning-rate sweep calibrates only the rate it keeps (`assess(target_usage=…)`)."""
+    `calibrate_gate=False` skips calibration (it generates from `calibration_prompts` validation
+    prompts): a learning-rate sweep calibrates only the rate it keeps (`assess(target_usage=…)`)."""
     seconds: dict[str, float] = {}
     start_epoch, optimizer = 0, None
     if resume and Path(out).is_file():
@@ -107,6 +107,11 @@ def fit(
         if info.spa.setting != setting:
             raise ConfigError(f"{out} holds setting {info.spa.setting!r}, not {setting!r}")
         start_epoch = info.epoch
+        if start_epoch > cfg.epochs:
+            raise ConfigError(
+                f"{out} has trained {start_epoch} epochs, more than the {cfg.epochs} asked for; "
+                "move it away to train afresh"
+            )
         optimizer = make_optimizer(model, cfg)
         if optim:
             optimizer.load_state_dict(optim)
@@ -157,9 +162,11 @@ def assess(
     target_usage: float | None = None,
     cache_root: str | Path | None = None,
     max_new_tokens: int | None = None,
+    calibration_prompts: int = 30,
     progress: bool = True,
 ) -> tuple[EvalReport, Calibration | None]:
-    """Evaluate on the test split, first re-calibrating the gate to `target_usage` if given."""
+    """Evaluate on the test split, first re-calibrating the gate to `target_usage` if given (on
+    the validation split, as `fit` does: its first `calibration_prompts` prompts)."""
     calibration = None
     decode = DecodeConfig(max_new_tokens=max_new_tokens or data.splits.max_new_tokens)
     if target_usage is not None and model.setting in GATED_SETTINGS:
@@ -167,7 +174,8 @@ def assess(
         cache.ensure(data.valid, progress=progress)
         calibration = calibrate(
             model, cache.lazy(data.valid), target_usage,
-            prompts=[e.prompt for e in data.valid], decode=decode, progress=progress,
+            prompts=[e.prompt for e in data.valid[:calibration_prompts]], decode=decode,
+            progress=progress,
         )  # fmt: skip
     references = [r.output for r in data.splits.test]
     report = evaluate(
