@@ -220,6 +220,8 @@ def rescore(args) -> None:
             dataset not in args.datasets or setting not in args.settings):  # fmt: skip
             continue
         c, n = cell["config"], int(size[0].split("=")[1]) if size else args.train_size
+        if size and n not in args.sizes:  # Table 7's cells only when their sizes are named
+            continue
         data = prepare_data(
             backbone, data_config(args, dataset, n, c["valid_size"], c["test_size"])
         )
