@@ -225,8 +225,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25, help="devices trained per round")
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument(
-        "--search-rounds", choices=("every", "last"), default="every",
-        help="beauty: the catalogue search every round, or in the last only",
+        "--search-rounds", choices=("every", "last", "none"), default="every",
+        help="beauty: the catalogue search every round, in the last only, or never",
     )  # fmt: skip
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--backbone", default="smollm2")

@@ -9,9 +9,9 @@ side network against the cloud over HTTP (warm: from its own last checkpoint, ov
 the strategy shares), and replies with only the shared part plus metrics. Evaluation: on
 PersonaChat, Rouge-L of the held-out replies against `base`; on Beauty, Recall / NDCG @ `eval-k`
 of the held-out purchases, the device's side network scoring the cloud's catalogue search,
-against the cloud's own recommender (its trained target, else the backbone) — in every round,
-or only the last (`search-rounds = "last"`: the search is the costly part) — and, every round,
-the held-out title's loss per token under the device's model and under the backbone alone (a
+against the cloud's own recommender (its trained target, else the backbone) — every round, the
+last only, or never (`search-rounds`: the search is the costly part) — and, every round, the
+held-out title's loss per token under the device's model and under the backbone alone (a
 continuous measure where a few dozen devices' recalls are mostly 0). What the strategy shares:
 
 | strategy  | leaves the device (besides metrics)                               |
@@ -72,7 +72,7 @@ class RunConfig(BaseModel):
     held_out: int = Field(ge=1)
     eval_tokens: int = Field(ge=1)
     eval_k: int = Field(10, ge=1, le=50)
-    search_rounds: Literal["every", "last"] = "every"
+    search_rounds: Literal["every", "last", "none"] = "every"
     calibration_prompts: int = Field(ge=0)
     fail_partition: int
     seed: int
@@ -213,7 +213,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         else:
             metrics = _item_loss(cfg, agent, model, held)
             rnd = int(msg.content["config"].get("server-round", cfg.num_rounds))
-            if cfg.search_rounds == "every" or rnd >= cfg.num_rounds:
+            last = cfg.search_rounds == "last" and rnd >= cfg.num_rounds
+            if cfg.search_rounds == "every" or last:
                 metrics |= _recall(cfg, agent, model, purchases)
     metrics |= {"num-examples": len(held), "partition-id": node.partition}
     # which weights this device evaluated with (tests check fedavg's are equal everywhere)
