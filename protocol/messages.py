@@ -307,7 +307,8 @@ class FeaturesIn(Strict):
 class RecommendIn(Strict):
     """A purchase history (titles, oldest first) → the top-K catalogue items."""
 
-    history: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
+    # a title up to 2,048 characters: real catalogues have long ones (Beauty's longest is 879)
+    history: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(
         min_length=1, max_length=256
     )
     k: int = Field(10, ge=1, le=50, description="Items returned (= beams searched).")

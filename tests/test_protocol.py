@@ -16,7 +16,7 @@ from protocol.events import (
     TokenEvent,
     parse_event,
 )
-from protocol.messages import SessionTotals
+from protocol.messages import RecommendIn, SessionTotals
 
 EVENTS = [
     StartEvent(
@@ -64,3 +64,16 @@ def test_malformed_lines_are_refused():
     bad = EVENTS[2].model_copy(update={"taps": "not base64!"})
     with pytest.raises(wire.WireError, match="taps: not valid base64"):
         bad.decode_taps(Raw())
+
+
+def test_a_history_takes_the_catalogues_long_titles_and_refuses_absurd_ones():
+    """Beauty's catalogue has 21 titles over 512 characters (the longest 879): a user who bought
+    one must still get recommendations (this was a 422 before)."""
+    import json
+    from pathlib import Path
+
+    items = Path(__file__).resolve().parents[2] / "shared/data/beauty_items.json"
+    longest = max(json.loads(items.read_text()), key=len) if items.is_file() else "x" * 879
+    assert RecommendIn(history=["soap", longest]).history[1] == longest
+    with pytest.raises(ValidationError, match="at most 2048"):
+        RecommendIn(history=["x" * 2049])
