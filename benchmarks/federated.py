@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import write_results  # noqa: E402
+from _hardware import hardware, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -142,6 +142,7 @@ def summarise(args) -> None:
         "rows": rows, "metrics": pairs,
         "central": central(args, work / "beauty.jsonl") if args.task == "beauty" else None,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "hardware": hardware(), "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
     }  # fmt: skip
     write_results(results, args.out)
     table(args.out)
@@ -184,8 +185,8 @@ def _mean(values: list[float]) -> float:
 
 def table(path: Path) -> None:
     r = json.loads(Path(path).read_text())
-    print(f"Hardware: {r['hardware']}; {r['date']}")
-    for task, t in r["tasks"].items():
+    for task, t in r["tasks"].items():  # each task: the machine and date it was summarised on
+        print(f"Hardware: {t.get('hardware', r['hardware'])}; {t.get('date', r['date'])}")
         names = [n for pair in t.get("metrics") or [(t["metric"], t["base"])] for n in pair]
         c = t["config"]
         print(f"\n{task}: {c['devices']} devices, {c['rounds']} rounds, {c['fraction']} of them "
