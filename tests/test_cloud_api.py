@@ -146,7 +146,10 @@ def test_codec_publishes_the_public_basis_with_the_backbones_fingerprint(client,
     assert meta["fingerprint"] == backbone.fingerprint and meta["rank"] == "32"
     expected = fit_basis(backbone).truncate(32)  # fitted on the public corpus alone
     assert torch.equal(tensors["mean"], expected.mean)
-    assert torch.equal(tensors["vectors"], expected.vectors)
+    # the same directions: an SVD's last bits (and a vector's sign) depend on the thread count
+    # the cloud fitted with, so compare each published vector's cosine with its counterpart
+    cosines = (tensors["vectors"] * expected.vectors).sum(-2).abs()
+    torch.testing.assert_close(cosines, torch.ones_like(cosines), atol=1e-4, rtol=0)
     assert unpack_with_metadata(client.http.get("/v1/codec/int8").content)[0] == {}
     missing = client.http.get("/v1/codec/zip")
     assert missing.status_code == 404
