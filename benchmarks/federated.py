@@ -132,6 +132,11 @@ def summarise(args) -> None:
                 values = [m[name] for m in r["evaluate"] if name in m]
                 if values:
                     row |= {name: _mean(values), f"{name}_ci": bootstrap_interval(values)}
+            for metric, base in pairs:  # paired over devices: tighter than two intervals
+                diff = [m[metric] - m[base] for m in r["evaluate"] if metric in m and base in m]
+                if diff:
+                    row |= {f"{metric} − base": _mean(diff),
+                            f"{metric} − base_ci": bootstrap_interval(diff)}  # fmt: skip
             rows.append(row | {
                 "trained": len(sent),
                 "bytes_to_cloud": sum(m["bytes-to-cloud"] for m in sent) / max(len(sent), 1),
@@ -187,7 +192,9 @@ def table(path: Path) -> None:
     r = json.loads(Path(path).read_text())
     for task, t in r["tasks"].items():  # each task: the machine and date it was summarised on
         print(f"Hardware: {t.get('hardware', r['hardware'])}; {t.get('date', r['date'])}")
-        names = [n for pair in t.get("metrics") or [(t["metric"], t["base"])] for n in pair]
+        pairs = t.get("metrics") or [(t["metric"], t["base"])]
+        names = [n for pair in pairs for n in pair]
+        names += [f"{m} − base" for m, _ in pairs if any(f"{m} − base" in r for r in t["rows"])]
         c = t["config"]
         print(f"\n{task}: {c['devices']} devices, {c['rounds']} rounds, {c['fraction']} of them "
               f"trained per round, {c['local_epochs']} local epochs, "
