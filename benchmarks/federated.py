@@ -14,7 +14,7 @@ device sent to the cloud and to the server, the round's wall time, failures.
   trained target where `spa train-target` has run (else the zero-shot backbone; the JSON says
   which). Every round also measures the held-out title's loss per token (`item-nll`, beside the
   backbone's own), which the central target gets on the same items too (`central`); with
-  `--search-rounds last` the (costly) search runs in the last round only.
+  `--search-rounds last` (`none`) the costly search runs in the last round only (never).
 - personachat: each device is one user (persona sentences as free text, then replies), scored
   on its last two replies by Rouge-L; `base` is the backbone alone.
 
