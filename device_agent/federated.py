@@ -46,6 +46,7 @@ from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
 from personalization.training.evaluate import rouge_l
+from personalization.training.features import FeatureCache
 from personalization.training.train import TrainConfig, evaluate_loss
 from protocol.messages import RecommendIn
 
@@ -247,13 +248,18 @@ def _item_loss(
     cfg: RunConfig, agent: DeviceAgent, model: SPAModel, held: list[dict]
 ) -> dict[str, float]:
     """Held-out purchases, teacher-forced: the title's loss per token under the device's model
-    and under the backbone alone (one features request, tokenised as in training)."""
+    and under the backbone alone (tokenised as in training; features fetched once and kept in
+    the device's feature cache, as training's are, so later rounds ask the cloud for nothing)."""
     train = _train_config(cfg)
     examples = agent.client.tokenize(
         [to_record(i) for i in held], max_prompt_tokens=train.max_prompt_tokens,
         max_target_tokens=train.max_target_tokens, keep=train.keep,
     )  # fmt: skip
-    features = RemoteFeatures(agent.client, model.rungs, model.config.wire_dtype)(examples)
+    cache = FeatureCache(
+        RemoteFeatures(agent.client, model.rungs, model.config.wire_dtype), agent.store.root
+    )
+    cache.ensure(examples, progress=False)
+    features = cache.lazy(examples)
     backbone = -float(torch.cat([f.base_logprob for f in features]).mean())
     return {
         "item-nll": evaluate_loss(model, features, train.train).lm,
