@@ -109,11 +109,11 @@ class CloudSettings(BaseSettings):
         description="What ranks the items: default (spa train-target's last), zero-shot, or a "
         "checkpoint.",
     )
+    # The target is fixed for the server's life, so (history, strategy, k, gamma) → ranking holds.
     recommend_cache: int = Field(
         4096,
         ge=0,
-        description="Recommendations kept in memory by (history, strategy, k, gamma): the target "
-        "is fixed for the server's life, so a repeat is answered without a search (0: off).",
+        description="Recommendations remembered, so a repeated request skips the search (0: off).",
     )
     ssl_certfile: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM).")
     ssl_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
