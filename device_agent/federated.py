@@ -29,23 +29,19 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_agent.agent import DeviceAgent
 from device_agent.history import purchases_of, to_record, user_items
-from device_agent.recommend import RemoteRecommendation
+from device_agent.run_config import RunConfig
 from device_agent.trainer import DeviceTrainConfig, RemoteFeatures
-from personalization.atspeed.recommend import metrics as ranking_metrics
-from personalization.config import DecodeConfig, FederatedStrategy
+from personalization.config import DecodeConfig
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
-from personalization.training.evaluate import rouge_l
 from personalization.training.features import FeatureCache
 from personalization.training.train import TrainConfig, evaluate_loss
 from protocol.messages import RecommendIn
@@ -54,49 +50,6 @@ from protocol.messages import RecommendIn
 PERSONAL_PREFIXES = ("side.up.", "side.out_norm.", "gate.")
 
 app = ClientApp()
-
-
-class RunConfig(BaseModel):
-    """The run's `[tool.flwr.app.config]`, validated once for the server and the devices: a bad
-    value is one `ConfigError` naming its key, not a traceback deep in a round."""
-
-    model_config = ConfigDict(
-        frozen=True, extra="ignore", alias_generator=lambda name: name.replace("_", "-")
-    )
-
-    cloud_url: str
-    work_dir: Path
-    data: Path
-    strategy: FederatedStrategy
-    setting: str
-    local_epochs: int = Field(ge=1)
-    held_out: int = Field(ge=1)
-    eval_tokens: int = Field(ge=1)
-    eval_k: int = Field(10, ge=1, le=50)
-    search_rounds: Literal["every", "last", "none"] = "every"
-    calibration_prompts: int = Field(ge=0)
-    fail_partition: int
-    seed: int
-    num_rounds: int = Field(ge=1)
-    num_nodes: int = Field(ge=1)
-    fraction_train: float = Field(1.0, gt=0, le=1)  # of the available devices, each round
-    min_nodes: int = Field(ge=1)
-    round_timeout: float = Field(gt=0)
-    run_name: str = ""
-
-    @classmethod
-    def of(cls, context: Context) -> RunConfig:
-        return cls.parse(dict(context.run_config))
-
-    @classmethod
-    def parse(cls, values: dict) -> RunConfig:
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            reasons = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]
-            )
-            raise ConfigError(f"bad federated run config: {reasons}") from None
 
 
 def shared(model: SPAModel, strategy: str) -> dict[str, torch.Tensor]:
@@ -227,6 +180,8 @@ def _rouge(
     cfg: RunConfig, agent: DeviceAgent, model: SPAModel, held: list[dict]
 ) -> dict[str, float]:
     """Held-out replies: Rouge-L of the device (its setting) and of `base`, and gate usage."""
+    from personalization.training.evaluate import rouge_l  # PersonaChat only (nltk: seconds)
+
     decode = DecodeConfig(max_new_tokens=cfg.eval_tokens)
     scores = {"rouge-l": 0.0, "rouge-l-base": 0.0}
     tokens = device_tokens = 0
@@ -272,6 +227,10 @@ def _recall(
 ) -> dict[str, float]:
     """Held-out purchases: the device's ranking (its side network on the cloud's search) and the
     cloud's own, each purchase predicted from the ones before it."""
+    # Beauty only: the tree search loads transformers' model stack (seconds per Flower process)
+    from device_agent.recommend import RemoteRecommendation
+    from personalization.atspeed.recommend import metrics as ranking_metrics
+
     k, held = cfg.eval_k, range(len(purchases) - cfg.held_out, len(purchases))
     scores: dict[str, float] = {}
     for i in held:

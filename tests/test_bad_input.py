@@ -118,7 +118,7 @@ RUN_CONFIG_CASES = [
 
 @pytest.mark.parametrize(("change", "message"), RUN_CONFIG_CASES)
 def test_a_bad_flower_run_config_is_one_clear_line(change, message):
-    from device_agent.federated import RunConfig
+    from device_agent.run_config import RunConfig
     from personalization.errors import ConfigError
 
     values = _run_config() | change
@@ -131,7 +131,7 @@ def test_a_bad_flower_run_config_is_one_clear_line(change, message):
 
 
 def test_the_app_run_config_parses():
-    from device_agent.federated import RunConfig
+    from device_agent.run_config import RunConfig
 
     config = RunConfig.parse(_run_config())
     assert (config.strategy, config.local_epochs, config.run_name) == ("fedavg", 2, "")

@@ -2,9 +2,11 @@
 
 Starts the cloud API once (`spa cloud`, a real uvicorn server) for every device, sets the safe
 Flower environment (no runtime dependency re-install, no telemetry or update checks, a run-local
-FLWR_HOME), then either runs `flwr run <project> --stream` on the simulation engine and stops the
-local SuperLink `flwr run` started, or (`deployment=True`) starts a SuperLink and one SuperNode
-per device as separate processes (`app.federation.deployment`); then it stops the cloud.
+FLWR_HOME), then either runs `flwr run <project> --stream` on the simulation engine — on a local
+SuperLink of its own (free ports, not Flower's fixed 39091/39093, which a second run on the same
+machine would share and the first would stop under it) — and stops that SuperLink, or
+(`deployment=True`) starts a SuperLink and one SuperNode per device as separate processes
+(`app.federation.deployment`); then it stops the cloud.
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ import sys
 import time
 from pathlib import Path
 
-from app.cloud_process import cloud
+from app.cloud_process import cloud, free_port
 from app.federation.env import PROJECT, flower_env, run_config
 
 
-def superlinks() -> set[int]:
-    """PIDs of running `flower-superlink` processes (from /proc)."""
+def superlinks(port: int | None = None) -> set[int]:
+    """PIDs of running `flower-superlink` processes (from /proc); only the one serving `port`
+    where given."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if b"flower-superlink" in (entry / "cmdline").read_bytes():
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if any(a.endswith(b"flower-superlink") for a in argv) and (
+                    port is None or b"%d" % port in argv
+                ):
                     pids.add(int(entry.name))
     return pids
 
@@ -75,7 +81,6 @@ def federate(
     """Run the app once; returns 0 when the run completed. Output streams to the terminal."""
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    before = superlinks()
     with contextlib.ExitStack() as stack:
         url = cloud_url or stack.enter_context(cloud(backbone, work, catalogue=catalogue))
         config = {
@@ -91,8 +96,13 @@ def federate(
             "--federation-config",
             f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}",
         ]  # fmt: skip
+        link, control = free_port(), free_port()  # `flwr run` starts its local SuperLink there
+        env = flower_env(work) | {
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(link),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+        }
         try:
-            return subprocess.run(command, env=flower_env(work), cwd=PROJECT).returncode
+            return subprocess.run(command, env=env, cwd=PROJECT).returncode
         finally:
-            for pid in superlinks() - before:  # the SuperLink `flwr run` left running
+            for pid in superlinks(link):  # the SuperLink `flwr run` left running
                 stop(pid)

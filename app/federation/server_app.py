@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from app.federation.records import Failure, Records, RoundMetric, plot, table
-from device_agent.federated import RunConfig
+from device_agent.run_config import RunConfig
 
 app = ServerApp()
 
