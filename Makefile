@@ -39,8 +39,11 @@ demo: install                         ## set up, prepare the backbone, run the d
 	$(BIN)/spa prepare
 	$(BIN)/spa demo
 
+# Two workers, each test file whole on one of them (its module fixtures start servers once), in
+# collection order: the slow files first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install-test lint               ## set up, lint, run the whole test suite
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -7,11 +7,20 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one thread each, and
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # so for the servers they start, else four
+    # threads spin on two cores (set before torch is imported, which reads it once)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from personalization.backbone.frozen import Backbone  # noqa: E402
 from personalization.backbone.loading import load_backbone  # noqa: E402
 from personalization.backbone.tiny import ARCHS, tiny_backbone  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow modules first (stable otherwise): under `make test`'s two workers each starts at once
+    on a worker of its own instead of ending the run alone (with --no-loadscope-reorder)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -565,7 +565,7 @@ def test_delay_line_charges_one_way_latency_once_per_burst():
         elapsed = time.perf_counter() - start
         client.close()
     assert len(body) == 20 * 101
-    assert 0.2 <= elapsed < 0.2 * 3  # ~RTT (+ local overhead), nowhere near 20 × 0.1 s
+    assert 0.2 <= elapsed < 1.0  # ~RTT (+ local overhead on a busy machine), not 20 × 0.1 s
     assert client.link.bytes_down == len(body)
 
 

@@ -21,7 +21,7 @@ import pytest
 from cloud_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def instructions() -> list[tuple[str, str]]:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 from cloud_server import running
-from test_federated import _users
+from test_federated import _users, flower_processes_of
 
-from app.federation.deployment import FLOWER_PROGRAMS
 from app.federation.records import Records, RoundMetric
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _federate(work: Path, data: Path, url: str, strategy: str) -> subprocess.Popen:
@@ -31,22 +30,6 @@ def _federate(work: Path, data: Path, url: str, strategy: str) -> subprocess.Pop
                "--cloud-url", url, "--run-name", strategy, "--local-epochs", "1"]  # fmt: skip
     log = (work.parent / f"{work.name}.log").open("w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _flower_processes_of(work: Path) -> list[int]:
-    """Flower processes (anywhere) whose environment points into `work`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            environ = (entry / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if any(p in cmdline for p in FLOWER_PROGRAMS) and str(work) in environ:
-            found.append(int(entry.name))
-    return found
 
 
 def _kill_node_when_training(work: Path, partition: int, process: subprocess.Popen) -> float:
@@ -139,4 +122,4 @@ def test_a_killed_supernode_is_a_recorded_failure_and_the_run_completes(deployed
 
 def test_no_flower_process_is_left_behind(deployed):
     for work in deployed.values():
-        assert _flower_processes_of(work) == []
+        assert flower_processes_of(work) == []
