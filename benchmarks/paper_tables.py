@@ -326,6 +326,8 @@ def table(path: Path) -> None:
                 _cell(c, "rouge") + ("" if not c or "skipped" in c else f" ({c['usage']:.2f})")
             )
         print(f"| {label} | " + " | ".join(row) + " |")
+    paired = (_paired(cells.get(f"{d}/spa"), cells.get(f"{d}/full")) for d in datasets)
+    print("| SPA − S1, paired | " + " | ".join(paired) + " |")
     sizes = sorted({int(k.split("train=")[1]) for k in cells if "/train=" in k})
     if sizes:
         print("\nTable 7 — spa by training-set size: the gate's own usage (p(device) ≥ 0.5 on "
