@@ -40,7 +40,7 @@ demo: install                         ## set up, prepare the backbone, run the d
 	$(BIN)/spa demo
 
 # Two workers, each test file whole on one of them (its module fixtures start servers once), in
-# collection order: the slow files first (tests/conftest.py).
+# collection order: the files with slow tests first (tests/conftest.py), so they start early.
 TEST_WORKERS ?= 2
 test: install-test lint               ## set up, lint, run the whole test suite
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

@@ -5,6 +5,7 @@ device and what the devices end up sharing; a failing device does not stop the r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,19 @@ def _users(path: Path) -> Path:
     return path
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def flower_processes_of(work: Path) -> list[int]:
-    """Flower processes (anywhere) whose environment points into `work` (a run's FLWR_HOME)."""
+def flower_processes_of(work: Path, grace_s: float = 15.0) -> list[int]:
+    """Flower processes (anywhere) whose environment points into `work` (a run's FLWR_HOME),
+    given `grace_s` to finish exiting (a stopped SuperLink's children go a moment after it)."""
+    deadline = time.monotonic() + grace_s
+    while (found := _flower_processes_of(work)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
+def _flower_processes_of(work: Path) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -43,7 +52,10 @@ def flower_processes_of(work: Path) -> list[int]:
             environ = (entry / "environ").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if any(p in cmdline for p in FLOWER_PROGRAMS) and str(work) in environ:
+        if (
+            any(p in cmdline for p in (*FLOWER_PROGRAMS, "flwr-simulation"))
+            and str(work) in environ
+        ):
             found.append(int(entry.name))
     return found
 
