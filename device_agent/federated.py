@@ -37,12 +37,11 @@ from flwr.clientapp import ClientApp
 from device_agent.agent import DeviceAgent
 from device_agent.history import purchases_of, to_record, user_items
 from device_agent.run_config import RunConfig
-from device_agent.trainer import DeviceTrainConfig, RemoteFeatures
+from device_agent.trainer import DeviceTrainConfig, remote_cache
 from personalization.config import DecodeConfig
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
 from personalization.training.data import read_jsonl
-from personalization.training.features import FeatureCache
 from personalization.training.train import TrainConfig, evaluate_loss
 from protocol.messages import RecommendIn
 
@@ -210,9 +209,7 @@ def _item_loss(
         [to_record(i) for i in held], max_prompt_tokens=train.max_prompt_tokens,
         max_target_tokens=train.max_target_tokens, keep=train.keep,
     )  # fmt: skip
-    cache = FeatureCache(
-        RemoteFeatures(agent.client, model.rungs, model.config.wire_dtype), agent.store.root
-    )
+    cache = remote_cache(agent.client, model.rungs, model.config.wire_dtype, agent.store.root)
     cache.ensure(examples, progress=False)
     features = cache.lazy(examples)
     backbone = -float(torch.cat([f.base_logprob for f in features]).mean())

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -114,6 +115,14 @@ class RemoteFeatures(FeatureSource):
         return out
 
 
+def remote_cache(
+    client: CloudClient, rungs: Sequence[int], dtype: str, root: str | Path
+) -> FeatureCache:
+    """The device's feature cache (under its store), filled from the cloud: one for training and
+    evaluation alike, so what one fetched the other finds (cf. `features.make_cache`)."""
+    return FeatureCache(RemoteFeatures(client, rungs, dtype), root)
+
+
 def frozen_head(client: CloudClient, store: Store) -> FrozenHead:
     """The backbone's head and the public basis of its taps (what low-rank tap encodings need),
     each fetched once per weight fingerprint and kept in the store."""
@@ -186,7 +195,7 @@ def train_device(
     store.update_run(run.id, status="running", error="")
 
     try:
-        cache = FeatureCache(RemoteFeatures(client, model.rungs, cfg.wire_dtype), store.root)
+        cache = remote_cache(client, model.rungs, cfg.wire_dtype, store.root)
         wanted = train_ex + valid_ex
         notify(Progress("features", 0, len(wanted)))
         passes = cache.ensure(wanted, progress=progress)

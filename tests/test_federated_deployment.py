@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from cloud_server import running
-from test_federated import _users, flower_processes_of
+from test_federated import _nodes, _users, flower_processes_of
 
-from app.federation.records import Records, RoundMetric
+from app.federation.records import Records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -63,15 +63,7 @@ def deployed(tmp_path_factory) -> Path:
 
 
 def _rounds(work: Path, phase: str) -> dict[int, dict[str, dict]]:
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
-    records = Records(f"sqlite:///{work / 'federated.db'}")
-    out: dict[int, dict[str, dict]] = {}
-    with Session(records.engine) as s:
-        for r in s.scalars(select(RoundMetric).where(RoundMetric.phase == phase)):
-            out.setdefault(r.round, {})[r.node] = r.metrics
-    return out
+    return _nodes(work.parent, work.name, phase)  # the run's work dir is <root>/<run name>
 
 
 def _partitions(per_node: dict[str, dict]) -> list[int]:

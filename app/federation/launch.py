@@ -23,17 +23,14 @@ from app.cloud_process import cloud, free_port
 from app.federation.env import PROJECT, flower_env, run_config
 
 
-def superlinks(port: int | None = None) -> set[int]:
-    """PIDs of running `flower-superlink` processes (from /proc); only the one serving `port`
-    where given."""
+def superlinks(port: int) -> set[int]:
+    """PIDs of the running `flower-superlink` processes serving `port` (from /proc)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if any(a.endswith(b"flower-superlink") for a in argv) and (
-                    port is None or b"%d" % port in argv
-                ):
+                if any(a.endswith(b"flower-superlink") for a in argv) and b"%d" % port in argv:
                     pids.add(int(entry.name))
     return pids
 
