@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app import demo_catalogue
 from app.cloud_process import cloud
 from app.devices import DemoConfig, Devices, default_root
-
-#: the Recommend tab's catalogue, where the shared data is next to the checkout
-SHARED_CATALOGUE = Path("../shared/data/beauty_items.json")
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,24 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     root = settings.root.expanduser()
+    items, histories = demo_catalogue.write(root / "shop")  # the Recommend tab's own shop
     with contextlib.ExitStack() as stack:
         url = settings.cloud_url
         if url is None:
             log = root / "cloud" / "cloud.log"
             say(f"starting the cloud API (backbone {settings.backbone}); log: {log}")
-            items = SHARED_CATALOGUE if SHARED_CATALOGUE.is_file() else None
             url = stack.enter_context(cloud(settings.backbone, root / "cloud", catalogue=items))
         devices = Devices(root, url, settings.config)
         say(f"cloud API at {url} (spec: {url}/docs), backbone {devices.backbone}")
         say(f"devices in {devices.root}; training the demo users that are not trained yet")
 
         def prepare() -> None:
+            if settings.cloud_url is None:  # a remote cloud recommends from its own catalogue
+                shop = root / "shop"
+                if train_shop_target(settings.backbone, items, histories, shop):
+                    say(f"shop recommender ready {time.monotonic() - started:.0f} s after start")
+                else:
+                    say(f"training the shop's recommender failed: see {shop / 'train.log'}")
             trained = devices.prepare()
             done = "trained now: " + ", ".join(trained) if trained else "cached"
             say(f"demo users ready ({done}) {time.monotonic() - started:.0f} s after start")
@@ -63,12 +69,15 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
         threading.Thread(target=prepare, daemon=True, name="demo-users").start()
         from app.ui import build  # gradio is slow to import: only when serving
 
-        page = build(devices, root)
+        page = build(devices, root, histories)
         page.queue(default_concurrency_limit=4)
         page.launch(
-            server_name=settings.host, server_port=settings.port, prevent_thread_lock=True,
-            ssr_mode=False, quiet=True,
-        )  # fmt: skip
+            server_name=settings.host,
+            server_port=settings.port,
+            prevent_thread_lock=True,
+            ssr_mode=False,
+            quiet=True,
+        )
         stack.callback(page.close)
         shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         say(
@@ -79,3 +88,21 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
             while not stop.wait(1):
                 pass
         say("stopping")
+
+
+def train_shop_target(backbone: str, items: Path, histories: Path, work: Path) -> bool:
+    """`spa train-target` on the demo shop (cached after the first time); its output goes to
+    `work/train.log`. True when the target is ready."""
+    command = [
+        sys.executable,
+        "-c",
+        "from app.cli import main; main()",
+        "train-target",
+        str(histories),
+        "--catalogue",
+        str(items),
+        "--backbone",
+        backbone,
+    ]
+    with (work / "train.log").open("w") as log:
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode == 0

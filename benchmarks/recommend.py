@@ -1,311 +1,494 @@
-"""Next-item recommendation on Amazon Beauty: the trained target against what users would
-otherwise pick, on one split (issue 20).
+"""Next-item recommendation on item codes, as AtSpeed runs it (issue 34).
 
-    python benchmarks/recommend.py train    [--setting full] [--epochs 4]   # cached
-    python benchmarks/recommend.py quality  [--users 500] [--methods ...]   # resumable
-        [--relaxed-draft DRAFT.safetensors]  # the "relaxed" row: an AtSpeed-R draft
+    python benchmarks/recommend.py codes                       # build (cached) and report codes
+    python benchmarks/recommend.py train  [--epochs 20] [--lr 1e-3]          # cached when done
+    python benchmarks/recommend.py quality [--methods ...] [--eval-data FILE]  # resumable
+    python benchmarks/recommend.py speed  [--speed-users 100] [--recall-users 300]
     python benchmarks/recommend.py table
 
-The split is `personalization.atspeed.target.TargetConfig`'s: users shuffled by seed, 500 test
-users and 100 validation users held out, every other user's purchase history (each purchase from
-the ones before it) trains — the target, and on the same sequences the baselines: most popular,
-SASRec and GRU4Rec from Cornac. Every user's validation and test items stay out of training. A test
-user's history (purchases, then validation items) is the prompt; the truth is their test item.
-One more reference row breaks that rule on purpose and says so: "recent popular" ranks the items
-bought in the validation period (every user's validation items, all before the test period) —
-what a time-split most-popular list can reach.
+The split is AtSpeed's (`personalization.atspeed.split`): by global time, every user kept —
+everything before the validation period trains, the validation items choose the epoch, and every
+user with a test item is scored on all of their test items from their last ≤ 20 purchases
+(history + validation). Methods on the same users, same run: the code target (beam search over the
+code trie, 20 beams; Recall/NDCG @ 5, 10, 20 read from its top 20), most popular (training
+period), recent popular (the validation period), the content baseline (TF-IDF nearest to the last
+purchases; how many, and whether bought items are skipped, chosen on validation), SASRec and
+GRU4Rec (Cornac). Each method's lists go to .bench/recommend/<method>.jsonl as they are made.
 
-The generative methods (the backbone zero-shot, the trained target) return the top 20 of one
-catalogue-constrained beam search with 20 beams, run as strict speculative search with the
-backbone's first two layers as the draft — whose output is the target's own beam search (tests
-check it) — and Recall / NDCG @ 5, 10, 20 are read from that list, for every method alike. The
-"relaxed" row is the trained target under relaxed speculative search (K = 20, an AtSpeed-R draft
-distilled by benchmarks/speculative_beam.py): its speed-up and "= beam" are against the trained
-target's lists of the same users. Each method's ranked lists go to
-.bench/recommend/<method>.jsonl as they are computed (a rerun resumes); the figures, with
-bootstrap 95 % intervals, go to benchmarks/results/recommend.json together with
-benchmarks/results/speculative_beam.json's rows (speed-up and acceptance at K = 1, 5, 10, 20),
-and `table` prints both.
+`speed` distils AtSpeed-S and AtSpeed-R drafts (the coded backbone's first layers; teacher: the
+target's own beam search on training-period windows) and times, user by user in rotating order,
+the target's beam search against strict and relaxed speculative search at K = 1, 5, 10, 20; relaxed
+recall at K = 20 is compared with the beam lists of the same users.
+
+Figures with bootstrap 95 % intervals (paired over users for differences) go to
+benchmarks/results/recommend.json; its `summary` holds the figures issue 34 names.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from _hardware import write_results
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import write_results  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from personalization.atspeed.target import TargetConfig  # noqa: E402
-
 RESULTS = ROOT / "benchmarks/results/recommend.json"
 KS = (5, 10, 20)
-RELAXED = "trained target, relaxed"
-METHODS = ("most popular", "recent popular", "SASRec", "GRU4Rec", "zero-shot backbone",
-           "trained target", RELAXED)  # fmt: skip
-GENERATIVE = ("zero-shot backbone", "trained target", RELAXED)
-SPECULATIVE = ROOT / "benchmarks/results/speculative_beam.json"
+TARGET = "code target"
+BASELINES = ("most popular", "recent popular", "content", "SASRec", "GRU4Rec")
+METHODS = (TARGET, *BASELINES)
+SPEED_KS = (1, 5, 10, 20)
 
 
-def _split(args) -> tuple[list[dict], list[list[str]], list[str]]:
-    """The test users (history + validation items → test item), the training sequences, and the
-    validation period's purchases (every user's validation items)."""
-    import random
+# ---- shared pieces -------------------------------------------------------------------------------
+def _users(path: Path):
+    from personalization.atspeed.split import load_users
 
-    from personalization.training.data import read_jsonl
-
-    cfg = TargetConfig(setting=args.setting, seed=args.seed)
-    rows = list(read_jsonl(args.data / "beauty.jsonl"))
-    random.Random(cfg.seed).shuffle(rows)  # as training.data.load_splits
-    test = rows[: cfg.test_users][: args.users]
-    train = rows[cfg.test_users + cfg.valid_users :]
-    users = [{"user": r["user_id"], "history": r["history"] + r["valid"], "truth": r["test"][0]}
-             for r in test]  # fmt: skip
-    return users, [r["history"] for r in train], [t for r in rows for t in r["valid"]]
+    return load_users(path)
 
 
-def _target(args):
-    from personalization.atspeed.target import target_path
+def _codes(args):
+    from personalization.atspeed.codes import CodeConfig, cached_codes
+    from personalization.atspeed.recommend import load_titles
+
+    return cached_codes(load_titles(args.data / "beauty_items.json"), CodeConfig(seed=args.seed))
+
+
+def _target_config(args):
+    from personalization.atspeed.code_target import CodeTargetConfig
+
+    return CodeTargetConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+
+
+def _recommender(args):
+    from personalization.atspeed.code_target import load_code_target, train_code_target
     from personalization.backbone.loading import load_backbone
 
-    backbone = load_backbone(args.backbone)
-    return backbone, target_path(backbone, _target_config(args))
+    backbone, codes = load_backbone(args.backbone), _codes(args)
+    trained = train_code_target(
+        backbone, codes, _users(args.data / "beauty.jsonl"), _target_config(args)
+    )
+    return load_code_target(trained.path, backbone, codes), trained
 
 
-def _target_config(args) -> TargetConfig:
-    return TargetConfig(setting=args.setting, epochs=args.epochs, lr=args.lr, seed=args.seed)
+def _work(args) -> Path:
+    tag = "" if args.eval_data is None else "-" + args.eval_data.stem
+    work = Path(args.work + tag)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _read(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {r["user"]: r for r in rows}
+
+
+# ---- phases --------------------------------------------------------------------------------------
+def codes(args) -> None:
+    c = _codes(args)
+    print(json.dumps({"config": asdict(c.config), **c.stats}, indent=1))
 
 
 def train(args) -> None:
-    from personalization.atspeed.target import train_target
-    from personalization.backbone.loading import load_backbone
-
-    backbone = load_backbone(args.backbone)
-    t0 = time.perf_counter()
-    path = train_target(backbone, args.data / "beauty.jsonl", _target_config(args))
-    print(f"trained target: {path} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    _, trained = _recommender(args)
+    print(f"target: {trained.path}; best epoch {trained.best_epoch}; {trained.seconds}")
 
 
-def _rank_generative(args, model, users, out: Path, relaxed: Path | None = None) -> None:
-    """Top-20 titles per user by strict speculative beam search (= the model's beam search), or
-    with `relaxed` (an AtSpeed-R draft) by relaxed speculative search."""
-    from personalization.atspeed.catalogue import Catalogue
-    from personalization.atspeed.draft import Draft, DraftConfig
-    from personalization.atspeed.recommend import (
-        RecommendConfig,
-        history_prompt,
-        load_titles,
-        recommend,
-    )
+def _content_choice(args, users, titles) -> dict:
+    """The content baseline's recent items and seen-item rule, by validation Recall@10."""
+    from personalization.atspeed.baselines import Content
+    from personalization.atspeed.recommend import metrics
+    from personalization.atspeed.split import valid_cases
 
-    backbone = model.backbone
-    catalogue = Catalogue.from_titles(backbone, load_titles(args.data / "beauty_items.json"))
-    strict = relaxed is None
-    draft = Draft(backbone, DraftConfig(layers=2)) if strict else Draft.load(relaxed, backbone)[0]
-    cfg = RecommendConfig(strategy="speculative-strict" if strict else "speculative-relaxed",
-                          k=max(KS), gamma=5, draft_beams=max(KS))  # fmt: skip
-    done = _done(out)
-    todo = [u for u in users[: args.limit] if u["user"] not in done]
-    if args.reverse:  # a second process on the same method works from the other end
-        todo.reverse()
-    with out.open("a") as f:
-        for u in tqdm(todo, desc=out.stem, unit="user"):
-            t0 = time.perf_counter()
-            result = recommend(model, catalogue, [history_prompt(backbone, u["history"])], cfg,
-                               draft)  # fmt: skip
-            seconds = time.perf_counter() - t0
-            titles = [i.title for i in result.items[0]]
-            f.write(json.dumps({"user": u["user"], "titles": titles, "s": seconds}) + "\n")
-            f.flush()
+    cases = valid_cases(users)
+    best = None
+    for recent in (1, 2, 3, 5):
+        for exclude in (False, True):
+            model = Content(titles, recent, exclude)
+            r = metrics(
+                [model.recommend(c.items, 10) for c in cases], [c.truth for c in cases], 10
+            )["recall@10"]
+            if best is None or r > best["valid_recall@10"]:
+                best = {"recent": recent, "exclude_seen": exclude, "valid_recall@10": r}
+    return best
 
 
-def _done(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    return {json.loads(line)["user"] for line in path.read_text().splitlines() if line.strip()}
+def _baseline(args, method, train_users, titles):
+    from personalization.atspeed.baselines import Content, MostPopular, Sequential
+    from personalization.atspeed.split import training_sequences, validation_period
+
+    if method == "most popular":
+        return MostPopular(training_sequences(train_users)), {}
+    if method == "recent popular":
+        return MostPopular([validation_period(train_users)]), {}
+    if method == "content":
+        choice = _content_choice(args, train_users, titles)
+        return Content(titles, choice["recent"], choice["exclude_seen"]), choice
+    options = {"n_epochs": args.cornac_epochs, "batch_size": 128, "seed": args.seed}
+    return Sequential(training_sequences(train_users), method.lower(), **options), options
 
 
 def quality(args) -> None:
-    users, sequences, recent = _split(args)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"{len(users)} test users; {len(sequences)} training sequences, "
-          f"{sum(len(s) for s in sequences)} purchases", flush=True)  # fmt: skip
+    from personalization.atspeed.recommend import RecommendConfig, load_titles, recommend
+    from personalization.atspeed.split import test_cases
+
+    train_users = _users(args.data / "beauty.jsonl")
+    eval_users = train_users if args.eval_data is None else _users(args.eval_data)
+    cases = test_cases(eval_users)[: args.users]
+    titles = load_titles(args.data / "beauty_items.json")
+    work = _work(args)
+    print(f"{len(cases)} users scored; {len(train_users)} users' histories train", flush=True)
     for method in args.methods:
         out = work / f"{method.replace(' ', '-')}.jsonl"
-        if method not in GENERATIVE:
-            if len(_done(out)) >= len(users):
-                continue
-            from personalization.atspeed.baselines import MostPopular, Sequential
-
-            t0 = time.perf_counter()
-            if method == "most popular":
-                model = MostPopular(sequences)
-            elif method == "recent popular":
-                model = MostPopular([recent])
-            else:
-                model = Sequential(sequences, method.lower(), **_cornac_options(args))
-            fit_s = time.perf_counter() - t0
-            with out.open("w") as f:
-                for u in users:
-                    t0 = time.perf_counter()
-                    titles = model.recommend(u["history"], max(KS))
-                    seconds = time.perf_counter() - t0
-                    f.write(json.dumps({"user": u["user"], "titles": titles, "s": seconds,
-                                        "fit_s": fit_s}) + "\n")  # fmt: skip
-            print(f"{method}: fitted in {fit_s:.0f} s", flush=True)
+        done = _read(out)
+        todo = [c for c in cases if c.user not in done]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        if method == TARGET:
+            rec, _ = _recommender(args)
+            known = set(rec.index)
+            model, fit = None, {}
         else:
-            from personalization.config import SPAConfig
-            from personalization.model import SPAModel
-            from personalization.training.checkpoint import load_checkpoint
-
-            backbone, path = _target(args)
-            if method == "zero-shot backbone":
-                model = SPAModel(backbone, SPAConfig(setting="base"))
-            elif not path.is_file():
-                print(f"{method}: not trained yet ({path}); run the train phase", flush=True)
-                continue
-            elif method == RELAXED and args.relaxed_draft is None:
-                print(f"{method}: needs --relaxed-draft (an AtSpeed-R draft)", flush=True)
-                continue
-            else:
-                model = load_checkpoint(path, backbone)[0].eval()
-            draft = args.relaxed_draft if method == RELAXED else None
-            _rank_generative(args, model, users, out, draft)
-    summarise(args, users)
-
-
-def _cornac_options(args) -> dict:
-    return {"n_epochs": args.cornac_epochs, "batch_size": 128, "seed": args.seed}
-
-
-def _rows(args, method: str, truths: dict) -> list[dict]:
-    path = Path(args.work) / f"{method.replace(' ', '-')}.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-    first = {}
-    for r in rows:  # two processes meeting in the middle may both score one user: keep one
-        first.setdefault(r["user"], r)
-    return [r for r in first.values() if r["user"] in truths]
+            model, fit = _baseline(args, method, train_users, titles)
+        fit_s = time.perf_counter() - t0
+        with out.open("a") as f:
+            for c in tqdm(todo, desc=method, unit="user"):
+                t0 = time.perf_counter()
+                if model is None:
+                    items = [t for t in c.items if t in known]
+                    found = recommend(
+                        rec.model, rec.catalogue, [rec.prompt(items)], RecommendConfig(k=max(KS))
+                    ).items[0]
+                    ranked = [i.title for i in found]
+                else:
+                    ranked = model.recommend(list(c.items), max(KS))
+                row = {
+                    "user": c.user,
+                    "titles": ranked,
+                    "s": time.perf_counter() - t0,
+                    "fit_s": fit_s,
+                    "fit": fit,
+                }
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+    summarise(args)
 
 
-def summarise(args, users) -> None:
-    from personalization.atspeed.recommend import metrics
+def _drafts(args, rec, users):
+    """AtSpeed-S and AtSpeed-R drafts of the code target (cached by setup)."""
+    from personalization.atspeed.distill import DistillConfig, distill, teacher_data
+    from personalization.atspeed.draft import Draft, DraftConfig
+    from personalization.backbone.embedded import cache_dir
+
+    windows = [u.history for u in users if len(u.history) >= 2][: args.teacher_users]
+    prompts = [rec.prompt(h[:-1]) for h in windows]
+    truths = [rec.tokens([h[-1]]) for h in windows]
+    setup = {
+        "target": rec.backbone.fingerprint,
+        "codes": rec.codes.fingerprint,
+        "users": len(windows),
+        "beams": args.teacher_beams,
+        "layers": args.draft_layers,
+        "checkpoint": hashlib.sha256(Path(args.target_path).read_bytes()).hexdigest()[:12],
+    }
+    drafts, examples, report = {}, None, {}
+    for method in ("atspeed-s", "atspeed-r"):
+        cfg = DistillConfig(method=method, epochs=args.draft_epochs, top_k=args.teacher_beams)
+        key = json.dumps({**setup, **asdict(cfg)}, sort_keys=True)
+        path = (
+            cache_dir()
+            / "drafts"
+            / f"codes-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+        )
+        if path.is_file():
+            drafts[method], info = Draft.load(path, rec.backbone)
+            report[method] = info
+            continue
+        if examples is None:
+            t0 = time.perf_counter()
+            examples = teacher_data(rec.model, prompts, truths, rec.catalogue, args.teacher_beams)
+            report["teacher_s"] = time.perf_counter() - t0
+        draft = Draft(rec.backbone, DraftConfig(layers=args.draft_layers))
+        fit = distill(draft, examples, rec.catalogue, cfg)
+        info = {"distill": asdict(cfg), "losses": fit.epochs, "seconds": fit.seconds}
+        draft.save(path, info)
+        drafts[method], report[method] = draft, info
+        print(f"{method}: loss {fit.epochs} in {fit.seconds:.0f} s", flush=True)
+    return drafts, report
+
+
+def speed(args) -> None:
+    from personalization.atspeed.recommend import RecommendConfig, metrics, recommend
+    from personalization.atspeed.split import test_cases
+
+    rec, trained = _recommender(args)
+    args.target_path = str(trained.path)
+    users = _users(args.data / "beauty.jsonl")
+    drafts, draft_report = _drafts(args, rec, users)
+    cases = [c for c in test_cases(users) if any(t in rec.index for t in c.items)]
+    methods = {
+        "beam": ("beam", None),
+        "strict": ("speculative-strict", "atspeed-s"),
+        "relaxed": ("speculative-relaxed", "atspeed-r"),
+    }
+    rows = []
+    for K in SPEED_KS:
+        runs = {m: [] for m in methods}
+        for u, c in enumerate(tqdm(cases[: args.speed_users], desc=f"speed K={K}")):
+            prompt = rec.prompt([t for t in c.items if t in rec.index])
+            names = list(methods)[u % 3 :] + list(methods)[: u % 3]  # rotate the order
+            for name in names:
+                strategy, draft = methods[name]
+                cfg = RecommendConfig(
+                    strategy=strategy,
+                    k=K,
+                    gamma=args.gamma,
+                    draft_beams=args.draft_beams * K,
+                    seed=u,
+                )
+                t0 = time.perf_counter()
+                found = recommend(rec.model, rec.catalogue, [prompt], cfg, drafts.get(draft))
+                runs[name].append((time.perf_counter() - t0, found))
+        beam_s = sum(t for t, _ in runs["beam"])
+        for name, results in runs.items():
+            stats = [r.stats for _, r in results if r.stats is not None]
+            drafted = sum(s.drafted_steps for s in stats)
+            same = sum(
+                _same(r.items[0], b.items[0])
+                for (_, r), (_, b) in zip(results, runs["beam"], strict=True)
+            )
+            rows.append(
+                {
+                    "K": K,
+                    "method": name,
+                    "users": len(results),
+                    "s_per_user": sum(t for t, _ in results) / len(results),
+                    "speedup": beam_s / sum(t for t, _ in results),
+                    "acceptance": sum(s.accepted_steps for s in stats) / drafted
+                    if drafted
+                    else None,
+                    "identical": same / len(results),
+                }
+            )
+    # relaxed recall at K = 20 on more users, against the same users' beam lists (quality phase)
+    beam_lists = _read(_work(args) / f"{TARGET.replace(' ', '-')}.jsonl")
+    recall_cases = [c for c in cases if c.user in beam_lists][: args.recall_users]
+    relaxed = []
+    for u, c in enumerate(tqdm(recall_cases, desc="relaxed recall@20")):
+        prompt = rec.prompt([t for t in c.items if t in rec.index])
+        cfg = RecommendConfig(
+            strategy="speculative-relaxed",
+            k=20,
+            gamma=args.gamma,
+            draft_beams=args.draft_beams * 20,
+            seed=u,
+        )
+        relaxed.append(
+            [
+                i.title
+                for i in recommend(
+                    rec.model, rec.catalogue, [prompt], cfg, drafts["atspeed-r"]
+                ).items[0]
+            ]
+        )
+    truths = [c.truth for c in recall_cases]
+    beam20 = metrics([beam_lists[c.user]["titles"] for c in recall_cases], truths, 20)
+    relaxed20 = metrics(relaxed, truths, 20)
+    out = {
+        "rows": rows,
+        "drafts": draft_report,
+        "relaxed_recall": {
+            "users": len(recall_cases),
+            "beam": beam20["recall@20"],
+            "relaxed": relaxed20["recall@20"],
+        },
+        "config": {
+            "gamma": args.gamma,
+            "draft_beams": f"{args.draft_beams}·K",
+            "draft_layers": args.draft_layers,
+            "teacher_users": args.teacher_users,
+            "teacher_beams": args.teacher_beams,
+            "draft_epochs": args.draft_epochs,
+        },
+    }
+    (_work(args) / "speed.json").write_text(json.dumps(out, indent=1))
+    summarise(args)
+
+
+def _same(items, reference) -> bool:
+    """The same items in the same order, scores equal up to float rounding."""
+    return [i.title for i in items] == [i.title for i in reference] and all(
+        abs(a.score - b.score) < 1e-4 for a, b in zip(items, reference, strict=True)
+    )
+
+
+# ---- results -------------------------------------------------------------------------------------
+def summarise(args) -> None:
+    from personalization.atspeed.recommend import ndcg_at, recall_at
+    from personalization.atspeed.split import test_cases
     from personalization.training.evaluate import bootstrap_interval
 
-    truths = {u["user"]: u["truth"] for u in users}
-    if args.relaxed_draft:
-        relaxed = f"20 beams, relaxed speculative (γ = 5, N = 20), draft {args.relaxed_draft.name}"
-    else:  # a run of other methods keeps the label of the run that made the relaxed rows
-        earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        relaxed = earlier.get("config", {}).get("relaxed", "no relaxed run")
-    results = {"methods": {}, "config": {
-        "users": len(users), "ks": KS, "target": asdict(_target_config(args)),
-        "cornac": _cornac_options(args), "search": "20 beams, strict speculative (γ = 5)",
-        "relaxed": relaxed,
-    }}  # fmt: skip
-    beam = {r["user"]: r for r in _rows(args, "trained target", truths)}
+    eval_users = _users(args.eval_data or args.data / "beauty.jsonl")
+    cases = {c.user: c for c in test_cases(eval_users)[: args.users]}
+    work = _work(args)
+    per_user, methods = {}, {}
     for method in METHODS:
-        rows = _rows(args, method, truths)
+        rows = {
+            u: r for u, r in _read(work / f"{method.replace(' ', '-')}.jsonl").items() if u in cases
+        }
         if not rows:
             continue
-        if len(rows) < len(users):  # a row on fewer users says so (`users`), never silently
-            print(f"{method}: {len(rows)} of {len(users)} users", flush=True)
-        entry = {"users": len(rows), "s_per_user": sum(r["s"] for r in rows) / len(rows)}
+        entry = {
+            "users": len(rows),
+            "s_per_user": sum(r["s"] for r in rows.values()) / len(rows),
+            "fit_s": next(iter(rows.values()))["fit_s"],
+            "fit": next(iter(rows.values()))["fit"],
+        }
         for k in KS:
-            for name in (f"recall@{k}", f"ndcg@{k}"):
-                per_user = [metrics([r["titles"]], [truths[r["user"]]], k)[name] for r in rows]
-                entry[name] = sum(per_user) / len(per_user)
-                entry[name + "_ci"] = bootstrap_interval(per_user)
-        if method == RELAXED and all(r["user"] in beam for r in rows):  # the same users' beam
-            entry["recall@20_beam_same_users"] = sum(
-                metrics([beam[r["user"]]["titles"]], [truths[r["user"]]], 20)["recall@20"]
-                for r in rows
-            ) / len(rows)
-            entry["speed_up"] = sum(beam[r["user"]]["s"] for r in rows) / sum(r["s"] for r in rows)
-            entry["same_as_beam"] = sum(r["titles"] == beam[r["user"]]["titles"] for r in rows)
-        results["methods"][method] = entry
-    _, path = _target(args)
-    if path.with_suffix(".json").is_file():  # how the trained target was trained (train_target)
-        results["target_training"] = json.loads(path.with_suffix(".json").read_text())
-    if SPECULATIVE.is_file():  # speed-up and acceptance at every K, from its own run
-        speculative = json.loads(SPECULATIVE.read_text())
-        results["speculative"] = {k: speculative[k] for k in ("rows", "config", "hardware", "date")}
+            for name, fn in ((f"recall@{k}", recall_at), (f"ndcg@{k}", ndcg_at)):
+                scores = {u: fn(r["titles"], cases[u].truth, k) for u, r in rows.items()}
+                per_user[(method, name)] = scores
+                entry[name] = sum(scores.values()) / len(scores)
+                entry[name + "_ci"] = bootstrap_interval(list(scores.values()))
+        methods[method] = entry
+    results = {
+        "methods": methods,
+        "config": {
+            "data": str(args.eval_data or args.data / "beauty.jsonl"),
+            "users": len(cases),
+            "protocol": "AtSpeed: time split, input last ≤ 20 items (history + validation), "
+            "truth all test items",
+            "target": asdict(_target_config(args)),
+            "search": "beam search over the code trie, 20 beams (lists for K = 5, 10, 20)",
+        },
+    }
+    summary = {"users": len(cases)}
+    if TARGET in methods:
+        from personalization.atspeed.code_target import target_path
+        from personalization.backbone.loading import load_backbone
+
+        t = methods[TARGET]
+        summary |= {"recall@10": t["recall@10"], "ndcg@10": t["ndcg@10"]}
+        diffs = {}
+        for b in BASELINES:
+            if b not in methods:
+                continue
+            mine, theirs = per_user[(TARGET, "recall@10")], per_user[(b, "recall@10")]
+            both = [u for u in mine if u in theirs]
+            diffs[b] = {
+                "recall@10_diff": sum(mine[u] - theirs[u] for u in both) / len(both),
+                "recall@10_diff_ci": bootstrap_interval([mine[u] - theirs[u] for u in both]),
+                "users": len(both),
+            }
+        results["paired_vs_target"] = diffs
+        if diffs:
+            best = max(diffs, key=lambda b: methods[b]["recall@10"])
+            summary |= {
+                "best_baseline": best,
+                "best_baseline_recall@10": methods[best]["recall@10"],
+                "recall@10_diff_ci": diffs[best]["recall@10_diff_ci"],
+                "recall@10_ratio": t["recall@10"] / max(methods[best]["recall@10"], 1e-12),
+            }
+        backbone = load_backbone(args.backbone)
+        record = target_path(backbone, _codes(args), _target_config(args)).with_suffix(".json")
+        if record.is_file():
+            training = json.loads(record.read_text())
+            results["target_training"] = training
+            summary["train_minutes"] = sum(training["seconds"].values()) / 60
+        results["codes"] = {"config": asdict(_codes(args).config), **_codes(args).stats}
+    speed_file = work / "speed.json"
+    if speed_file.is_file():
+        s = json.loads(speed_file.read_text())
+        results["speed"] = s
+        row = {(r["K"], r["method"]): r for r in s["rows"]}
+        if (10, "strict") in row:
+            summary |= {
+                "strict_speedup@10": row[(10, "strict")]["speedup"],
+                "strict_identical@10": row[(10, "strict")]["identical"],
+                "latency_s@10": row[(10, "beam")]["s_per_user"],
+            }
+        if (20, "relaxed") in row:
+            rr = s["relaxed_recall"]
+            summary |= {
+                "relaxed_speedup@20": row[(20, "relaxed")]["speedup"],
+                "relaxed_recall@20_ratio": rr["relaxed"] / max(rr["beam"], 1e-12),
+            }
+    results["summary"] = summary
     write_results(results, args.out)
     table(args.out)
 
 
 def table(path: Path) -> None:
     r = json.loads(Path(path).read_text())
-    print(f"Hardware: {r['hardware']}; {r['date']}; {r['config']['users']} test users\n")
+    print(
+        f"{r['hardware']}; {r['date']}; {r['config']['users']} users; {r['config']['protocol']}\n"
+    )
     head = " | ".join(f"Recall@{k} | NDCG@{k}" for k in KS)
-    print(f"| method | users | {head} | s / user | speed-up | = beam |")
-    print("|---|---|" + "---|" * (2 * len(KS) + 3))
+    print(f"| method | users | {head} | s / user |")
+    print("|---|---|" + "---|" * (2 * len(KS) + 1))
     for method, e in r["methods"].items():
         cells = " | ".join(
-            f"{e[n]:.3f} [{e[n + '_ci'][0]:.3f}, {e[n + '_ci'][1]:.3f}]"
+            f"{e[n]:.4f} [{e[n + '_ci'][0]:.4f}, {e[n + '_ci'][1]:.4f}]"
             for k in KS
             for n in (f"recall@{k}", f"ndcg@{k}")
         )
-        speed = f"{e['speed_up']:.2f}×" if "speed_up" in e else ""
-        same = f"{e['same_as_beam']}/{e['users']}" if "same_as_beam" in e else ""
-        print(f"| {method} | {e['users']} | {cells} | {e['s_per_user']:.3f} | {speed} | {same} |")
-    if "speculative" in r:
-        s = r["speculative"]
-        print(f"\nSpeculative beam search on the target ({s['config']['target']}), "
-              f"{s['config']['users']} users; {s['hardware']}; {s['date']}\n")  # fmt: skip
-        print("| K | method | Recall@K | NDCG@K | s / user | speed-up | acceptance | = beam |")
-        print("|---|---|---|---|---|---|---|---|")
-        for row in s["rows"]:
-            k = row["K"]
-            accept = f"{row['accept']:.2f}" if row["accept"] is not None else ""
-            quality = f"{row[f'recall@{k}']:.3f} | {row[f'ndcg@{k}']:.3f}"
-            print(f"| {k} | {row['method']} | {quality} | {row['s/user']:.2f} "
-                  f"| {row['speed-up']:.2f}× | {accept} | {row['same']} |")  # fmt: skip
+        print(f"| {method} | {e['users']} | {cells} | {e['s_per_user']:.3f} |")
+    if "speed" in r:
+        print("\n| K | method | users | s / user | speed-up | acceptance | identical |")
+        print("|---|---|---|---|---|---|---|")
+        for x in r["speed"]["rows"]:
+            acc = "" if x["acceptance"] is None else f"{x['acceptance']:.2f}"
+            print(
+                f"| {x['K']} | {x['method']} | {x['users']} | {x['s_per_user']:.3f} | "
+                f"{x['speedup']:.2f}× | {acc} | {x['identical']:.2f} |"
+            )
+    print("\nsummary: " + json.dumps(r["summary"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("train", "quality", "table"))
+    parser.add_argument("phase", choices=("codes", "train", "quality", "speed", "table"))
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
-    parser.add_argument("--backbone", default="smollm2")
-    parser.add_argument("--setting", default="full", help="the trained target's plug-in")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--users", type=int, default=500, help="test users scored")
     parser.add_argument(
-        "--reverse",
-        action="store_true",
-        help="score users from the last (a second process on the same method)",
-    )
-    parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="score only the first N of them with the generative methods run now "
-        "(their rows then say on how many users)",
-    )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--cornac-epochs", type=int, default=30)
-    parser.add_argument(
-        "--relaxed-draft",
+        "--eval-data",
         type=Path,
         default=None,
-        help="an AtSpeed-R draft (benchmarks/speculative_beam.py distils one)",
+        help="score this Beauty-format file's users with models trained on --data",
     )
+    parser.add_argument("--backbone", default="smollm2")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--users", type=int, default=None, help="score only the first N users")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--cornac-epochs", type=int, default=30)
+    parser.add_argument("--speed-users", type=int, default=100)
+    parser.add_argument("--recall-users", type=int, default=300)
+    parser.add_argument("--gamma", type=int, default=3, help="steps drafted per verification")
+    parser.add_argument("--draft-beams", type=int, default=2, help="N = this × K")
+    parser.add_argument("--draft-layers", type=int, default=2)
+    parser.add_argument("--teacher-users", type=int, default=300)
+    parser.add_argument("--teacher-beams", type=int, default=10)
+    parser.add_argument("--draft-epochs", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / ".bench/recommend"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    {"train": train, "quality": quality, "table": lambda a: table(a.out)}[args.phase](args)
+    phases = {
+        "codes": codes,
+        "train": train,
+        "quality": quality,
+        "speed": speed,
+        "table": lambda a: table(a.out),
+    }
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from protocol.messages import (
     DeviceOut,
     FeaturesIn,
     Info,
+    CodesOut,
     RecommendIn,
     RecommendOut,
     RecommendSessionIn,
@@ -246,6 +247,13 @@ def features(request: Request, body: FeaturesIn, _device: Device) -> Response:
     cloud = _cloud(request)
     payload = training.features(cloud.require_backbone(), body, cloud.settings, cloud.compute)
     return Response(payload, media_type=BINARY)
+
+
+@_v1.get("/codes", tags=["recommendation"])
+def codes(request: Request, _device: Device) -> CodesOut:
+    """The catalogue's item codes — what the recommender generates — with their fingerprint: built
+    from the titles alone, so public like the tap codec's basis. 404 without a catalogue."""
+    return _cloud(request).recommender().codes()
 
 
 @_v1.post("/recommendations", tags=["recommendation"])

@@ -1,19 +1,21 @@
-"""`POST /v1/recommendations`: next-item recommendation under the cloud's catalogue — ranked by
-the cloud's own target, or (`POST /v1/recommendations/sessions`, `RecommendSession`) by the
-backbone with the device's own side network, asked once per pass over the token tree.
+"""`POST /v1/recommendations`: next-item recommendation on item codes — ranked by the cloud's own
+code target, or (`POST /v1/recommendations/sessions`, `RecommendSession`) by the backbone with the
+device's own side network, asked once per pass over the code trie's token tree.
 
-The catalogue (`--catalogue`), the target (`--recommend-target`: the trained default, the
-backbone alone, or a checkpoint) and the draft of strict speculative search (the backbone's
-first two layers) load on the first request and stay. A search of the cloud's own target holds
-the backbone's compute lock like every other pass, so it queues behind — and never interleaves
-with — the sessions' steps. A recommendation session does not: it waits for its device between
-passes, so its passes run beside the scheduler's, unlocked. The target's answers are
-deterministic and the target is fixed for the server's life, so repeats are answered from an LRU
-memory (`--recommend-cache`; a federated evaluation asks for the same user's every round).
+The catalogue (`--catalogue`) becomes item codes (`personalization.atspeed.codes`: public, built
+from the titles alone, cached), published at `GET /v1/codes`; the target (`--recommend-target`:
+the one `spa train-target` trained last for this backbone and catalogue, or a checkpoint) and the
+draft of strict speculative search (the coded backbone's first two layers) load on first use and
+stay. A search of the cloud's own target holds the backbone's compute lock like every other pass,
+so it queues behind — and never interleaves with — the sessions' steps. A recommendation session
+does not: it waits for its device between passes, so its passes run beside the scheduler's,
+unlocked. The target's answers are deterministic and the target is fixed for the server's life,
+so repeats are answered from an LRU memory (`--recommend-cache`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -25,60 +27,92 @@ import torch
 from cloud_api.errors import ApiError
 from cloud_api.sessions import Session, SideRequest
 from cloud_api.settings import CloudSettings
-from personalization.atspeed.catalogue import Catalogue
-from personalization.atspeed.draft import Draft, DraftConfig
-from personalization.atspeed.recommend import (
-    RecommendConfig,
-    history_prompt,
-    load_titles,
-    recommend,
+from personalization.atspeed.code_target import (
+    CodeRecommender,
+    UnknownItemError,
+    default_code_target,
 )
-from personalization.atspeed.target import default_target
+from personalization.atspeed.codes import CodeConfig, cached_codes
+from personalization.atspeed.draft import Draft, DraftConfig
+from personalization.atspeed.recommend import RecommendConfig, load_titles, recommend
 from personalization.backbone.frozen import Backbone
-from personalization.config import SPAConfig
 from personalization.errors import SpaError
-from personalization.model import SPAModel
-from personalization.training.checkpoint import load_checkpoint
 from protocol import wire
 from protocol.events import RecommendedEvent, StartEvent, TreeRequestEvent
-from protocol.messages import RecommendedItem, RecommendIn, RecommendOut
+from protocol.messages import CodesOut, RecommendedItem, RecommendIn, RecommendOut
 
 log = logging.getLogger("cloud_api.recommend")
 
 
 class Recommender:
+    """The cloud's catalogue as item codes, its trained target and the draft, made on first use."""
+
     def __init__(self, backbone: Backbone, settings: CloudSettings, compute: threading.Lock):
         self.backbone, self.settings, self.compute = backbone, settings, compute
-        self._loaded: tuple[Catalogue, SPAModel, str, Draft] | None = None
+        self._codes: tuple[CodeRecommender, Draft] | None = None
+        self._target: tuple[CodeRecommender, str] | None = None
         self._lock = threading.Lock()
         self._memory: OrderedDict[tuple, RecommendOut] = OrderedDict()  # LRU, by request
 
-    def _load(self) -> tuple[Catalogue, SPAModel, str, Draft]:
+    def _trained(self, titles: list[str]) -> tuple[Path, CodeConfig] | None:
+        """The target's checkpoint and the code config it was trained with."""
+        choice = self.settings.recommend_target
+        if choice == "default":
+            return default_code_target(self.backbone, titles)
+        record = Path(choice).with_suffix(".json")
+        try:
+            return Path(choice), CodeConfig(**json.loads(record.read_text())["codes_config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ApiError(
+                503,
+                f"recommendation is not available: {record}, the target's training record "
+                "beside it, is missing or damaged",
+            ) from None
+
+    def parts(self) -> tuple[CodeRecommender, Draft]:
+        """The codes (their trie and coded backbone) and the draft; no trained target needed."""
         with self._lock:
-            if self._loaded is None:
-                s, f = self.settings, self.backbone
+            if self._codes is None:
+                s = self.settings
                 if s.catalogue is None:
                     raise ApiError(404, "this cloud serves no catalogue (spa cloud --catalogue)")
                 try:
-                    catalogue = Catalogue.from_titles(f, load_titles(s.catalogue))
-                    path = default_target(f) if s.recommend_target == "default" else (
-                        None if s.recommend_target == "zero-shot" else Path(s.recommend_target)
-                    )  # fmt: skip
-                    if path is None:
-                        target, name = SPAModel(f, SPAConfig(setting="base")), "zero-shot"
-                    else:
-                        target = load_checkpoint(path, f)[0].eval()
-                        name = f"{path.name} ({target.setting})"
+                    titles = load_titles(s.catalogue)
+                    trained = self._trained(titles)
+                    codes = cached_codes(titles, trained[1] if trained else CodeConfig())
                 except SpaError as exc:  # a misconfigured cloud: say so, do not crash
                     raise ApiError(503, f"recommendation is not available: {exc}") from None
-                draft = Draft(f, DraftConfig(layers=min(2, f.num_layers - 1)))
-                self._loaded = (catalogue, target, name, draft)
-            return self._loaded
+                rec = CodeRecommender.build(self.backbone, codes)
+                draft = Draft(rec.backbone, DraftConfig(layers=min(2, rec.backbone.num_layers - 1)))
+                self._codes = (rec, draft)
+            return self._codes
 
-    def parts(self) -> tuple[Catalogue, Draft]:
-        """The catalogue and the draft, for a session that brings its own side network."""
-        catalogue, _target, _name, draft = self._load()
-        return catalogue, draft
+    def target(self) -> CodeRecommender:
+        """The trained code target; 503 until one is trained for this backbone and catalogue."""
+        rec, _ = self.parts()
+        with self._lock:
+            if self._target is None:
+                trained = self._trained(list(rec.codes.titles))
+                if trained is None:
+                    raise ApiError(
+                        503, "no recommendation target is trained for this backbone and "
+                        "catalogue yet: run `spa train-target HISTORIES --catalogue "
+                        f"{self.settings.catalogue}` (spa demo trains its own)",
+                    )  # fmt: skip
+                try:
+                    target = rec.with_target(trained[0])
+                except SpaError as exc:
+                    raise ApiError(503, f"recommendation is not available: {exc}") from None
+                self._target = (target, f"{trained[0].name} ({target.model.setting})")
+            return self._target[0]
+
+    def codes(self) -> CodesOut:
+        rec, _ = self.parts()
+        c = rec.codes
+        return CodesOut(
+            fingerprint=c.fingerprint, levels=c.config.levels, codebook=c.config.codebook,
+            length=c.length, titles=list(c.titles), codes=c.codes.tolist(), stats=c.stats,
+        )  # fmt: skip
 
     def __call__(self, body: RecommendIn) -> RecommendOut:
         key = (tuple(body.history), body.strategy, body.k, body.gamma)
@@ -94,19 +128,31 @@ class Recommender:
         return out
 
     def _search(self, body: RecommendIn) -> RecommendOut:
-        catalogue, target, name, draft = self._load()
+        target = self.target()
+        _, draft = self.parts()
         cfg = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
-        prompt = history_prompt(self.backbone, body.history, self.settings.max_prompt_tokens)
+        prompt = item_prompt(target, body.history)
         with self.compute:
             t0 = time.perf_counter()
-            result = recommend(target, catalogue, [prompt], cfg, draft)
+            result = recommend(target.model, target.catalogue, [prompt], cfg, draft)
             seconds = time.perf_counter() - t0
         return RecommendOut(
-            items=[RecommendedItem(title=i.title, score=i.score) for i in result.items[0]],
-            target=name, strategy=body.strategy, k=body.k, seconds=seconds,
-            target_passes=result.target_passes,
+            items=items(target, result.items[0]), target=self._target[1],
+            strategy=body.strategy, k=body.k, seconds=seconds, target_passes=result.target_passes,
             acceptance=None if result.stats is None else result.stats.acceptance,
         )  # fmt: skip
+
+
+def item_prompt(rec: CodeRecommender, history: list[str]) -> list[int]:
+    """The history as codes; 422 naming an item the catalogue does not hold."""
+    try:
+        return rec.prompt(history)
+    except UnknownItemError as exc:
+        raise ApiError(422, f"{exc}: every history item must be a catalogue title") from None
+
+
+def items(rec: CodeRecommender, found) -> list[RecommendedItem]:
+    return [RecommendedItem(title=i.title, code=rec.label(i.title), score=i.score) for i in found]
 
 
 class RecommendSession(Session):
@@ -117,13 +163,13 @@ class RecommendSession(Session):
     def __init__(
         self,
         *,
-        catalogue: Catalogue,
+        codes: CodeRecommender,
         draft: Draft,
         config: RecommendConfig,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.catalogue, self.draft, self.config = catalogue, draft, config
+        self.codes, self.draft, self.config = codes, draft, config
         self._keep: torch.Tensor | None = None  # the side cache's cut, sent with the next ask
         self._unanswered = False
 
@@ -165,14 +211,13 @@ class RecommendSession(Session):
             self.records.update_session(self.id, status="running")
             self._emit(StartEvent(**dict(self.facts())))
             t0 = time.perf_counter()
-            result = recommend(self.model, self.catalogue, [self.prompt_ids], self.config,
+            result = recommend(self.model, self.codes.catalogue, [self.prompt_ids], self.config,
                                self.draft, side=self)  # fmt: skip
             seconds = time.perf_counter() - t0
             if not self._stop:
                 self._emit(
                     RecommendedEvent(
-                        items=[RecommendedItem(title=i.title, score=i.score)
-                               for i in result.items[0]],
+                        items=items(self.codes, result.items[0]),
                         target_passes=result.target_passes, seconds=seconds,
                         acceptance=None if self.config.strategy == "beam" or result.stats is None
                         else result.stats.acceptance,

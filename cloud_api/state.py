@@ -17,12 +17,12 @@ import torch
 from cloud_api import __version__, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
-from cloud_api.recommend import Recommender, RecommendSession
+from cloud_api.recommend import Recommender, RecommendSession, item_prompt
 from cloud_api.run_ahead import RunAheadSession
 from cloud_api.scheduler import BatchedBackbone, Stats, StepScheduler
 from cloud_api.sessions import Registry, Session
 from cloud_api.settings import CloudSettings
-from personalization.atspeed.recommend import RecommendConfig, history_prompt
+from personalization.atspeed.recommend import RecommendConfig
 from personalization.backbone.frozen import Backbone
 from personalization.backbone.loading import load_backbone
 from personalization.baselines import baseline_parameters
@@ -281,14 +281,14 @@ class Cloud:
                 "(SPA_CLOUD_MAX_DEADLINE_S)",
             )  # fmt: skip
         rungs = training.check_rungs(body.rungs, f.num_layers)
-        model = self._device_model(f, body, rungs, body.threshold, body.gate)
-        catalogue, draft = self.recommender().parts()
+        codes, draft = self.recommender().parts()
+        model = self._device_model(codes.backbone, body, rungs, body.threshold, body.gate)
         config = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
         session = RecommendSession(
-            catalogue=catalogue, draft=draft, config=config,
+            codes=codes, draft=draft, config=config,
             session_id=self._new_session_id(), device_id=device_id, model=model,
-            prompt_ids=history_prompt(f, body.history, limits.max_prompt_tokens),
-            decode=config.decode(catalogue), deadline_s=deadline, strict=False,
+            prompt_ids=item_prompt(codes, body.history),
+            decode=config.decode(codes.catalogue), deadline_s=deadline, strict=False,
             resume_s=limits.resume_s, records=self.records, on_end=self.registry.remove,
         )  # fmt: skip
         self.registry.add(session)  # 429 beyond the cap
@@ -299,7 +299,7 @@ class Cloud:
                     strategy=f"recommend-{body.strategy}", strict=False,
                     threshold=body.threshold, rungs=",".join(map(str, rungs)),
                     tap_dtype=model.config.wire_dtype, deadline_s=deadline,
-                    prompt_tokens=len(session.prompt_ids), max_new_tokens=catalogue.max_length,
+                    prompt_tokens=len(session.prompt_ids), max_new_tokens=codes.codes.length,
                 )
             )  # fmt: skip
         except Exception:

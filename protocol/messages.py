@@ -322,12 +322,25 @@ class RecommendIn(Strict):
 
 class RecommendedItem(BaseModel):
     title: str
+    code: str = Field(description="The item's code, one token per level: <a_12><b_201><c_7><d_0>.")
     score: float = Field(description="The item's log-probability among catalogue items.")
+
+
+class CodesOut(BaseModel):
+    """The catalogue's item codes (public: built from the titles alone), with their fingerprint."""
+
+    fingerprint: str = Field(description="Identity of the titles and their codes.")
+    levels: int = Field(description="Residual-quantisation levels; a collision level follows.")
+    codebook: int = Field(description="Codes per level.")
+    length: int = Field(description="Tokens per item code (levels + 1).")
+    titles: list[str]
+    codes: list[list[int]] = Field(description="Per title, its code index at each level.")
+    stats: dict = Field(description="Collision rate, codebook usage per level, build seconds.")
 
 
 class RecommendOut(BaseModel):
     items: list[RecommendedItem]
-    target: str = Field(description="Which model ranked: a trained target, or the backbone.")
+    target: str = Field(description="Which trained code target ranked.")
     strategy: str
     k: int
     seconds: float = Field(description="The search's wall time on the cloud.")

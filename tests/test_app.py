@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import json
 import os
 import re
 import threading
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from cloud_server import free_port, running
-from test_recommend import TITLES as CATALOGUE
 
+from app import demo_catalogue
 from app.devices import MY_DEVICE, DemoConfig, Devices
 from app.ui import build
 from device_agent.errors import CloudUnreachable
@@ -29,21 +28,41 @@ CHROMIUM = os.environ.get("SPA_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("SPA_TEST_ARTIFACTS", "test-artifacts"))
 
 
+def shop_target(directory: Path) -> tuple[Path, Path, Path]:
+    """The demo's own shop (no shared data) and a code target trained on it, as `spa demo`
+    trains one: (catalogue, histories, checkpoint)."""
+    from personalization.atspeed.code_target import CodeTargetConfig, train_code_target
+    from personalization.atspeed.codes import cached_codes
+    from personalization.atspeed.split import load_users
+    from personalization.backbone.loading import load_backbone
+
+    items, histories = demo_catalogue.write(directory / "shop")
+    codes = cached_codes(demo_catalogue.titles())
+    cfg = CodeTargetConfig(epochs=2, reduction=4)
+    out = directory / "shop" / "target.safetensors"
+    train_code_target(
+        load_backbone("tiny-llama"), codes, load_users(histories), cfg, out=out, progress=False
+    )
+    return items, histories, out
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """(page URL, Devices): the whole demo on the tiny backbone, stopped at the end."""
     directory = tmp_path_factory.mktemp("demo")
-    items = directory / "items.json"
-    items.write_text(json.dumps(CATALOGUE))
-    with running(directory, catalogue=items, recommend_target="zero-shot") as server:
+    items, histories, target = shop_target(directory)
+    with running(directory, catalogue=items, recommend_target=str(target)) as server:
         devices = Devices(directory, server.url, DemoConfig(epochs=3, calibration_prompts=2))
         assert devices.prepare() == ["pirate", "chef", "haiku"]
-        page = build(devices, directory)
+        page = build(devices, directory, histories)
         port = free_port()
         page.queue().launch(
-            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
-            ssr_mode=False, quiet=True,
-        )  # fmt: skip
+            server_name="127.0.0.1",
+            server_port=port,
+            prevent_thread_lock=True,
+            ssr_mode=False,
+            quiet=True,
+        )
         try:
             yield f"http://127.0.0.1:{port}/", devices
         finally:
@@ -51,9 +70,21 @@ def demo(tmp_path_factory):
 
 
 def generate(client, user="haiku", prompt="Any tips for a rainy Sunday?", setting="spa", **kw):
-    args = dict(decoding="greedy", net="datacenter", calibrated=True, threshold=0.5,
-                max_tokens=24, seed=0, beams=4, tap_mode="pull", repetition_penalty=1.0,
-                no_repeat_ngram_size=0) | kw  # fmt: skip
+    args = (
+        dict(
+            decoding="greedy",
+            net="datacenter",
+            calibrated=True,
+            threshold=0.5,
+            max_tokens=24,
+            seed=0,
+            beams=4,
+            tap_mode="pull",
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+        )
+        | kw
+    )
     return client.submit(user, prompt, setting, *args.values(), api_name="/generate")
 
 
@@ -131,8 +162,15 @@ def test_generation_streams_tokens_with_branches_and_books(demo):
     assert len(final["plot"]["data"]) == 3 * 24  # every token, split in cloud / device / network
     what_if = final["what_if"]["data"]
     assert [r[0] for r in what_if] == [
-        "base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
-    ]  # fmt: skip
+        "base",
+        "lora",
+        "adapter",
+        "lst",
+        "full",
+        "choice",
+        "spa",
+        "spa run-ahead",
+    ]
     assert what_if[0][5] == 0 and what_if[0][3] == 0  # base: no contacts, no network time
     assert f"{device_tokens} shaped by the device" in status
 
@@ -274,19 +312,36 @@ def test_the_device_tab_trains_with_progress_and_a_loss_curve(demo):
     assert "taps int8" in final["status"]  # trained on int8 taps, served with int8 taps
 
 
+CATALOGUE = demo_catalogue.titles()  # the shop the demo ships: no shared data needed
+TYPED_HISTORY = "Lumen Rose Shampoo, 1 oz\nLumen Rose Conditioner, 1 oz"
+
+
 def test_the_recommend_tab_shows_beam_and_speculative_search_side_by_side(demo):
     from gradio_client import Client
 
     from app.ui.recommend import TYPED
 
     client = Client(demo[0], verbose=False)
-    status, beam, spec = client.predict(TYPED, "rose serum\nshampoo", 4, 2, api_name="/recommend")
-    assert "speed-up" in status and "same items: yes" in status and "zero-shot" in status
+    status, beam, spec = client.predict(TYPED, TYPED_HISTORY, 4, 2, api_name="/recommend")
+    assert "speed-up" in status and "same items: yes" in status and "target.safetensors" in status
+    assert beam["headers"] == ["#", "item", "code", "log-prob"]
     titles = [row[1] for row in beam["data"]]
     assert len(titles) == 4 and set(titles) <= set(CATALOGUE)
-    assert [row[1] for row in spec["data"]] == titles  # strict: the same items, same order
+    assert all(re.fullmatch(r"(<[a-d]_\d+>){4}", row[2]) for row in beam["data"])
+    assert [row[1:3] for row in spec["data"]] == [row[1:3] for row in beam["data"]]  # strict
+    # a shopper of the shop: their later purchases are the truth, marked when recommended
+    first = demo_catalogue.shoppers()[0]
+    history = "\n".join(first["history"] + first["valid"])
+    status, beam, _ = client.predict(first["user_id"], history, 10, 3, api_name="/recommend")
+    assert "later purchases recommended" in status, status
+    # bad input: a message in the page, never a bare "Error"
     with pytest.raises(Exception, match="purchase history"):
         client.predict(TYPED, "  ", 4, 2, api_name="/recommend")
+    status, beam, spec = client.predict(
+        TYPED, "Lumen Rose Shampoo, 1 oz\nno such cream", 4, 2, api_name="/recommend"
+    )
+    assert "cannot recommend" in status and "not in the catalogue: 'no such cream'" in status
+    assert beam is None or not beam.get("data")
 
 
 def test_the_federated_tab_runs_a_simulation_and_fills_in_rounds(demo):
@@ -316,8 +371,15 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
         pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (make test does)")
     url, _devices = demo
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
@@ -353,7 +415,7 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
             page.screenshot(path=str(ARTIFACTS / "generate-tab.png"), full_page=True)
             # the Recommend tab: a typed history, both searches side by side
             page.get_by_role("tab", name="Recommend").click()
-            page.locator("#rec-history textarea").fill("rose serum\nshampoo")
+            page.locator("#rec-history textarea").fill(TYPED_HISTORY)
             page.locator("#recommend").click()
             page.wait_for_function(
                 "document.querySelector('#rec-status')?.innerText.includes('speed-up')",
@@ -373,3 +435,4 @@ def test_a_browser_sees_cloud_and_device_colours(demo):
     assert (ARTIFACTS / "generate-tab.png").stat().st_size > 10_000
     assert "same items: yes" in recommended, recommended
     assert sum(line in CATALOGUE for line in shown) == 10, shown  # K = 10 items on screen
+    assert sum(bool(re.fullmatch(r"(<[a-d]_\d+>){4}", line)) for line in shown) == 10, shown

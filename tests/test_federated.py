@@ -181,12 +181,13 @@ def test_beauty_devices_are_scored_by_recall_against_the_clouds_recommender(tmp_
     search for its held-out purchases, beside the cloud's own recommender on the same ones — in
     the last round only (`search-rounds`) — and every round the held-out title's loss under the
     device's model and under the backbone alone."""
-    from test_recommend import TITLES
+    from test_recommend import TITLES, _walks, tiny_target
 
     catalogue = tmp_path / "items.json"
     catalogue.write_text(json.dumps(TITLES))
     data = tmp_path / "beauty.jsonl"
-    with running(tmp_path / "cloud", catalogue=catalogue) as server:
+    target = tiny_target(tmp_path, _walks(12, 4))
+    with running(tmp_path / "cloud", catalogue=catalogue, recommend_target=str(target)) as server:
         with device(server.url) as client:  # the held-out purchase: the cloud's own top item
             rows = []
             for i in range(3):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,8 +132,9 @@ def test_teacher_data_is_the_targets_own_beam_search(tiny_llama, catalogue, draf
     truths = [encode_target(tiny_llama, "olive cream"), None, encode_target(tiny_llama, "nope")]
     draft = Draft(tiny_llama, DraftConfig(layers=1)) if drafted else None
     examples = teacher_data(model, prompts, truths, catalogue, beams=3, draft=draft, batch=2)
-    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
-                          length_penalty=0.0)  # fmt: skip
+    decode = DecodeConfig(
+        strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3, length_penalty=0.0
+    )
     for example, prompt in zip(examples, prompts, strict=True):
         expected = beam_search(model, prompt, decode, catalogue).hypotheses
         assert list(example.items) == [h.ids for h in expected]
@@ -188,32 +190,163 @@ def test_distillation_aligns_the_draft(tiny_llama, catalogue, method):
 runner = CliRunner()
 
 
-def test_recommend_command(tmp_path):
-    items = tmp_path / "items.json"
+def _walks(users: int, length: int, offset: int = 0) -> list[dict]:
+    """Users whose purchases walk the catalogue in a fixed order: the next item is learnable."""
+    n = len(TITLES)
+    rows = []
+    for u in range(users):
+        seq = [TITLES[(u + offset + i) % n] for i in range(length + 2)]
+        rows.append(
+            {"user_id": f"u{u}", "history": seq[:-2], "valid": [seq[-2]], "test": [seq[-1]]}
+        )
+    return rows
+
+
+SMALL_CODES = ["--levels", "2", "--codebook", "4"]
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(catalogue, histories, the cache holding a tiny code target trained on them by
+    `spa train-target`, the default for this backbone and catalogue)."""
+    root = tmp_path_factory.mktemp("shop")
+    items, data = root / "items.json", root / "beauty.jsonl"
     items.write_text(json.dumps(TITLES))
-    users = tmp_path / "users.jsonl"
-    row = {"user_id": "u1", "history": ["soap"], "valid": ["cream"], "test": ["olive cream"]}
-    users.write_text(json.dumps(row) + "\n")
-    assert user_history(users, "u1") == (["soap", "cream"], "olive cream")
-    outputs = {}
-    for strategy in ("beam", "speculative-strict", "speculative-relaxed"):
-        args = ["recommend", "rose serum", "shampoo", "--catalogue", str(items), "-b",
-                "tiny-llama", "-k", "3", "--strategy", strategy]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in _walks(40, 6)))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SPA_CACHE_DIR", str(root / "cache"))
+        args = [
+            "train-target",
+            str(data),
+            "--catalogue",
+            str(items),
+            "-b",
+            "tiny-llama",
+            "--epochs",
+            "30",
+            "--lr",
+            "0.01",
+            *SMALL_CODES,
+        ]
         result = runner.invoke(cli, args)
         assert result.exit_code == 0, result.output
-        lines = [ln for ln in result.output.splitlines() if ln[:4].strip().endswith(".")]
-        assert len(lines) == 3 and all(ln.split(None, 2)[2] in TITLES for ln in lines)
-        outputs[strategy] = lines
+        assert "item codes: 12 items × 3 tokens" in result.output
+        again = runner.invoke(cli, args)  # trained already: reused, not retrained
+        assert (
+            again.exit_code == 0 and again.output.splitlines()[-1] == result.output.splitlines()[-1]
+        )
+    return items, data, root / "cache"
+
+
+def tiny_target(directory: Path, rows: list[dict]) -> Path:
+    """A code target for TITLES trained on `rows` (Beauty format) in `directory`: its checkpoint,
+    which a cloud serves with `recommend_target=str(path)`."""
+    from personalization.atspeed.code_target import CodeTargetConfig, train_code_target
+    from personalization.atspeed.codes import CodeConfig, cached_codes
+    from personalization.atspeed.split import User
+    from personalization.backbone.loading import load_backbone
+
+    users = [
+        User(r["user_id"], tuple(r["history"]), tuple(r["valid"]), tuple(r["test"])) for r in rows
+    ]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SPA_CACHE_DIR", str(directory / "cache"))
+        codes = cached_codes(TITLES, CodeConfig(levels=2, codebook=4))
+        out = directory / "target.safetensors"
+        cfg = CodeTargetConfig(epochs=2, reduction=4)
+        train_code_target(load_backbone("tiny-llama"), codes, users, cfg, out=out, progress=False)
+    return out
+
+
+def _ranked(output: str) -> list[tuple[str, str]]:
+    """(code, title) of each ranked line of `spa recommend`."""
+    rows = [ln.split(None, 3)[2:] for ln in output.splitlines() if ln[:4].strip().endswith(".")]
+    return [(code, title.removesuffix("  <- the user's next purchase")) for code, title in rows]
+
+
+def test_recommend_command_on_item_codes(shop, monkeypatch):
+    items, data, cache = shop
+    monkeypatch.setenv("SPA_CACHE_DIR", str(cache))
+    first = _walks(1, 6)[0]
+    assert user_history(data, "u0") == (first["history"] + first["valid"], first["test"][0])
+    outputs = {}
+    for strategy in ("beam", "speculative-strict", "speculative-relaxed"):
+        args = [
+            "recommend",
+            "rose serum",
+            "shampoo",
+            "--catalogue",
+            str(items),
+            "-b",
+            "tiny-llama",
+            "-k",
+            "3",
+            "--strategy",
+            strategy,
+        ]
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        ranked = _ranked(result.output)
+        assert len(ranked) == 3 and all(title in TITLES for _, title in ranked)
+        assert all(code.startswith("<a_") and code.count("<") == 3 for code, _ in ranked)
+        outputs[strategy] = ranked
     assert outputs["beam"] == outputs["speculative-strict"]
-    args = ["recommend", "--user", "u1", "--data", str(users), "--catalogue", str(items), "-b",
-            "tiny-llama", "-k", "12"]  # fmt: skip
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    assert "<- the user's next purchase" in result.output
     result = runner.invoke(cli, ["recommend", "--catalogue", str(items), "-b", "tiny-llama"])
     assert result.exit_code == 2 and "purchase history" in result.output
+    unknown = [
+        "recommend",
+        "rose serum",
+        "no such soap",
+        "--catalogue",
+        str(items),
+        "-b",
+        "tiny-llama",
+    ]
+    result = runner.invoke(cli, unknown)
+    assert result.exit_code != 0 and "not in the catalogue: 'no such soap'" in result.output
     bad = ["recommend", "soap", "--catalogue", str(items), "-b", "tiny-llama", "--strategy", "x"]
     assert runner.invoke(cli, bad).exit_code == 2
+    monkeypatch.setenv("SPA_CACHE_DIR", str(cache.parent / "empty"))
+    result = runner.invoke(
+        cli, ["recommend", "soap", "--catalogue", str(items), "-b", "tiny-llama"]
+    )
+    assert result.exit_code != 0 and "spa train-target" in result.output
+
+
+def test_a_trained_code_target_learns_the_walks(shop, monkeypatch):
+    """Every user's history walks the catalogue: the trained target ranks each test item (the
+    step after the validation item) higher than the most popular items do."""
+    from personalization.atspeed.baselines import MostPopular
+    from personalization.atspeed.split import load_users, test_cases, training_sequences
+
+    items, data, cache = shop
+    monkeypatch.setenv("SPA_CACHE_DIR", str(cache))
+    users = load_users(data)
+    cases = test_cases(users)[:8]
+    ours = []
+    for case in cases:
+        args = [
+            "recommend",
+            "--user",
+            case.user,
+            "--data",
+            str(data),
+            "--catalogue",
+            str(items),
+            "-b",
+            "tiny-llama",
+            "-k",
+            "3",
+        ]
+        out = runner.invoke(cli, args)
+        assert out.exit_code == 0, out.output
+        ours.append([title for _, title in _ranked(out.output)])
+    assert any("<- the user's next purchase" in line for line in out.output.splitlines())
+    popular = MostPopular(training_sequences(users))
+    truths = [c.truth for c in cases]
+    mine = metrics(ours, truths, 3)["recall@3"]
+    theirs = metrics([popular.recommend(c.items, 3) for c in cases], truths, 3)["recall@3"]
+    assert mine > theirs and mine >= 0.5, (mine, theirs)
 
 
 def test_generate_with_speculative_strategy_equals_beam():
@@ -227,58 +360,6 @@ def test_generate_with_speculative_strategy_equals_beam():
     assert first == beam.output.splitlines()[0].rstrip("\ufffd")
 
 
-def _walks(users: int, length: int, offset: int = 0) -> list[dict]:
-    """Users whose purchases walk the catalogue in a fixed order: the next item is learnable."""
-    n = len(TITLES)
-    rows = []
-    for u in range(users):
-        seq = [TITLES[(u + offset + i) % n] for i in range(length + 2)]
-        rows.append({"user_id": f"u{u}", "history": seq[:-2], "valid": [seq[-2]],
-                     "test": [seq[-1]]})  # fmt: skip
-    return rows
-
-
-def test_trained_target_end_to_end(tmp_path, monkeypatch, tiny_llama):
-    """`spa train-target` → cached default target → `spa recommend` uses it → better metrics
-    than the backbone alone on held-out users; nothing of theirs was trained on."""
-    from personalization.atspeed.target import TargetConfig, default_target, prepare
-
-    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path / "cache"))
-    data = tmp_path / "beauty.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _walks(40, 5)))
-    items = tmp_path / "items.json"
-    items.write_text(json.dumps(TITLES))
-    options = ["--test-users", "6", "--valid-users", "3", "--epochs", "20", "--lr", "0.01"]
-    args = ["train-target", str(data), "-b", "tiny-llama", *options]
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    path = default_target(tiny_llama)
-    assert path is not None and result.output.rstrip().endswith(str(path))
-    cfg = TargetConfig(test_users=6, valid_users=3, epochs=20, lr=0.01)
-    prepared = prepare(tiny_llama, data, cfg)
-    held_out = {r.user for r in prepared.splits.valid + prepared.splits.test}
-    assert len(held_out) == 9 and not held_out & {r.user for r in prepared.splits.train}
-    assert len(prepared.train) == 31 * 3  # each user's last 3 purchases, from their history
-    assert all(int(r.input.splitlines()[-1][0]) >= 2 for r in prepared.splits.train)
-    assert runner.invoke(cli, args).exit_code == 0  # trained already: reused, not retrained
-
-    def ranked(user: str, *flags: str) -> tuple[list[str], str]:
-        out = runner.invoke(cli, ["recommend", "--user", user, "--data", str(data), "--catalogue",
-                                  str(items), "-b", "tiny-llama", "-k", "3", *flags])  # fmt: skip
-        assert out.exit_code == 0, out.output
-        titles = [ln.split(None, 2)[2].removesuffix("  <- the user's next purchase")
-                  for ln in out.output.splitlines() if ln[:4].strip().endswith(".")]  # fmt: skip
-        return titles, out.output
-
-    tests = [(r.user, r.output) for r in prepared.splits.test]
-    trained = [ranked(u) for u, _ in tests]
-    assert all(f"target: {path.name} (full)" in out for _, out in trained)
-    zero = [ranked(u, "--zero-shot")[0] for u, _ in tests]
-    truths = [t for _, t in tests]
-    ours = metrics([t for t, _ in trained], truths, 3)
-    assert ours["recall@3"] > metrics(zero, truths, 3)["recall@3"], ours
-
-
 def test_baselines_fit_the_training_sequences():
     from personalization.atspeed.baselines import MostPopular, Sequential
 
@@ -286,46 +367,61 @@ def test_baselines_fit_the_training_sequences():
     popular = MostPopular([["soap", "cream"], ["soap"], ["oil", "cream", "soap"]])
     assert popular.recommend(["oil"], 2) == ["soap", "cream"]  # counts 3, 2 (by hand)
     sasrec = Sequential(sequences, "sasrec", n_epochs=15, batch_size=16, seed=0)
-    hits = [TITLES[(TITLES.index(h[-1]) + 1) % len(TITLES)] in sasrec.recommend(h, 3)
-            for h in ([TITLES[i], TITLES[i + 1]] for i in range(8))]  # fmt: skip
+    hits = [
+        TITLES[(TITLES.index(h[-1]) + 1) % len(TITLES)] in sasrec.recommend(h, 3)
+        for h in ([TITLES[i], TITLES[i + 1]] for i in range(8))
+    ]
     assert sum(hits) >= 6, hits
     assert set(sasrec.recommend(["never bought"], 5)) <= set(TITLES)  # unknown items: ignored
     with pytest.raises(ConfigError, match="unknown sequential model"):
         Sequential(sequences, "bert4rec")
 
 
-def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, catalogue):
-    """A real uvicorn cloud with a catalogue: beam and strict speculative search over HTTP give
-    the items and scores of the same search in process; no catalogue → 404; bad input → 422."""
-    import sys
-    from pathlib import Path
+def _shop_target(shop, tiny_llama):
+    """The shop's trained code target in process, and its checkpoint."""
+    from personalization.atspeed.code_target import default_code_target, load_code_target
+    from personalization.atspeed.codes import cached_codes
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    items, _data, cache = shop
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SPA_CACHE_DIR", str(cache))
+        path, config = default_code_target(tiny_llama, TITLES)
+        return load_code_target(path, tiny_llama, cached_codes(TITLES, config)), path
+
+
+def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, shop):
+    """A real uvicorn cloud with a catalogue and a trained code target: beam and strict
+    speculative search over HTTP give the items, codes and scores of the same search in process;
+    the codes are published; no catalogue → 404, no trained target → 503, an unknown item or an
+    empty history → 422, each with a message."""
     from cloud_server import running
 
-    from device_agent.client import CloudClient
+    from device_agent.client import ClientConfig, CloudClient
     from device_agent.errors import CloudError
-    from protocol.messages import RecommendIn
+    from protocol.messages import CodesOut, RecommendIn
 
-    items = tmp_path / "items.json"
-    items.write_text(json.dumps(TITLES))
-    target = SPAModel(tiny_llama, SPAConfig(setting="base"))
-    draft = Draft(tiny_llama, DraftConfig(layers=1))
-    with running(tmp_path, catalogue=items, recommend_target="zero-shot") as server:
+    items = shop[0]
+    target, path = _shop_target(shop, tiny_llama)
+    draft = Draft(target.backbone, DraftConfig(layers=1))
+    with running(tmp_path, catalogue=items, recommend_target=str(path)) as server:
         client = _device(CloudClient, server.url)
+        codes = CodesOut.model_validate(client._send("GET", "/v1/codes").json())
+        assert codes.fingerprint == target.codes.fingerprint and codes.titles == TITLES
+        assert codes.codes == target.codes.codes.tolist() and codes.length == 3
         for strategy in ("beam", "speculative-strict"):
             for history in HISTORIES:
                 got = client.recommend(
                     RecommendIn(history=history, k=4, strategy=strategy, gamma=2)
                 )
                 cfg = RecommendConfig(strategy=strategy, k=4, gamma=2)
-                prompt = history_prompt(tiny_llama, history, 1024)
-                want = recommend(target, catalogue, [prompt], cfg, draft).items[0]
+                prompt = target.prompt(history)
+                want = recommend(target.model, target.catalogue, [prompt], cfg, draft).items[0]
                 assert [i.title for i in got.items] == [i.title for i in want], strategy
+                assert [i.code for i in got.items] == [target.label(i.title) for i in want]
                 assert [i.score for i in got.items] == pytest.approx(
                     [i.score for i in want], abs=1e-4
                 )
-                assert got.target == "zero-shot" and got.target_passes > 0
+                assert got.target == f"{path.name} (full)" and got.target_passes > 0
                 again = client.recommend(
                     RecommendIn(history=history, k=4, strategy=strategy, gamma=2)
                 )  # a repeat is answered from the cloud's memory, unchanged
@@ -334,13 +430,25 @@ def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, catalogue):
         with pytest.raises(CloudError) as bad:
             client._send("POST", "/v1/recommendations", json={"history": [], "k": 3})
         assert bad.value.status == 422
+        with pytest.raises(CloudError, match="not in the catalogue: 'no such soap'") as unknown:
+            client.recommend(RecommendIn(history=["soap", "no such soap"]))
+        assert unknown.value.status == 422
         client.close()
-    with running(tmp_path / "bare", recommend_target="zero-shot") as server:
+    with running(tmp_path / "bare") as server:
         client = _device(CloudClient, server.url)
         with pytest.raises(CloudError, match="no catalogue") as none:
             client.recommend(RecommendIn(history=["soap"]))
         assert none.value.status == 404
         client.close()
+    with pytest.MonkeyPatch.context() as env:  # a catalogue, but no target trained for it
+        env.setenv("SPA_CACHE_DIR", str(tmp_path / "empty"))
+        with running(tmp_path / "untrained", catalogue=items) as server:
+            client = _device(CloudClient, server.url)
+            client.config = ClientConfig(attempts=1)  # a 503 is retried: once is enough
+            with pytest.raises(CloudError, match="spa train-target") as untrained:
+                client.recommend(RecommendIn(history=["soap"]))
+            assert untrained.value.status == 503
+            client.close()
 
 
 def _device(client_class, url: str):
@@ -350,36 +458,36 @@ def _device(client_class, url: str):
 
 
 @pytest.mark.parametrize("setting", ["spa", "full"])
-def test_http_recommendation_with_the_devices_side_network(
-    tmp_path, tiny_llama, catalogue, setting
-):
-    """The device's own side network ranks over HTTP: beam search (the token tree undrafted) and
-    strict speculative search give the items and scores of the same target in process, with one
-    device contact per target pass; the history and the side network stay on the device."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
+def test_http_recommendation_with_the_devices_side_network(tmp_path, tiny_llama, shop, setting):
+    """The device's own side network ranks over HTTP on item codes: beam search (the token tree
+    undrafted) and strict speculative search give the items and scores of the same model on the
+    coded backbone in process, with one device contact per target pass; the history and the
+    side network stay on the device."""
     from cloud_server import running
     from test_speculative import _randomize
 
     from device_agent.client import CloudClient
     from device_agent.recommend import RemoteRecommendation
 
-    items = tmp_path / "items.json"
-    items.write_text(json.dumps(TITLES))
-    model = _randomize(SPAModel(tiny_llama, SPAConfig(setting=setting, tap_encoding="raw-le")))
-    draft = Draft(tiny_llama, DraftConfig(layers=1))
-    with running(tmp_path, catalogue=items, recommend_target="zero-shot") as server:
+    items = shop[0]
+    target, path = _shop_target(shop, tiny_llama)
+    config = SPAConfig(setting=setting, tap_encoding="raw-le")
+    model = _randomize(SPAModel(tiny_llama, config))  # the device's, on the plain backbone
+    coded = SPAModel(target.backbone, config, model.side.config)  # the same weights, on codes
+    coded.load_state_dict(model.state_dict(), strict=False)
+    draft = Draft(target.backbone, DraftConfig(layers=1))
+    with running(tmp_path, catalogue=items, recommend_target=str(path)) as server:
         client = _device(CloudClient, server.url)
         for strategy in ("beam", "speculative-strict"):
             for history in HISTORIES:
-                remote = RemoteRecommendation(client, model, history, k=4, strategy=strategy,
-                                              gamma=2)  # fmt: skip
+                remote = RemoteRecommendation(
+                    client, model, history, k=4, strategy=strategy, gamma=2
+                )
                 got = remote.run()
                 cfg = RecommendConfig(strategy=strategy, k=4, gamma=2)
-                prompt = history_prompt(tiny_llama, history, 1024)
-                want = recommend(model, catalogue, [prompt], cfg, draft).items[0]
+                want = recommend(
+                    coded, target.catalogue, [target.prompt(history)], cfg, draft
+                ).items[0]
                 assert [i.title for i in got.items] == [i.title for i in want], (strategy, history)
                 assert [i.score for i in got.items] == pytest.approx(
                     [i.score for i in want], abs=1e-4
@@ -398,8 +506,12 @@ def test_a_trained_target_teaches_a_draft_without_carrying_its_graph(tiny_llama,
     prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
     examples = teacher_data(model, prompts, [None] * len(prompts), catalogue, beams=2)
     assert not any(t.requires_grad for ex in examples for t in ex.teacher)
-    report = distill(Draft(tiny_llama, DraftConfig(layers=1)), examples, catalogue,
-                     DistillConfig(method="atspeed-s", epochs=2))  # fmt: skip
+    report = distill(
+        Draft(tiny_llama, DraftConfig(layers=1)),
+        examples,
+        catalogue,
+        DistillConfig(method="atspeed-s", epochs=2),
+    )
     assert len(report.epochs) == 2
     found = recommend(model, catalogue, prompts[:1], RecommendConfig(k=2))
     assert len(found.items[0]) == 2

@@ -10,7 +10,7 @@ import typer
 
 from app.cli.options import Backbone, Choice
 from app.cli.speculative import DraftBeams, DraftCheckpoint, DraftLayers, Gamma, load_draft
-from personalization.atspeed.target import TARGET_SETTINGS
+from personalization.atspeed.code_target import SETTINGS
 from personalization.config import RECOMMEND_STRATEGIES
 from personalization.errors import ConfigError
 
@@ -20,19 +20,22 @@ app = typer.Typer()
 STRATEGY = Choice(RECOMMEND_STRATEGIES, "strategy")
 
 
+Catalogue = Annotated[
+    Path,
+    typer.Option(
+        help="JSON list of every item title, e.g. ../shared/data/beauty_items.json.",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
 def recommend(
     history: Annotated[
         list[str] | None,
         typer.Argument(help="Purchased product titles, oldest first.", show_default=False),
     ] = None,
-    catalogue: Annotated[
-        Path,
-        typer.Option(
-            help="JSON list of every item title, e.g. ../shared/data/beauty_items.json.",
-            show_default=False,
-        ),
-    ] = ...,
+    catalogue: Catalogue = ...,
     user: Annotated[
         str | None, typer.Option(help="Recommend for this user_id of --data instead.")
     ] = None,
@@ -43,14 +46,10 @@ def recommend(
     checkpoint: Annotated[
         Path | None,
         typer.Option(
-            help="A trained SPA checkpoint as the target. Default: the target `spa train-target` "
-            "trained last for this backbone, else the backbone alone."
+            help="A trained code target. Default: the one `spa train-target` trained last for "
+            "this backbone and catalogue."
         ),
     ] = None,
-    zero_shot: Annotated[
-        bool,
-        typer.Option("--zero-shot", help="The backbone alone, even where a target is trained."),
-    ] = False,
     strategy: Annotated[str, typer.Option(click_type=STRATEGY, help="How to search.")] = "beam",
     k: Annotated[int, typer.Option("-k", min=1, help="Items to recommend (= beams).")] = 10,
     draft: DraftCheckpoint = None,
@@ -59,20 +58,13 @@ def recommend(
     draft_beams: DraftBeams = None,
     seed: Annotated[int, typer.Option(help="Seed of speculative-relaxed sampling.")] = 0,
 ) -> None:
-    """Top-K next items for a purchase history, generated under the catalogue, with scores."""
-    from personalization.atspeed.catalogue import Catalogue
-    from personalization.atspeed.recommend import (
-        RecommendConfig,
-        history_prompt,
-        load_titles,
-        user_history,
-    )
+    """Top-K next items for a purchase history: the code target's beam search over the trie of
+    item codes, each item with its code and score."""
+    from personalization.atspeed.code_target import default_code_target, load_code_target
+    from personalization.atspeed.codes import CodeConfig, cached_codes
+    from personalization.atspeed.recommend import RecommendConfig, load_titles, user_history
     from personalization.atspeed.recommend import recommend as run
-    from personalization.atspeed.target import default_target
     from personalization.backbone.loading import load_backbone
-    from personalization.config import SPAConfig
-    from personalization.model import SPAModel
-    from personalization.training.checkpoint import load_checkpoint
 
     cfg = RecommendConfig(strategy=strategy, k=k, gamma=gamma, draft_beams=draft_beams, seed=seed)
     truth = None
@@ -82,26 +74,30 @@ def recommend(
         history, truth = user_history(data, user)
     if not history:
         raise ConfigError("give the purchase history (titles) or --user with --data")
-    f = load_backbone(backbone)
-    items = Catalogue.from_titles(f, load_titles(catalogue))
-    if checkpoint is None and not zero_shot:
-        checkpoint = default_target(f)
-    if checkpoint is not None and not zero_shot:
-        model = load_checkpoint(checkpoint, f)[0].eval()
-        typer.secho(f"target: {checkpoint.name} ({model.setting})", dim=True, err=True)
-    else:
-        model = SPAModel(f, SPAConfig(setting="base"))
-        typer.secho("target: the backbone alone (zero-shot)", dim=True, err=True)
-    drafter = load_draft(f, draft, draft_layers) if cfg.strategy != "beam" and gamma > 0 else None
+    f, titles = load_backbone(backbone), load_titles(catalogue)
+    trained = default_code_target(f, titles)
+    if checkpoint is None and trained is None:
+        raise ConfigError(
+            f"no code target is trained for this backbone and {catalogue}: run `spa train-target "
+            f"HISTORIES --catalogue {catalogue}` first, or give --checkpoint"
+        )
+    config = trained[1] if trained is not None else CodeConfig()
+    path = checkpoint or trained[0]
+    target = load_code_target(path, f, cached_codes(titles, config))
+    typer.secho(f"target: {path.name} ({target.model.setting})", dim=True, err=True)
+    known = history if truth is None else [t for t in history if t in target.index]
+    drafter = None
+    if cfg.strategy != "beam" and gamma > 0:
+        drafter = load_draft(target.backbone, draft, draft_layers)
     start = time.perf_counter()
-    result = run(model, items, [history_prompt(f, history)], cfg, drafter)
+    result = run(target.model, target.catalogue, [target.prompt(known)], cfg, drafter)
     elapsed = time.perf_counter() - start
     for rank, item in enumerate(result.items[0], 1):
         mark = "  <- the user's next purchase" if item.title == truth else ""
-        typer.echo(f"{rank:>3}. {item.score:8.3f}  {item.title}{mark}")
+        typer.echo(f"{rank:>3}. {item.score:8.3f}  {target.label(item.title)}  {item.title}{mark}")
     if truth is not None:
         typer.secho(f"next purchase: {truth}", dim=True, err=True)
-    line = f"[{cfg.strategy}, K={k}: {elapsed:.1f} s, {result.target_passes} target passes"
+    line = f"[{cfg.strategy}, K={k}: {elapsed:.2f} s, {result.target_passes} target passes"
     if result.stats is not None:
         line += f", {result.stats.acceptance:.0%} of drafted steps accepted"
     typer.secho(line + "]", dim=True, err=True)
@@ -112,29 +108,37 @@ def train_target(
     data: Annotated[
         Path, typer.Argument(help="Purchase histories, e.g. ../shared/data/beauty.jsonl.")
     ],
+    catalogue: Catalogue = ...,
     backbone: Backbone = None,
     setting: Annotated[
         str,
-        typer.Option(click_type=Choice(TARGET_SETTINGS, "setting"), help="The plug-in trained."),
+        typer.Option(click_type=Choice(SETTINGS, "setting"), help="The plug-in trained."),
     ] = "full",
-    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Epochs at most; the best on validation is kept.")
+    ] = 20,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    train_users: Annotated[
-        int | None, typer.Option(min=1, help="Training users (default: all not held out).")
-    ] = None,
-    windows: Annotated[
-        int, typer.Option(min=1, help="Of each training user, the last N purchases trained on.")
-    ] = 3,
-    valid_users: Annotated[int, typer.Option(min=1)] = 100,
-    test_users: Annotated[int, typer.Option(min=1, help="Users held out for evaluation.")] = 500,
+    levels: Annotated[int, typer.Option(min=1, help="Residual levels of the item codes.")] = 3,
+    codebook: Annotated[int, typer.Option(min=2, help="Codes per level.")] = 256,
 ) -> None:
-    """Train the recommendation target on the training users' purchase sequences, cache it, and
-    make it the default target of `spa recommend` (a trained one is reused)."""
-    from personalization.atspeed.target import TargetConfig
-    from personalization.atspeed.target import train_target as run
+    """Build the catalogue's item codes and train the code target on every user's purchases
+    before the validation period (AtSpeed's time split); cache it and make it the default of
+    `spa recommend` and the cloud for this catalogue (a trained one is reused)."""
+    from personalization.atspeed.code_target import CodeTargetConfig, train_code_target
+    from personalization.atspeed.codes import CodeConfig, cached_codes
+    from personalization.atspeed.recommend import load_titles
+    from personalization.atspeed.split import load_users
     from personalization.backbone.loading import load_backbone
 
-    cfg = TargetConfig(setting=setting, epochs=epochs, lr=lr, train_users=train_users,
-                       windows=windows, valid_users=valid_users, test_users=test_users)  # fmt: skip
-    path = run(load_backbone(backbone), data, cfg)
-    typer.echo(str(path))
+    codes = cached_codes(load_titles(catalogue), CodeConfig(levels=levels, codebook=codebook))
+    s = codes.stats
+    typer.secho(
+        f"item codes: {s['items']} items × {codes.length} tokens; {s['collision_rate']:.0%} "
+        f"shared a code before the last level; codebook usage {s['usage']}",
+        dim=True,
+        err=True,
+    )
+    cfg = CodeTargetConfig(setting=setting, epochs=epochs, lr=lr)
+    trained = train_code_target(load_backbone(backbone), codes, load_users(data), cfg)
+    typer.secho(f"best epoch: {trained.best_epoch} of {len(trained.epochs)}", dim=True, err=True)
+    typer.echo(str(trained.path))

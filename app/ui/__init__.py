@@ -23,7 +23,8 @@ probability that the device should shape it.
 Backbone: **{backbone}** · cloud: `{cloud}`"""
 
 
-def build(devices: Devices, root: Path) -> gr.Blocks:
+def build(devices: Devices, root: Path, histories: Path | None = None) -> gr.Blocks:
+    """The page; `histories` (Beauty format) lists the Recommend tab's shoppers."""
     with gr.Blocks(title="SPA demo") as page:
         gr.Markdown(INTRO.format(backbone=devices.backbone, cloud=devices.cloud_url))
         with gr.Tab("Generate"):
@@ -33,5 +34,5 @@ def build(devices: Devices, root: Path) -> gr.Blocks:
         with gr.Tab("Federated"):
             federated.build(devices, root)
         with gr.Tab("Recommend"):
-            recommend.build(devices)
+            recommend.build(devices, histories)
     return page

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -127,30 +127,35 @@ def recommend(
     return Recommendations(items, passes, stats)
 
 
-def rank_of(titles: Sequence[str], truth: str) -> int | None:
-    """0-based rank of the true item, None when it is not recommended."""
-    return titles.index(truth) if truth in titles else None
+def _truth(truth: str | Collection[str]) -> frozenset[str]:
+    return frozenset([truth]) if isinstance(truth, str) else frozenset(truth)
 
 
-def recall_at(titles: Sequence[str], truth: str, k: int) -> float:
-    rank = rank_of(titles[:k], truth)
-    return float(rank is not None)
+def recall_at(titles: Sequence[str], truth: str | Collection[str], k: int) -> float:
+    """AtSpeed's Recall@K: true items among the top K ÷ all true items."""
+    truth = _truth(truth)
+    return len(truth & set(titles[:k])) / len(truth)
 
 
-def ndcg_at(titles: Sequence[str], truth: str, k: int) -> float:
-    """With one relevant item the ideal DCG is 1, so NDCG@K = 1 / log2(rank + 2)."""
-    rank = rank_of(titles[:k], truth)
-    return 0.0 if rank is None else 1.0 / math.log2(rank + 2)
+def ndcg_at(titles: Sequence[str], truth: str | Collection[str], k: int) -> float:
+    """NDCG@K with binary gains; the ideal DCG puts min(|truth|, K) true items first."""
+    truth = _truth(truth)
+    dcg = sum(1 / math.log2(rank + 2) for rank, t in enumerate(titles[:k]) if t in truth)
+    ideal = sum(1 / math.log2(rank + 2) for rank in range(min(len(truth), k)))
+    return dcg / ideal
 
 
-def metrics(rankings: Sequence[Sequence[str]], truths: Sequence[str], k: int) -> dict[str, float]:
-    """Mean Recall@k and NDCG@k over users."""
+def metrics(
+    rankings: Sequence[Sequence[str]], truths: Sequence[str | Collection[str]], k: int
+) -> dict[str, float]:
+    """Mean Recall@k and NDCG@k over users (a truth is one item or all of a user's items)."""
     n = len(truths)
-    if n == 0 or len(rankings) != n:
-        raise ConfigError("one ranking per true item, at least one")
+    if n == 0 or len(rankings) != n or any(not _truth(t) for t in truths):
+        raise ConfigError("one ranking per user and a non-empty truth for each")
+    pairs = list(zip(rankings, truths, strict=True))
     return {
-        f"recall@{k}": sum(recall_at(r, t, k) for r, t in zip(rankings, truths, strict=True)) / n,
-        f"ndcg@{k}": sum(ndcg_at(r, t, k) for r, t in zip(rankings, truths, strict=True)) / n,
+        f"recall@{k}": sum(recall_at(r, t, k) for r, t in pairs) / n,
+        f"ndcg@{k}": sum(ndcg_at(r, t, k) for r, t in pairs) / n,
     }
 
 

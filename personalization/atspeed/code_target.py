@@ -1,0 +1,254 @@
+"""The recommendation target on item codes: frozen backbone, code tokens, a trained side network.
+
+A history is the user's last ≤ 20 items as codes after a short instruction, oldest first; the
+target generates the next item's L code tokens by beam search over the trie of valid codes, so
+every output is a real item. The plug-in — code rows (`coded`) and a side network always on
+(`full`) or gated (`spa`) — is trained centrally on AtSpeed's time split (`split`): every user's
+purchases before the validation period, all of a user's next-item positions from **one** causal
+pass (an item's codes are predicted from every item before it, exactly what a window ending there
+would see). The epoch kept is the one with the lowest loss on the validation items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from personalization.atspeed.catalogue import Catalogue
+from personalization.atspeed.coded import coded_backbone
+from personalization.atspeed.codes import CodeConfig, ItemCodes, catalogue_hash
+from personalization.atspeed.split import MAX_ITEMS, User
+from personalization.backbone.embedded import cache_dir
+from personalization.backbone.frozen import Backbone
+from personalization.config import SideConfig, SPAConfig
+from personalization.errors import ConfigError, SpaError
+from personalization.files import atomic_path
+from personalization.model import SPAModel
+from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.training.data import Example
+from personalization.training.features import make_cache
+from personalization.training.train import TrainConfig, make_optimizer, train
+
+INSTRUCTION = "A shopper's purchases, oldest first, as item codes:"
+SETTINGS = ("full", "spa")
+
+
+class UnknownItemError(SpaError, ValueError):
+    """A history item the catalogue does not hold."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodeTargetConfig:
+    setting: str = "full"
+    epochs: int = 20  # the most trained; the best on validation is kept
+    lr: float = 1e-3
+    batch_size: int = 16
+    reduction: int = 4  # side width H / r
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ConfigError(
+                f"a code target is one of {', '.join(SETTINGS)}, not {self.setting!r}"
+            )
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+class CodeRecommender:
+    """Codes, their catalogue trie and the coded backbone; `model` is the target (or None)."""
+
+    @classmethod
+    def build(cls, backbone: Backbone, codes: ItemCodes) -> CodeRecommender:
+        """For a plain backbone: its coded version for these codes, no target yet."""
+        return cls(codes, coded_backbone(backbone, codes.num_tokens))
+
+    def __init__(self, codes: ItemCodes, coded: Backbone, model: SPAModel | None = None):
+        self.codes = codes
+        self.backbone = coded  # `coded_backbone` of the shared backbone for these codes
+        self.vocab = self.backbone.vocab_size - codes.num_tokens
+        self.index = {t: i for i, t in enumerate(codes.titles)}
+        self.catalogue = Catalogue(
+            (codes.token_ids(i, self.vocab) for i in range(len(codes))), codes.titles
+        )
+        self.model = model
+        self._instruction = tuple(self.backbone.tokenizer(INSTRUCTION)["input_ids"])
+
+    def item_ids(self, titles: Sequence[str]) -> list[int]:
+        """Catalogue indices of titles, or an error naming the first unknown one."""
+        for t in titles:
+            if t not in self.index:
+                raise UnknownItemError(f"item not in the catalogue: {t!r}")
+        return [self.index[t] for t in titles]
+
+    def tokens(self, titles: Sequence[str]) -> list[int]:
+        return [tok for i in self.item_ids(titles) for tok in self.codes.token_ids(i, self.vocab)]
+
+    def prompt(self, history: Sequence[str]) -> list[int]:
+        """The instruction, then the last ≤ 20 purchases' codes (oldest first)."""
+        if not history:
+            raise ConfigError("the purchase history is empty")
+        return list(self._instruction) + self.tokens(list(history)[-MAX_ITEMS:])
+
+    def with_target(self, path: str | Path) -> CodeRecommender:
+        """The same codes with a trained target on this coded backbone; refuses other codes'."""
+        model, info, _ = load_checkpoint(path, self.backbone)
+        if info.data_hash != self.codes.fingerprint:
+            raise ConfigError(
+                f"{path} was trained on item codes {info.data_hash}, not on these "
+                f"({self.codes.fingerprint})"
+            )
+        return CodeRecommender(self.codes, self.backbone, model.eval())
+
+    def label(self, title: str) -> str:
+        return self.codes.label(self.index[title])
+
+    def sequence_example(self, items: Sequence[str], targets: int) -> Example:
+        """One causal pass over `items`: the last `targets` items' codes are the target."""
+        if not 0 < targets < len(items):
+            raise ConfigError("a sequence example needs context and at least one target item")
+        prompt = self.prompt(items[:-targets])
+        return Example(tuple(prompt), tuple(self.tokens(items[-targets:])))
+
+    def training_examples(self, users: Sequence[User]) -> list[Example]:
+        """Each user's history, every next-item position in one pass (the last ≤ 21 items)."""
+        out = []
+        for u in users:
+            items = [t for t in u.history if t in self.index][-(MAX_ITEMS + 1) :]
+            if len(items) >= 2:
+                out.append(self.sequence_example(items, len(items) - 1))
+        return out
+
+    def validation_examples(self, users: Sequence[User]) -> list[Example]:
+        """The validation items after each user's history (model selection only)."""
+        out = []
+        for u in users:
+            history = [t for t in u.history if t in self.index][-MAX_ITEMS:]
+            valid = [t for t in u.valid if t in self.index]
+            if history and valid:
+                out.append(self.sequence_example(history + valid, len(valid)))
+        return out
+
+
+@dataclass
+class TrainedTarget:
+    path: Path
+    best_epoch: int
+    epochs: list[dict] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+
+def target_path(backbone: Backbone, codes: ItemCodes, cfg: CodeTargetConfig) -> Path:
+    name = f"{backbone.fingerprint[:16]}-codes{codes.fingerprint[:10]}-{cfg.key()}.safetensors"
+    return cache_dir() / "targets" / name
+
+
+def _pointer(backbone: Backbone, titles: Sequence[str]) -> Path:
+    name = f"{backbone.fingerprint[:16]}-catalogue{catalogue_hash(titles)}-default.json"
+    return cache_dir() / "targets" / name
+
+
+def default_code_target(
+    backbone: Backbone, titles: Sequence[str]
+) -> tuple[Path, CodeConfig] | None:
+    """The target last trained to completion for this backbone and catalogue, and the config
+    of the codes it was trained on; None when there is none."""
+    try:
+        row = json.loads(_pointer(backbone, titles).read_text())
+        path, config = Path(row["checkpoint"]), CodeConfig(**row["codes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (path, config) if path.is_file() else None
+
+
+def train_code_target(
+    backbone: Backbone,
+    codes: ItemCodes,
+    users: Sequence[User],
+    cfg: CodeTargetConfig,
+    *,
+    out: Path | None = None,
+    progress: bool = True,
+) -> TrainedTarget:
+    """Train (or return the finished) target and make it the default for these codes; `out`
+    keeps the best epoch, `out.json` the record."""
+    out = out or target_path(backbone, codes, cfg)
+    record = out.with_suffix(".json")
+    if out.is_file() and record.is_file():
+        row = json.loads(record.read_text())
+        _make_default(backbone, codes, out)
+        return TrainedTarget(out, row["best_epoch"], row["epochs"], row["seconds"])
+    seconds = {}
+    t = time.perf_counter()
+    rec = CodeRecommender.build(backbone, codes)
+    model = SPAModel(
+        rec.backbone,
+        SPAConfig(setting=cfg.setting),
+        SideConfig(
+            hidden_size=backbone.hidden_size,
+            num_layers=backbone.num_layers,
+            reduction=cfg.reduction,
+        ),
+    )
+    train_ex, valid_ex = rec.training_examples(users), rec.validation_examples(users)
+    cache = make_cache(rec.backbone, model.rungs, model.config.wire_dtype)
+    cache.ensure(train_ex + valid_ex, progress=progress)
+    seconds["features"] = time.perf_counter() - t
+    best = {"loss": float("inf"), "epoch": 0}
+    meta = {
+        "train": asdict(
+            TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+        ),
+        "codes": codes.fingerprint,
+    }
+
+    def keep_best(epoch: int, _opt, row: dict) -> None:
+        if row["valid"]["lm"] < best["loss"]:
+            best.update(loss=row["valid"]["lm"], epoch=epoch)
+            save_checkpoint(
+                out,
+                model,
+                describe(model, epoch=epoch, data_hash=meta["codes"], train=meta["train"]),
+            )
+
+    t = time.perf_counter()
+    tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    result = train(
+        model,
+        cache.lazy(train_ex),
+        tc,
+        valid=cache.lazy(valid_ex),
+        optimizer=make_optimizer(model, tc),
+        on_epoch=keep_best,
+        progress=progress,
+    )
+    seconds["train"] = time.perf_counter() - t
+    row = {
+        "config": asdict(cfg),
+        "codes": codes.fingerprint,
+        "codes_config": asdict(codes.config),
+        "best_epoch": best["epoch"],
+        "epochs": result.epochs,
+        "seconds": seconds,
+        "train_examples": len(train_ex),
+        "valid_examples": len(valid_ex),
+    }
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(row, indent=1))
+    _make_default(backbone, codes, out)
+    return TrainedTarget(out, best["epoch"], result.epochs, seconds)
+
+
+def _make_default(backbone: Backbone, codes: ItemCodes, path: Path) -> None:
+    with atomic_path(_pointer(backbone, codes.titles)) as tmp:
+        tmp.write_text(json.dumps({"checkpoint": str(path), "codes": asdict(codes.config)}))
+
+
+def load_code_target(path: str | Path, backbone: Backbone, codes: ItemCodes) -> CodeRecommender:
+    """A trained target on `backbone` (the plain one; its code rows are rebuilt from the seed)."""
+    return CodeRecommender.build(backbone, codes).with_target(path)

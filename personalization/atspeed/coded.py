@@ -1,0 +1,125 @@
+"""The frozen backbone reading and writing item codes: its vocabulary plus one token per code.
+
+A recommender over codes needs, for each code token, an input embedding (to read a history of
+codes) and a row of the output head (to generate them). Both belong to the recommender's plug-in,
+never to the shared backbone: `coded_backbone` returns a `Backbone` whose model *shares* every
+layer, the final norm and the text embeddings with the original (no copy, still frozen) and only
+adds `CodeEmbedding` / `CodeHead` modules around them. Everything built on `Backbone` — the
+stepper, token trees, the draft (its first layers), cached features — then works on codes as it
+does on text.
+
+The code rows are fixed, seeded random directions: as inputs at the scale of the text
+embeddings, as outputs scaled so that a hidden state aligned with a row gives it a logit of
+`MAX_LOGIT` (and a random one about ±1: training starts near uniform over the codes). Fixed
+classifiers train as well as learned ones (Hoffer et al., 2018), and fixed inputs keep the
+backbone's taps over a code history a constant function of the history, so they are computed once
+and cached — the side network, trained on those taps, is what learns. Learning the rows would mean back-propagating through the 30-layer backbone for
+every example and epoch, hours on two CPU cores. The head gives −∞ to every text token: a coded
+backbone only ever generates codes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from personalization.backbone.frozen import Backbone
+
+
+class CodeEmbedding(nn.Module):
+    """The backbone's token embedding for ids < vocab, the code rows above it."""
+
+    def __init__(self, text: nn.Embedding, codes: Tensor):
+        super().__init__()
+        self.text = text
+        self.codes = nn.Parameter(codes, requires_grad=False)
+        self.vocab = text.num_embeddings
+        self.num_embeddings = self.vocab + codes.shape[0]
+        self.embedding_dim = codes.shape[1]
+
+    @property
+    def weight(self) -> Tensor:  # what transformers reads for the dtype and device
+        return self.codes
+
+    def forward(self, ids: Tensor) -> Tensor:
+        is_code = ids >= self.vocab
+        out = self.text(ids.clamp(max=self.vocab - 1))
+        if bool(is_code.any()):
+            codes = F.embedding((ids - self.vocab).clamp(min=0), self.codes).to(out.dtype)
+            out = torch.where(is_code[..., None], codes, out)
+        return out
+
+
+class CodeHead(nn.Module):
+    """Logits over text + codes: −∞ for text tokens, the code rows' dot products for codes.
+
+    `weight` is indexed by token id like any LM head (rows below `vocab` are never read: the
+    draft's head asks only for the rows a catalogue allows, all of them codes)."""
+
+    def __init__(self, vocab: int, codes: Tensor):
+        super().__init__()
+        self.vocab = vocab
+        self.codes = nn.Parameter(codes, requires_grad=False)
+        self.in_features = codes.shape[1]
+        self.out_features = vocab + codes.shape[0]
+        self.bias = None
+
+    @property
+    def weight(self) -> _Rows:
+        return _Rows(self.codes, self.vocab)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        logits = F.linear(hidden, self.codes.to(hidden.dtype))
+        return F.pad(logits, (self.vocab, 0), value=float("-inf"))
+
+
+class _Rows:
+    """The head's rows by token id, as `head.weight[cols]`, without materialising text rows."""
+
+    def __init__(self, codes: Tensor, vocab: int):
+        self.codes, self.vocab = codes, vocab
+        self.shape = (vocab + codes.shape[0], codes.shape[1])
+        self.dtype, self.device = codes.dtype, codes.device
+
+    def __getitem__(self, cols):
+        if isinstance(cols, slice | tuple):  # the fingerprint's sample: code rows only
+            return self.codes[cols]
+        cols = torch.as_tensor(cols)
+        if bool((cols < self.vocab).any()):
+            raise IndexError("a coded backbone's head has no rows for text tokens")
+        return self.codes[cols - self.vocab]
+
+
+MAX_LOGIT = 20.0  # a code's logit where the normed hidden state points exactly at its row
+
+
+def code_rows(backbone: Backbone, num_codes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """[num_codes, H] input and output rows: one seeded random direction per code, at the text
+    embeddings' mean norm (input) and at MAX_LOGIT ÷ the final norm's scale (output)."""
+    text = backbone.model.get_input_embeddings().weight.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(num_codes, text.shape[1], generator=gen)
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    normed = backbone.final_norm.weight.detach().float().norm()  # |final_norm(h)| for typical h
+    inputs, outputs = rows * text.norm(dim=1).mean(), rows * (MAX_LOGIT / normed)
+    return inputs.to(backbone.dtype), outputs.to(backbone.dtype)
+
+
+def coded_backbone(backbone: Backbone, num_codes: int, *, seed: int = 0) -> Backbone:
+    """`backbone` with `num_codes` code tokens after its vocabulary (ids vocab … vocab + n − 1);
+    every original module is shared, not copied."""
+    import copy
+
+    model = backbone.model
+    text = model.get_input_embeddings()
+    shared = {id(m): m for m in model.modules() if m is not model and m is not model.base_model}
+    shared |= {id(p): p for p in model.parameters()}
+    coded = copy.deepcopy(model, memo=shared)
+    inputs, outputs = code_rows(backbone, num_codes, seed)
+    vocab = backbone.vocab_size
+    coded.set_input_embeddings(CodeEmbedding(text, inputs))
+    coded.set_output_embeddings(CodeHead(vocab, outputs))
+    coded.config.vocab_size = vocab + num_codes
+    coded.config.tie_word_embeddings = False  # transformers must not re-tie the text rows
+    return Backbone(coded, backbone.tokenizer, name=f"{backbone.name}+{num_codes}codes")

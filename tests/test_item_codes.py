@@ -1,0 +1,276 @@
+"""Recommendation on item codes (tiny backbone): the item tokenizer, the coded backbone, one-pass
+training, AtSpeed's split and metrics, the content baseline, and search over the code trie."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from personalization.atspeed import split
+from personalization.atspeed.baselines import Content
+from personalization.atspeed.code_target import (
+    CodeRecommender,
+    CodeTargetConfig,
+    UnknownItemError,
+    load_code_target,
+    train_code_target,
+)
+from personalization.atspeed.coded import coded_backbone
+from personalization.atspeed.codes import (
+    CodeConfig,
+    ItemCodes,
+    build_codes,
+    cached_codes,
+    separate,
+)
+from personalization.atspeed.draft import Draft, DraftConfig
+from personalization.atspeed.recommend import (
+    RecommendConfig,
+    metrics,
+    ndcg_at,
+    recall_at,
+    recommend,
+)
+from personalization.atspeed.split import User
+from personalization.backbone.frozen import Backbone
+from personalization.config import SideConfig, SPAConfig
+from personalization.errors import ConfigError
+from personalization.model import SPAModel
+from personalization.training.features import backbone_features
+from personalization.training.train import TrainConfig, side_loss
+
+WORDS = ("rose", "olive", "argan", "shea", "mint", "lip", "eye", "nail", "hair", "face")
+WORDS += ("serum", "cream", "oil", "soap", "mask", "gel")
+SMALL = CodeConfig(levels=2, codebook=8, dims=8)
+
+
+@pytest.fixture(scope="module")
+def titles() -> list[str]:
+    rng = random.Random(0)
+    return sorted({" ".join(rng.sample(WORDS, 3)) for _ in range(150)})
+
+
+@pytest.fixture(scope="module")
+def codes(titles) -> ItemCodes:
+    return build_codes(titles, SMALL)
+
+
+@pytest.fixture(scope="module")
+def users(titles) -> list[User]:
+    rng = random.Random(1)
+    return [
+        User(
+            f"u{i}",
+            tuple(rng.sample(titles, 5)),
+            tuple(rng.sample(titles, i % 2)),
+            tuple(rng.sample(titles, 1 + i % 3)),
+        )
+        for i in range(24)
+    ]
+
+
+# ---- item codes ----------------------------------------------------------------------------------
+def test_codes_are_unique_deterministic_and_cover_the_catalogue(titles, codes):
+    assert len(codes) == len(titles) and codes.titles == tuple(titles)
+    assert codes.length == SMALL.length == 3
+    assert len({tuple(c) for c in codes.codes}) == len(titles)  # unique thanks to the last level
+    assert (codes.codes >= 0).all() and (codes.codes < SMALL.codebook).all()
+    again = build_codes(list(titles) + [titles[0]], SMALL)  # a duplicate title is one item
+    assert np.array_equal(again.codes, codes.codes) and again.fingerprint == codes.fingerprint
+    other = build_codes(titles, CodeConfig(levels=2, codebook=8, dims=8, seed=1))
+    assert other.fingerprint != codes.fingerprint
+    s = codes.stats
+    assert s["items"] == len(titles) and len(s["usage"]) == 3
+    assert all(1 <= u <= SMALL.codebook for u in s["usage"])
+    shared = len(titles) - len({tuple(c) for c in codes.codes[:, :2]})
+    assert (shared > 0) == (s["collision_rate"] > 0)
+    assert codes.label(0).startswith("<a_") and codes.label(0).count("<") == 3
+
+
+def test_the_last_level_separates_collisions_in_catalogue_order():
+    rq = np.array([[1, 2], [1, 2], [0, 0], [1, 2]])
+    assert separate(rq, 4)[:, -1].tolist() == [0, 1, 0, 2]
+    with pytest.raises(ConfigError, match="3 items share one code"):
+        separate(rq, 2)
+
+
+def test_codes_are_cached_by_catalogue_and_config(titles, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path))
+    first = cached_codes(titles, SMALL)
+    files = list((tmp_path / "codes").glob("*.json"))
+    assert len(files) == 1
+    again = cached_codes(titles, SMALL)
+    assert np.array_equal(again.codes, first.codes) and again.stats == first.stats
+    assert ItemCodes.load(files[0]).fingerprint == first.fingerprint
+
+
+def test_token_ids_follow_the_vocabulary(codes):
+    ids = codes.token_ids(3, 100)
+    assert ids == tuple(100 + level * 8 + int(c) for level, c in enumerate(codes.codes[3]))
+
+
+# ---- the coded backbone --------------------------------------------------------------------------
+def test_coded_backbone_shares_the_backbone_and_adds_only_code_tokens(tiny: Backbone):
+    coded = coded_backbone(tiny, 16)
+    V = tiny.vocab_size
+    assert coded.vocab_size == V + 16 and coded.hidden_size == tiny.hidden_size
+    assert coded.layers[0] is tiny.layers[0] and coded.final_norm is tiny.final_norm
+    assert coded.fingerprint != tiny.fingerprint
+    text = torch.tensor([[3, 5, 7]])
+    torch.testing.assert_close(coded(text).hidden, tiny(text).hidden)  # text reads as before
+    out = coded(torch.tensor([[3, V, V + 15]]), logits="all")
+    assert torch.isinf(out.logits[..., :V]).all() and torch.isfinite(out.logits[..., V:]).all()
+    assert not torch.allclose(out.hidden[0, 1], out.hidden[0, 2])  # codes are distinct inputs
+
+
+# ---- one-pass training ---------------------------------------------------------------------------
+def test_one_pass_gives_the_loss_of_per_window_training(tiny_llama, codes, titles):
+    rec = CodeRecommender.build(tiny_llama, codes)
+    model = SPAModel(
+        rec.backbone,
+        SPAConfig(setting="full"),
+        SideConfig(hidden_size=64, num_layers=2, reduction=4),
+    )
+    torch.manual_seed(0)
+    for p in model.side.parameters():  # a side network that does something
+        p.data.normal_(0, 0.2)
+    items = titles[:5]
+    cfg = TrainConfig()
+
+    def loss(example):
+        f = backbone_features(rec.backbone, example, model.rungs, torch.float32)
+        value, _ = side_loss(model, [f], cfg)
+        return float(value.detach()), len(example.target)
+
+    one, n = loss(rec.sequence_example(items, 4))
+    windows = [loss(rec.sequence_example(items[: k + 1], 1)) for k in range(1, 5)]
+    assert n == 4 * codes.length == sum(m for _, m in windows)
+    assert one == pytest.approx(sum(v * m for v, m in windows) / n, rel=1e-4)
+
+
+def test_training_examples_follow_the_time_split(tiny_llama, codes, users):
+    rec = CodeRecommender.build(tiny_llama, codes)
+    train = rec.training_examples(users)
+    assert len(train) == len(users)
+    u = users[0]
+    assert train[0].prompt == tuple(rec.prompt(u.history[:1]))
+    assert train[0].target == tuple(rec.tokens(u.history[1:]))  # validation/test never train
+    valid = rec.validation_examples(users)
+    assert len(valid) == sum(1 for u in users if u.valid)
+    with pytest.raises(UnknownItemError, match="no such cream"):
+        rec.prompt(["no such cream"])
+
+
+def test_a_trained_target_keeps_its_best_epoch_and_its_codes(
+    tiny_llama, codes, users, tmp_path, monkeypatch, titles
+):
+    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path))
+    cfg = CodeTargetConfig(epochs=3, batch_size=8, reduction=4)
+    out = tmp_path / "target.safetensors"
+    trained = train_code_target(tiny_llama, codes, users, cfg, out=out, progress=False)
+    losses = [e["valid"]["lm"] for e in trained.epochs]
+    assert len(losses) == 3 and trained.best_epoch == 1 + losses.index(min(losses))
+    rec = load_code_target(out, tiny_llama, codes)
+    assert (
+        train_code_target(tiny_llama, codes, users, cfg, out=out).best_epoch == trained.best_epoch
+    )
+    other = build_codes(titles, CodeConfig(levels=2, codebook=8, dims=8, seed=3))
+    with pytest.raises(ConfigError, match="item codes"):
+        load_code_target(out, tiny_llama, other)
+    found = recommend(
+        rec.model, rec.catalogue, [rec.prompt(users[0].history)], RecommendConfig(k=5)
+    )
+    assert len(found.items[0]) == 5 and all(i.title in rec.index for i in found.items[0])
+
+
+# ---- search over the code trie -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def target(tiny_llama, codes) -> CodeRecommender:
+    rec = CodeRecommender.build(tiny_llama, codes)
+    model = SPAModel(
+        rec.backbone,
+        SPAConfig(setting="full"),
+        SideConfig(hidden_size=64, num_layers=2, reduction=4),
+    )
+    torch.manual_seed(1)
+    for p in model.side.parameters():
+        p.data.normal_(0, 0.3)
+    return CodeRecommender(codes, rec.backbone, model.eval())
+
+
+def test_beam_search_yields_only_catalogue_items(target, users):
+    prompts = [target.prompt(u.history) for u in users[:3]]
+    found = recommend(target.model, target.catalogue, prompts, RecommendConfig(k=10))
+    assert target.catalogue.max_length == target.codes.length
+    for items in found.items:
+        assert len(items) == 10 and len({i.title for i in items}) == 10
+        assert all(i.title in target.index for i in items)
+        assert [i.score for i in items] == sorted((i.score for i in items), reverse=True)
+
+
+@pytest.mark.parametrize(("k", "gamma", "n"), [(1, 1, 2), (3, 2, 3), (5, 3, 10), (8, 4, 16)])
+def test_strict_speculative_search_equals_beam_search_on_codes(target, users, k, gamma, n):
+    draft = Draft(target.backbone, DraftConfig(layers=1))
+    prompts = [target.prompt(u.history) for u in users[:3]]
+    beam = recommend(target.model, target.catalogue, prompts, RecommendConfig(k=k))
+    strict = recommend(
+        target.model,
+        target.catalogue,
+        prompts,
+        RecommendConfig(strategy="speculative-strict", k=k, gamma=gamma, draft_beams=n),
+        draft,
+    )
+    for b, s in zip(beam.items, strict.items, strict=True):
+        assert [i.title for i in s] == [i.title for i in b]
+        assert [i.score for i in s] == pytest.approx([i.score for i in b], abs=1e-4)
+    assert strict.target_passes <= beam.target_passes
+    relaxed = recommend(
+        target.model,
+        target.catalogue,
+        prompts,
+        RecommendConfig(strategy="speculative-relaxed", k=k, gamma=gamma, draft_beams=n),
+        draft,
+    )
+    assert all(len(r) == k and all(i.title in target.index for i in r) for r in relaxed.items)
+
+
+# ---- AtSpeed's split, metrics and the content baseline -------------------------------------------
+def test_split_uses_time_not_users():
+    u = User("a", tuple(f"h{i}" for i in range(25)), ("v1", "v2"), ("t1", "t2", "t3"))
+    none = User("b", ("h0",), (), ("t1",))
+    assert split.training_sequences([u, none]) == [u.history, none.history]
+    (v,) = split.valid_cases([u, none])  # a user without validation items has no validation case
+    assert v.items == u.history[-20:] and v.truth == {"v1", "v2"}
+    t, t2 = split.test_cases([u, none])
+    assert t.items == (u.history + u.valid)[-20:] and t.items[-1] == "v2"
+    assert t.truth == {"t1", "t2", "t3"} and t2.items == ("h0",)
+
+
+def test_metrics_with_several_true_items_by_hand():
+    ranked = ["a", "b", "c", "d", "e"]
+    truth = {"b", "e", "z"}
+    assert recall_at(ranked, truth, 2) == pytest.approx(1 / 3)
+    assert recall_at(ranked, truth, 5) == pytest.approx(2 / 3)
+    # DCG = 1/log2(3) + 1/log2(6); the ideal puts min(3, 5) = 3 true items first
+    ideal = 1 + 1 / math.log2(3) + 1 / 2
+    assert ndcg_at(ranked, truth, 5) == pytest.approx((1 / math.log2(3) + 1 / math.log2(6)) / ideal)
+    # K smaller than |truth|: the ideal holds K items
+    assert ndcg_at(["b", "e"], truth, 2) == pytest.approx(1.0)
+    m = metrics([ranked, ranked], [truth, "a"], 5)
+    assert m["recall@5"] == pytest.approx((2 / 3 + 1) / 2)
+    with pytest.raises(ConfigError):
+        metrics([ranked], [set()], 5)
+
+
+def test_content_baseline_ranks_by_title_similarity():
+    titles = ["rose serum", "rose oil", "olive soap", "olive oil soap", "mint gel"]
+    content = Content(titles, recent=1)
+    assert content.recommend(["olive soap"], 2) == ["olive soap", "olive oil soap"]
+    skip = Content(titles, recent=1, exclude_seen=True)
+    assert skip.recommend(["olive soap"], 1) == ["olive oil soap"]
+    assert Content(titles, recent=2).recommend(["rose oil", "olive soap"], 5)[-1] == "mint gel"
+    assert content.recommend(["unknown"], 3) == []
