@@ -1,10 +1,10 @@
 """Next-item recommendation on item codes, as AtSpeed runs it (issue 34).
 
     python benchmarks/recommend.py codes                       # build (cached) and report codes
-    python benchmarks/recommend.py train  [--epochs 20] [--lr 1e-3]          # cached when done
+    python benchmarks/recommend.py train  [--epochs 20] [--lrs 1e-3 3e-3]   # each cached when done
     python benchmarks/recommend.py quality [--methods ...] [--eval-data FILE]  # resumable
     python benchmarks/recommend.py speed  [--speed-users 100] [--recall-users 300]
-    python benchmarks/recommend.py table
+    python benchmarks/recommend.py table [--readme]   # --readme: into README.md's block
 
 The split is AtSpeed's (`personalization.atspeed.split`): by global time, every user kept —
 everything before the validation period trains, the validation items choose the epoch, and every
@@ -59,20 +59,29 @@ def _codes(args):
     return cached_codes(load_titles(args.data / "beauty_items.json"), CodeConfig(seed=args.seed))
 
 
-def _target_config(args):
-    from personalization.atspeed.code_target import CodeTargetConfig
+def _sweep(args) -> list[tuple]:
+    """(config, trained target, its best validation loss) for every learning rate of --lrs,
+    best first: each trained once and cached; the best on validation is the code target."""
+    from personalization.atspeed.code_target import CodeTargetConfig, train_code_target
+    from personalization.backbone.loading import load_backbone
 
-    return CodeTargetConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    backbone, codes, users = load_backbone(args.backbone), _codes(args), None
+    runs = []
+    for lr in args.lrs:
+        cfg = CodeTargetConfig(epochs=args.epochs, lr=lr, seed=args.seed)
+        users = users or _users(args.data / "beauty.jsonl")
+        trained = train_code_target(backbone, codes, users, cfg)
+        runs.append((cfg, trained, min(e["valid"]["lm"] for e in trained.epochs)))
+    return sorted(runs, key=lambda run: run[2])
 
 
 def _recommender(args):
-    from personalization.atspeed.code_target import load_code_target, train_code_target
+    from personalization.atspeed.code_target import load_code_target, make_default
     from personalization.backbone.loading import load_backbone
 
+    _, trained, _ = _sweep(args)[0]
     backbone, codes = load_backbone(args.backbone), _codes(args)
-    trained = train_code_target(
-        backbone, codes, _users(args.data / "beauty.jsonl"), _target_config(args)
-    )
+    make_default(backbone, codes, trained.path)  # spa recommend and the cloud use it too
     return load_code_target(trained.path, backbone, codes), trained
 
 
@@ -97,8 +106,12 @@ def codes(args) -> None:
 
 
 def train(args) -> None:
-    _, trained = _recommender(args)
-    print(f"target: {trained.path}; best epoch {trained.best_epoch}; {trained.seconds}")
+    for cfg, trained, loss in _sweep(args):
+        print(
+            f"lr {cfg.lr:g}: best validation loss {loss:.4f} at epoch {trained.best_epoch}; "
+            f"{trained.seconds}; {trained.path}"
+        )
+    _recommender(args)
 
 
 def _content_choice(args, users, titles) -> dict:
@@ -366,15 +379,12 @@ def summarise(args) -> None:
             "users": len(cases),
             "protocol": "AtSpeed: time split, input last ≤ 20 items (history + validation), "
             "truth all test items",
-            "target": asdict(_target_config(args)),
+            "target": asdict(_sweep(args)[0][0]) if TARGET in methods else None,
             "search": "beam search over the code trie, 20 beams (lists for K = 5, 10, 20)",
         },
     }
     summary = {"users": len(cases)}
     if TARGET in methods:
-        from personalization.atspeed.code_target import target_path
-        from personalization.backbone.loading import load_backbone
-
         t = methods[TARGET]
         summary |= {"recall@10": t["recall@10"], "ndcg@10": t["ndcg@10"]}
         diffs = {}
@@ -397,12 +407,18 @@ def summarise(args) -> None:
                 "recall@10_diff_ci": diffs[best]["recall@10_diff_ci"],
                 "recall@10_ratio": t["recall@10"] / max(methods[best]["recall@10"], 1e-12),
             }
-        backbone = load_backbone(args.backbone)
-        record = target_path(backbone, _codes(args), _target_config(args)).with_suffix(".json")
-        if record.is_file():
-            training = json.loads(record.read_text())
-            results["target_training"] = training
-            summary["train_minutes"] = sum(training["seconds"].values()) / 60
+        runs = _sweep(args)
+        results["target_training"] = [
+            {
+                "lr": cfg.lr,
+                "best_valid_loss": loss,
+                "chosen": i == 0,
+                **json.loads(trained.path.with_suffix(".json").read_text()),
+            }
+            for i, (cfg, trained, loss) in enumerate(runs)
+        ]
+        summary["train_minutes"] = sum(runs[0][1].seconds.values()) / 60
+        summary["chosen_lr"] = runs[0][0].lr
         results["codes"] = {"config": asdict(_codes(args).config), **_codes(args).stats}
     speed_file = work / "speed.json"
     if speed_file.is_file():
@@ -426,31 +442,49 @@ def summarise(args) -> None:
     table(args.out)
 
 
-def table(path: Path) -> None:
-    r = json.loads(Path(path).read_text())
-    print(
-        f"{r['hardware']}; {r['date']}; {r['config']['users']} users; {r['config']['protocol']}\n"
-    )
+def render(r: dict) -> str:
+    """The results as markdown: the quality table, the speed table, the summary."""
+    c = r["config"]
+    lines = [f"{r['hardware']}; {r['date'][:10]}; {c['users']} users; {c['protocol']}", ""]
     head = " | ".join(f"Recall@{k} | NDCG@{k}" for k in KS)
-    print(f"| method | users | {head} | s / user |")
-    print("|---|---|" + "---|" * (2 * len(KS) + 1))
+    lines += [f"| method | users | {head} | s / user |", "|---|---|" + "---|" * (2 * len(KS) + 1)]
     for method, e in r["methods"].items():
         cells = " | ".join(
             f"{e[n]:.4f} [{e[n + '_ci'][0]:.4f}, {e[n + '_ci'][1]:.4f}]"
             for k in KS
             for n in (f"recall@{k}", f"ndcg@{k}")
         )
-        print(f"| {method} | {e['users']} | {cells} | {e['s_per_user']:.3f} |")
+        lines.append(f"| {method} | {e['users']} | {cells} | {e['s_per_user']:.3f} |")
     if "speed" in r:
-        print("\n| K | method | users | s / user | speed-up | acceptance | identical |")
-        print("|---|---|---|---|---|---|---|")
+        lines += [
+            "",
+            "| K | method | users | s / user | speed-up | acceptance | identical to beam |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for x in r["speed"]["rows"]:
             acc = "" if x["acceptance"] is None else f"{x['acceptance']:.2f}"
-            print(
+            lines.append(
                 f"| {x['K']} | {x['method']} | {x['users']} | {x['s_per_user']:.3f} | "
                 f"{x['speedup']:.2f}× | {acc} | {x['identical']:.2f} |"
             )
-    print("\nsummary: " + json.dumps(r["summary"]))
+    summary = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["summary"].items()
+    )
+    return "\n".join([*lines, "", f"Summary: {summary}."])
+
+
+README = ROOT / "README.md"
+BEGIN, END = "<!-- begin: benchmarks/results/recommend.json -->", "<!-- end -->"
+
+
+def table(path: Path, readme: bool = False) -> None:
+    """Print the tables; with `readme`, write them into README.md between the markers."""
+    text = render(json.loads(Path(path).read_text()))
+    print(text)
+    if readme:
+        doc = README.read_text()
+        start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END, doc.index(BEGIN))
+        README.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
 
 
 def main() -> None:
@@ -465,7 +499,13 @@ def main() -> None:
     )
     parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[1e-3, 3e-3],
+        help="learning rates tried; the best on validation loss is kept",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users", type=int, default=None, help="score only the first N users")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -480,6 +520,7 @@ def main() -> None:
     parser.add_argument("--draft-epochs", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / ".bench/recommend"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--readme", action="store_true", help="table: write it into README.md")
     args = parser.parse_args()
     phases = {
         "codes": codes,

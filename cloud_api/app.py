@@ -31,11 +31,11 @@ from protocol import wire
 from protocol.messages import (
     AnswerIn,
     AnswerOut,
+    CodesOut,
     DeviceIn,
     DeviceOut,
     FeaturesIn,
     Info,
-    CodesOut,
     RecommendIn,
     RecommendOut,
     RecommendSessionIn,

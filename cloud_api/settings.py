@@ -101,13 +101,13 @@ class CloudSettings(BaseSettings):
     # ---- recommendation ------------------------------------------------------------------------
     catalogue: Path | None = Field(
         None,
-        description="A JSON list of item titles: POST /v1/recommendations recommends among them "
-        "(none: the endpoint answers 404).",
+        description="A JSON list of item titles, recommended as item codes (GET /v1/codes) "
+        "(none: the recommendation endpoints answer 404).",
     )
     recommend_target: str = Field(
         "default",
-        description="What ranks the items: default (spa train-target's last), zero-shot, or a "
-        "checkpoint.",
+        description="The code target that ranks: default (spa train-target's last for this "
+        "backbone and catalogue) or a checkpoint.",
     )
     # The target is fixed for the server's life, so (history, strategy, k, gamma) → ranking holds.
     recommend_cache: int = Field(

@@ -79,6 +79,7 @@ def test_the_image_steps_build_and_serve(tmp_path):
     assert cmd is not None and healthcheck is not None
     assert (venv / "bin" / "spa-demo").is_file()
     assert list((cache / "demo" / "tiny-llama").glob("*/checkpoints/*.safetensors"))
+    assert list((cache / "targets").glob("*-catalogue*-default.json"))  # the shop's recommender
 
     port = free_port()
     env["SPA_DEMO_PORT"] = str(port)  # as `docker run -e SPA_DEMO_PORT=...`: UI and probe follow

@@ -274,3 +274,41 @@ def test_content_baseline_ranks_by_title_similarity():
     assert skip.recommend(["olive soap"], 1) == ["olive oil soap"]
     assert Content(titles, recent=2).recommend(["rose oil", "olive soap"], 5)[-1] == "mint gel"
     assert content.recommend(["unknown"], 3) == []
+
+
+def test_a_draft_distils_on_codes(target, users):
+    """AtSpeed-S / AtSpeed-R alignment runs on the code trie: the draft's distribution moves
+    toward the target's at the code prefixes the target's beam search visits."""
+    from personalization.atspeed.distill import (
+        DistillConfig,
+        distill,
+        draft_logprobs,
+        teacher_data,
+    )
+
+    prompts = [target.prompt(u.history[:-1]) for u in users[:6]]
+    truths = [target.tokens([u.history[-1]]) for u in users[:6]]
+    examples = teacher_data(target.model, prompts, truths, target.catalogue, beams=3)
+    assert all(e.truth is not None and len(e.items) == 3 for e in examples)
+    draft = Draft(target.backbone, DraftConfig(layers=1))
+
+    def tvd() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for ex in examples:
+                cols, logq = draft_logprobs(draft, ex, target.catalogue)
+                column = {t: i for i, t in enumerate(cols.tolist())}
+                for row, prefix, teacher in zip(logq, ex.prefixes, ex.teacher, strict=True):
+                    allowed = target.catalogue.allowed(target.catalogue.walk(prefix))
+                    q = row[[column[t] for t in allowed]].exp()
+                    total += 0.5 * float((q - teacher.exp()).abs().sum())
+        return total
+
+    before = tvd()
+    report = distill(
+        draft,
+        examples,
+        target.catalogue,
+        DistillConfig(method="atspeed-r", alpha=1.0, epochs=12, lr=1e-2),
+    )
+    assert report.epochs[-1] < report.epochs[0] and tvd() < before

@@ -181,7 +181,7 @@ def train_code_target(
     record = out.with_suffix(".json")
     if out.is_file() and record.is_file():
         row = json.loads(record.read_text())
-        _make_default(backbone, codes, out)
+        make_default(backbone, codes, out)
         return TrainedTarget(out, row["best_epoch"], row["epochs"], row["seconds"])
     seconds = {}
     t = time.perf_counter()
@@ -240,11 +240,12 @@ def train_code_target(
     }
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
-    _make_default(backbone, codes, out)
+    make_default(backbone, codes, out)
     return TrainedTarget(out, best["epoch"], result.epochs, seconds)
 
 
-def _make_default(backbone: Backbone, codes: ItemCodes, path: Path) -> None:
+def make_default(backbone: Backbone, codes: ItemCodes, path: Path) -> None:
+    """Make `path` the target `default_code_target` finds for this backbone and catalogue."""
     with atomic_path(_pointer(backbone, codes.titles)) as tmp:
         tmp.write_text(json.dumps({"checkpoint": str(path), "codes": asdict(codes.config)}))
 

@@ -13,9 +13,9 @@ embeddings, as outputs scaled so that a hidden state aligned with a row gives it
 `MAX_LOGIT` (and a random one about ±1: training starts near uniform over the codes). Fixed
 classifiers train as well as learned ones (Hoffer et al., 2018), and fixed inputs keep the
 backbone's taps over a code history a constant function of the history, so they are computed once
-and cached — the side network, trained on those taps, is what learns. Learning the rows would mean back-propagating through the 30-layer backbone for
-every example and epoch, hours on two CPU cores. The head gives −∞ to every text token: a coded
-backbone only ever generates codes.
+and cached — the side network, trained on those taps, is what learns. Learning the rows would
+mean back-propagating through the 30-layer backbone for every example and epoch, hours on two
+CPU cores. The head gives −∞ to every text token: a coded backbone only ever generates codes.
 """
 
 from __future__ import annotations
