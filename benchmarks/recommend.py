@@ -148,8 +148,50 @@ def _baseline(args, method, train_users, titles):
     return Sequential(training_sequences(train_users), method.lower(), **options), options
 
 
+class CodeRanker:
+    """The code target as a ranker like the baselines: beam search with k beams."""
+
+    def __init__(self, rec, exclude_purchased: bool):
+        self.rec, self.exclude_purchased = rec, exclude_purchased
+
+    def recommend(self, history, k: int) -> list[str]:
+        from personalization.atspeed.recommend import RecommendConfig
+
+        items = [t for t in history if t in self.rec.index]  # --eval-data: unknown items aside
+        found = self.rec.recommend(
+            items, RecommendConfig(k=k), exclude_purchased=self.exclude_purchased
+        )
+        return [i.title for i in found.items[0]]
+
+
+def _target_choice(args, rec, users) -> dict:
+    """Whether the target skips items already bought, by validation Recall@10 (cached)."""
+    from personalization.atspeed.recommend import metrics
+    from personalization.atspeed.split import valid_cases
+
+    path = _work(args) / f"target-choice-{rec.backbone.fingerprint[:8]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cases = valid_cases(users)[: args.valid_users]
+    scores = {}
+    for exclude in (False, True):
+        ranker = CodeRanker(rec, exclude)
+        lists = [
+            ranker.recommend(c.items, 10)
+            for c in tqdm(cases, desc=f"validation, exclude={exclude}")
+        ]
+        scores[exclude] = metrics(lists, [c.truth for c in cases], 10)["recall@10"]
+    choice = {
+        "exclude_purchased": scores[True] >= scores[False],
+        "valid_users": len(cases),
+        "valid_recall@10": {"exclude": scores[True], "keep": scores[False]},
+    }
+    path.write_text(json.dumps(choice))
+    return choice
+
+
 def quality(args) -> None:
-    from personalization.atspeed.recommend import RecommendConfig, load_titles, recommend
+    from personalization.atspeed.recommend import load_titles
     from personalization.atspeed.split import test_cases
 
     train_users = _users(args.data / "beauty.jsonl")
@@ -167,22 +209,15 @@ def quality(args) -> None:
         t0 = time.perf_counter()
         if method == TARGET:
             rec, _ = _recommender(args)
-            known = set(rec.index)
-            model, fit = None, {}
+            fit = _target_choice(args, rec, train_users)
+            model = CodeRanker(rec, fit["exclude_purchased"])
         else:
             model, fit = _baseline(args, method, train_users, titles)
         fit_s = time.perf_counter() - t0
         with out.open("a") as f:
             for c in tqdm(todo, desc=method, unit="user"):
                 t0 = time.perf_counter()
-                if model is None:
-                    items = [t for t in c.items if t in known]
-                    found = recommend(
-                        rec.model, rec.catalogue, [rec.prompt(items)], RecommendConfig(k=max(KS))
-                    ).items[0]
-                    ranked = [i.title for i in found]
-                else:
-                    ranked = model.recommend(list(c.items), max(KS))
+                ranked = model.recommend(list(c.items), max(KS))
                 row = {
                     "user": c.user,
                     "titles": ranked,
@@ -239,12 +274,13 @@ def _drafts(args, rec, users):
 
 
 def speed(args) -> None:
-    from personalization.atspeed.recommend import RecommendConfig, metrics, recommend
+    from personalization.atspeed.recommend import RecommendConfig, metrics
     from personalization.atspeed.split import test_cases
 
     rec, trained = _recommender(args)
     args.target_path = str(trained.path)
     users = _users(args.data / "beauty.jsonl")
+    exclude = _target_choice(args, rec, users)["exclude_purchased"]
     drafts, draft_report = _drafts(args, rec, users)
     cases = [c for c in test_cases(users) if any(t in rec.index for t in c.items)]
     methods = {
@@ -256,7 +292,7 @@ def speed(args) -> None:
     for K in SPEED_KS:
         runs = {m: [] for m in methods}
         for u, c in enumerate(tqdm(cases[: args.speed_users], desc=f"speed K={K}")):
-            prompt = rec.prompt([t for t in c.items if t in rec.index])
+            items = [t for t in c.items if t in rec.index]
             names = list(methods)[u % 3 :] + list(methods)[: u % 3]  # rotate the order
             for name in names:
                 strategy, draft = methods[name]
@@ -268,7 +304,7 @@ def speed(args) -> None:
                     seed=u,
                 )
                 t0 = time.perf_counter()
-                found = recommend(rec.model, rec.catalogue, [prompt], cfg, drafts.get(draft))
+                found = rec.recommend(items, cfg, drafts.get(draft), exclude_purchased=exclude)
                 runs[name].append((time.perf_counter() - t0, found))
         beam_s = sum(t for t, _ in runs["beam"])
         for name, results in runs.items():
@@ -296,7 +332,7 @@ def speed(args) -> None:
     recall_cases = [c for c in cases if c.user in beam_lists][: args.recall_users]
     relaxed = []
     for u, c in enumerate(tqdm(recall_cases, desc="relaxed recall@20")):
-        prompt = rec.prompt([t for t in c.items if t in rec.index])
+        items = [t for t in c.items if t in rec.index]
         cfg = RecommendConfig(
             strategy="speculative-relaxed",
             k=20,
@@ -304,14 +340,8 @@ def speed(args) -> None:
             draft_beams=args.draft_beams * 20,
             seed=u,
         )
-        relaxed.append(
-            [
-                i.title
-                for i in recommend(
-                    rec.model, rec.catalogue, [prompt], cfg, drafts["atspeed-r"]
-                ).items[0]
-            ]
-        )
+        found = rec.recommend(items, cfg, drafts["atspeed-r"], exclude_purchased=exclude)
+        relaxed.append([i.title for i in found.items[0]])
     truths = [c.truth for c in recall_cases]
     beam20 = metrics([beam_lists[c.user]["titles"] for c in recall_cases], truths, 20)
     relaxed20 = metrics(relaxed, truths, 20)
@@ -330,6 +360,7 @@ def speed(args) -> None:
             "teacher_users": args.teacher_users,
             "teacher_beams": args.teacher_beams,
             "draft_epochs": args.draft_epochs,
+            "exclude_purchased": exclude,
         },
     }
     (_work(args) / "speed.json").write_text(json.dumps(out, indent=1))
@@ -508,6 +539,12 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users", type=int, default=None, help="score only the first N users")
+    parser.add_argument(
+        "--valid-users",
+        type=int,
+        default=300,
+        help="validation users that choose the target's decoding rule",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--cornac-epochs", type=int, default=30)
     parser.add_argument("--speed-users", type=int, default=100)

@@ -34,7 +34,7 @@ from personalization.atspeed.code_target import (
 )
 from personalization.atspeed.codes import CodeConfig, cached_codes
 from personalization.atspeed.draft import Draft, DraftConfig
-from personalization.atspeed.recommend import RecommendConfig, load_titles, recommend
+from personalization.atspeed.recommend import RecommendConfig, load_titles
 from personalization.backbone.frozen import Backbone
 from personalization.errors import SpaError
 from protocol import wire
@@ -115,7 +115,7 @@ class Recommender:
         )  # fmt: skip
 
     def __call__(self, body: RecommendIn) -> RecommendOut:
-        key = (tuple(body.history), body.strategy, body.k, body.gamma)
+        key = (tuple(body.history), body.strategy, body.k, body.gamma, body.exclude_purchased)
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -131,10 +131,12 @@ class Recommender:
         target = self.target()
         _, draft = self.parts()
         cfg = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
-        prompt = item_prompt(target, body.history)
+        item_prompt(target, body.history)  # an unknown item: 422 before any search
         with self.compute:
             t0 = time.perf_counter()
-            result = recommend(target.model, target.catalogue, [prompt], cfg, draft)
+            result = target.recommend(
+                body.history, cfg, draft, exclude_purchased=body.exclude_purchased
+            )
             seconds = time.perf_counter() - t0
         return RecommendOut(
             items=items(target, result.items[0]), target=self._target[1],
@@ -164,12 +166,15 @@ class RecommendSession(Session):
         self,
         *,
         codes: CodeRecommender,
+        history: list[str],
+        exclude_purchased: bool,
         draft: Draft,
         config: RecommendConfig,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.codes, self.draft, self.config = codes, draft, config
+        self.history, self.exclude_purchased = history, exclude_purchased
         self._keep: torch.Tensor | None = None  # the side cache's cut, sent with the next ask
         self._unanswered = False
 
@@ -211,8 +216,10 @@ class RecommendSession(Session):
             self.records.update_session(self.id, status="running")
             self._emit(StartEvent(**dict(self.facts())))
             t0 = time.perf_counter()
-            result = recommend(self.model, self.codes.catalogue, [self.prompt_ids], self.config,
-                               self.draft, side=self)  # fmt: skip
+            result = self.codes.recommend(
+                self.history, self.config, self.draft, exclude_purchased=self.exclude_purchased,
+                model=self.model, side=self,
+            )  # fmt: skip
             seconds = time.perf_counter() - t0
             if not self._stop:
                 self._emit(

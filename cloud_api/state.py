@@ -285,7 +285,8 @@ class Cloud:
         model = self._device_model(codes.backbone, body, rungs, body.threshold, body.gate)
         config = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
         session = RecommendSession(
-            codes=codes, draft=draft, config=config,
+            codes=codes, history=body.history, exclude_purchased=body.exclude_purchased,
+            draft=draft, config=config,
             session_id=self._new_session_id(), device_id=device_id, model=model,
             prompt_ids=item_prompt(codes, body.history),
             decode=config.decode(codes.catalogue), deadline_s=deadline, strict=False,

@@ -318,6 +318,9 @@ class RecommendIn(Strict):
         "faster): γ steps drafted by the backbone's first layers, verified in one pass.",
     )
     gamma: int = Field(5, ge=1, le=16, description="Speculative: steps drafted per verification.")
+    exclude_purchased: bool = Field(
+        True, description="Never recommend an item of the history (purchases rarely repeat)."
+    )
 
 
 class RecommendedItem(BaseModel):

@@ -212,11 +212,38 @@ def test_beam_search_yields_only_catalogue_items(target, users):
         assert [i.score for i in items] == sorted((i.score for i in items), reverse=True)
 
 
+def test_purchased_items_are_left_out_of_the_trie_not_of_the_search(target, users):
+    history = list(users[0].history)
+    view = target.catalogue.without(history)
+    assert len(view) == len(target.catalogue)  # a view: the trie itself is shared
+    leaf_parents = {tuple(target.tokens([t])[:-1]) for t in history}
+    for prefix in leaf_parents:  # the purchases' last tokens are no longer allowed
+        node = view.walk(prefix)
+        last = {target.tokens([t])[-1] for t in history if tuple(target.tokens([t])[:-1]) == prefix}
+        assert not last & set(view.allowed(node)) and last <= set(target.catalogue.allowed(node))
+    for k in (3, 10):
+        kept = target.recommend(history, RecommendConfig(k=k), exclude_purchased=False).items[0]
+        left = target.recommend(history, RecommendConfig(k=k)).items[0]
+        assert len(left) == k and not {i.title for i in left} & set(history)
+        assert all(math.isfinite(i.score) for i in left)
+        # renormalised among the items left: an item scores at least what it scored before
+        before = {i.title: i.score for i in kept}
+        assert all(i.score >= before[i.title] - 1e-5 for i in left if i.title in before)
+
+
 @pytest.mark.parametrize(("k", "gamma", "n"), [(1, 1, 2), (3, 2, 3), (5, 3, 10), (8, 4, 16)])
 def test_strict_speculative_search_equals_beam_search_on_codes(target, users, k, gamma, n):
     draft = Draft(target.backbone, DraftConfig(layers=1))
     prompts = [target.prompt(u.history) for u in users[:3]]
     beam = recommend(target.model, target.catalogue, prompts, RecommendConfig(k=k))
+    history = users[0].history  # and on a view without one user's purchases
+    beam_view = target.recommend(history, RecommendConfig(k=k))
+    strict_view = target.recommend(
+        history,
+        RecommendConfig(strategy="speculative-strict", k=k, gamma=gamma, draft_beams=n),
+        draft,
+    )
+    assert [i.title for i in strict_view.items[0]] == [i.title for i in beam_view.items[0]]
     strict = recommend(
         target.model,
         target.catalogue,

@@ -414,8 +414,8 @@ def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, shop):
                     RecommendIn(history=history, k=4, strategy=strategy, gamma=2)
                 )
                 cfg = RecommendConfig(strategy=strategy, k=4, gamma=2)
-                prompt = target.prompt(history)
-                want = recommend(target.model, target.catalogue, [prompt], cfg, draft).items[0]
+                want = target.recommend(history, cfg, draft).items[0]  # purchases left out
+                assert not set(history) & {i.title for i in got.items}
                 assert [i.title for i in got.items] == [i.title for i in want], strategy
                 assert [i.code for i in got.items] == [target.label(i.title) for i in want]
                 assert [i.score for i in got.items] == pytest.approx(
@@ -427,6 +427,9 @@ def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, shop):
                 )  # a repeat is answered from the cloud's memory, unchanged
                 assert not got.cached and again.cached
                 assert again.model_dump(exclude={"cached"}) == got.model_dump(exclude={"cached"})
+        kept = client.recommend(RecommendIn(history=HISTORIES[0], k=4, exclude_purchased=False))
+        want = target.recommend(HISTORIES[0], RecommendConfig(k=4), exclude_purchased=False)
+        assert [i.title for i in kept.items] == [i.title for i in want.items[0]]
         with pytest.raises(CloudError) as bad:
             client._send("POST", "/v1/recommendations", json={"history": [], "k": 3})
         assert bad.value.status == 422
@@ -485,9 +488,7 @@ def test_http_recommendation_with_the_devices_side_network(tmp_path, tiny_llama,
                 )
                 got = remote.run()
                 cfg = RecommendConfig(strategy=strategy, k=4, gamma=2)
-                want = recommend(
-                    coded, target.catalogue, [target.prompt(history)], cfg, draft
-                ).items[0]
+                want = target.recommend(history, cfg, draft, model=coded).items[0]
                 assert [i.title for i in got.items] == [i.title for i in want], (strategy, history)
                 assert [i.score for i in got.items] == pytest.approx(
                     [i.score for i in want], abs=1e-4

@@ -57,13 +57,15 @@ def recommend(
     gamma: Gamma = 3,
     draft_beams: DraftBeams = None,
     seed: Annotated[int, typer.Option(help="Seed of speculative-relaxed sampling.")] = 0,
+    include_purchased: Annotated[
+        bool, typer.Option("--include-purchased", help="Also recommend items of the history.")
+    ] = False,
 ) -> None:
     """Top-K next items for a purchase history: the code target's beam search over the trie of
     item codes, each item with its code and score."""
     from personalization.atspeed.code_target import default_code_target, load_code_target
     from personalization.atspeed.codes import CodeConfig, cached_codes
     from personalization.atspeed.recommend import RecommendConfig, load_titles, user_history
-    from personalization.atspeed.recommend import recommend as run
     from personalization.backbone.loading import load_backbone
 
     cfg = RecommendConfig(strategy=strategy, k=k, gamma=gamma, draft_beams=draft_beams, seed=seed)
@@ -90,7 +92,7 @@ def recommend(
     if cfg.strategy != "beam" and gamma > 0:
         drafter = load_draft(target.backbone, draft, draft_layers)
     start = time.perf_counter()
-    result = run(target.model, target.catalogue, [target.prompt(known)], cfg, drafter)
+    result = target.recommend(known, cfg, drafter, exclude_purchased=not include_purchased)
     elapsed = time.perf_counter() - start
     for rank, item in enumerate(result.items[0], 1):
         mark = "  <- the user's next purchase" if item.title == truth else ""

@@ -14,6 +14,7 @@ no choice over.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -33,6 +34,7 @@ class Catalogue:
         self.titles = list(titles)
         self._children: list[dict[int, int]] = [{}]
         self._items: dict[int, int] = {}  # node reached by a whole sequence → its title's index
+        self._gone: frozenset[int] = frozenset()  # leaves a `without` view leaves out
         self.max_length = 0  # tokens of the longest sequence, EOS included
         for index, seq in enumerate(sequences):
             node = ROOT
@@ -59,7 +61,19 @@ class Catalogue:
         return len(self._children)
 
     def allowed(self, node: int) -> list[int]:
-        return list(self._children[node])
+        children = self._children[node]
+        if not self._gone:
+            return list(children)
+        return [token for token, child in children.items() if child not in self._gone]
+
+    def without(self, titles: Iterable[str]) -> Catalogue:
+        """A view of this trie that never completes these items (a user's own purchases, where
+        purchases do not repeat); the trie itself is shared, not copied."""
+        out = set(titles)
+        leaves = {node for node, index in self._items.items() if self.titles[index] in out}
+        view = copy.copy(self)
+        view._gone = self._gone | leaves
+        return view
 
     def child(self, node: int, token: int) -> int:
         """The node after `token`; KeyError where the catalogue does not allow it."""
@@ -77,7 +91,7 @@ class Catalogue:
 
     def mask(self, nodes: Sequence[int], vocab_size: int) -> Tensor:
         """[len(nodes), V] bool: which tokens each node allows."""
-        allowed = [self._children[n] for n in nodes]
+        allowed = [self.allowed(n) for n in nodes]
         rows = torch.repeat_interleave(
             torch.arange(len(nodes)), torch.tensor([len(a) for a in allowed])
         )
@@ -97,4 +111,11 @@ def constrained_logprobs(
     if catalogue is None:
         return torch.log_softmax(logits, dim=-1)
     allowed = catalogue.mask(nodes, logits.shape[-1]).to(logits.device)
-    return torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return masked_log_softmax(logits, allowed)
+
+
+def masked_log_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
+    """log-softmax over the allowed entries of each row, −inf elsewhere (and in a row with
+    none allowed: a node whose every item a `without` view left out)."""
+    out = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return out.masked_fill(~allowed, float("-inf"))

@@ -21,6 +21,9 @@ from pathlib import Path
 from personalization.atspeed.catalogue import Catalogue
 from personalization.atspeed.coded import coded_backbone
 from personalization.atspeed.codes import CodeConfig, ItemCodes, catalogue_hash
+from personalization.atspeed.draft import Draft
+from personalization.atspeed.recommend import Recommendations, RecommendConfig, recommend
+from personalization.atspeed.speculative import TreeSide
 from personalization.atspeed.split import MAX_ITEMS, User
 from personalization.backbone.embedded import cache_dir
 from personalization.backbone.frozen import Backbone
@@ -104,6 +107,25 @@ class CodeRecommender:
                 f"({self.codes.fingerprint})"
             )
         return CodeRecommender(self.codes, self.backbone, model.eval())
+
+    def recommend(
+        self,
+        history: Sequence[str],
+        config: RecommendConfig,
+        draft: Draft | None = None,
+        *,
+        exclude_purchased: bool = True,
+        model: SPAModel | None = None,
+        side: TreeSide | None = None,
+    ) -> Recommendations:
+        """The top K for one history, by the target (or `model`: a device's side network on
+        this coded backbone, with `side`). With `exclude_purchased`, no item of the history is
+        recommended (no test purchase on Beauty repeats an earlier one; validation chose it)."""
+        model = model or self.model
+        if model is None:
+            raise ConfigError("no trained target: load one (with_target) first")
+        catalogue = self.catalogue.without(history) if exclude_purchased else self.catalogue
+        return recommend(model, catalogue, [self.prompt(history)], config, draft, side)
 
     def label(self, title: str) -> str:
         return self.codes.label(self.index[title])

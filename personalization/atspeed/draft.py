@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from personalization.atspeed.catalogue import Catalogue
+from personalization.atspeed.catalogue import Catalogue, masked_log_softmax
 from personalization.backbone.frozen import Backbone, find_layers
 from personalization.errors import ConfigError, SpaError
 from personalization.files import atomic_path, read_safetensors
@@ -98,7 +98,7 @@ class Draft:
         mask = torch.zeros(len(nodes), len(union), dtype=torch.bool)
         rows = [i for i, a in enumerate(allowed) for _ in a]
         mask[rows, [column[t] for a in allowed for t in a]] = True
-        return cols, torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        return cols, masked_log_softmax(logits, mask)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path: str | Path, info: dict | None = None) -> Path:
