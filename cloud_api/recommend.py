@@ -78,7 +78,10 @@ class Recommender:
                     raise ApiError(404, "this cloud serves no catalogue (spa cloud --catalogue)")
                 try:
                     titles = load_titles(s.catalogue)
-                    trained = self._trained(titles)
+                    try:  # the codes the target was trained on; sessions need no target
+                        trained = self._trained(titles)
+                    except ApiError:
+                        trained = None
                     codes = cached_codes(titles, trained[1] if trained else CodeConfig())
                 except SpaError as exc:  # a misconfigured cloud: say so, do not crash
                     raise ApiError(503, f"recommendation is not available: {exc}") from None

@@ -55,7 +55,7 @@ def stdout_json(result):
 def cloud(tmp_path_factory):
     root = tmp_path_factory.mktemp("cloud")
     (root / "items.json").write_text(json.dumps(TITLES))
-    with running(root, catalogue=root / "items.json", recommend_target="zero-shot") as server:
+    with running(root, catalogue=root / "items.json") as server:  # sessions need no target
         yield server
 
 
@@ -379,7 +379,8 @@ def test_recommend_with_the_side_network(trained):
     result = device("recommend", "rose serum", "shampoo", "-k", "3", "--dir", root)
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.stdout.splitlines() if ln[:4].strip().endswith(".")]
-    assert len(lines) == 3 and all(ln.split(None, 2)[2] in TITLES for ln in lines)
+    assert len(lines) == 3 and all(ln.split(None, 3)[3] in TITLES for ln in lines)
+    assert all(ln.split(None, 3)[2].startswith("<a_") for ln in lines)  # each item's code
     assert "device contacts" in result.output
     assert_clean_error(device("recommend", "soap", "-k", "0", "--dir", root), "-k")
 

@@ -221,6 +221,12 @@ def test_purchased_items_are_left_out_of_the_trie_not_of_the_search(target, user
         node = view.walk(prefix)
         last = {target.tokens([t])[-1] for t in history if tuple(target.tokens([t])[:-1]) == prefix}
         assert not last & set(view.allowed(node)) and last <= set(target.catalogue.allowed(node))
+    first = target.codes.codes[0][0]  # every item under one first-level code: that code goes
+    under = [t for i, t in enumerate(target.codes.titles) if target.codes.codes[i][0] == first]
+    token = target.tokens(under[:1])[0]
+    assert token in target.catalogue.allowed(0) and token not in target.catalogue.without(
+        under
+    ).allowed(0)
     for k in (3, 10):
         kept = target.recommend(history, RecommendConfig(k=k), exclude_purchased=False).items[0]
         left = target.recommend(history, RecommendConfig(k=k)).items[0]

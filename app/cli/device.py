@@ -364,7 +364,7 @@ def recommend(
                                    strategy=strategy, gamma=gamma)  # fmt: skip
         result = run.run()
     for rank, item in enumerate(result.items, 1):
-        typer.echo(f"{rank:>3}. {item.score:8.3f}  {item.title}")
+        typer.echo(f"{rank:>3}. {item.score:8.3f}  {item.code}  {item.title}")
     typer.secho(
         f"[{strategy}, K={k}: {result.seconds:.1f} s on the cloud, {result.target_passes} target "
         f"passes, {run.contacts} device contacts, {run.bytes_down:,} B down / {run.bytes_up:,} B "

@@ -33,15 +33,18 @@ class Catalogue:
     def __init__(self, sequences: Iterable[Sequence[int]], titles: Sequence[str]):
         self.titles = list(titles)
         self._children: list[dict[int, int]] = [{}]
+        self._parent: list[int] = [ROOT]
         self._items: dict[int, int] = {}  # node reached by a whole sequence → its title's index
-        self._gone: frozenset[int] = frozenset()  # leaves a `without` view leaves out
+        self._gone: frozenset[int] = frozenset()  # nodes a `without` view leaves out
         self.max_length = 0  # tokens of the longest sequence, EOS included
         for index, seq in enumerate(sequences):
             node = ROOT
             for token in seq:
+                parent = node
                 node = self._children[node].setdefault(token, len(self._children))
                 if node == len(self._children):
                     self._children.append({})
+                    self._parent.append(parent)
             self._items[node] = index
             self.max_length = max(self.max_length, len(seq))
         if not self._items:
@@ -68,11 +71,20 @@ class Catalogue:
 
     def without(self, titles: Iterable[str]) -> Catalogue:
         """A view of this trie that never completes these items (a user's own purchases, where
-        purchases do not repeat); the trie itself is shared, not copied."""
+        purchases do not repeat), nor enters a prefix left with no item: K beams still find K
+        items. The trie itself is shared, not copied."""
         out = set(titles)
-        leaves = {node for node, index in self._items.items() if self.titles[index] in out}
+        gone = set(self._gone)
+        for leaf, index in self._items.items():
+            if self.titles[index] not in out:
+                continue
+            gone.add(leaf)  # and every ancestor it leaves without a way to an item
+            node = self._parent[leaf]
+            while node != ROOT and all(c in gone for c in self._children[node].values()):
+                gone.add(node)
+                node = self._parent[node]
         view = copy.copy(self)
-        view._gone = self._gone | leaves
+        view._gone = frozenset(gone)
         return view
 
     def child(self, node: int, token: int) -> int:
