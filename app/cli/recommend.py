@@ -119,7 +119,7 @@ def train_target(
     epochs: Annotated[
         int, typer.Option(min=1, help="Epochs at most; the best on validation is kept.")
     ] = 20,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    lr: Annotated[float, typer.Option(min=0.0)] = 3e-3,
     levels: Annotated[int, typer.Option(min=1, help="Residual levels of the item codes.")] = 3,
     codebook: Annotated[int, typer.Option(min=2, help="Codes per level.")] = 256,
 ) -> None:
