@@ -114,17 +114,39 @@ def test_token_ids_follow_the_vocabulary(codes):
 
 
 # ---- the coded backbone --------------------------------------------------------------------------
-def test_coded_backbone_shares_the_backbone_and_adds_only_code_tokens(tiny: Backbone):
-    coded = coded_backbone(tiny, 16)
-    V = tiny.vocab_size
-    assert coded.vocab_size == V + 16 and coded.hidden_size == tiny.hidden_size
+def test_coded_backbone_shares_the_backbone_and_adds_only_code_tokens(tiny: Backbone, codes):
+    coded = coded_backbone(tiny, codes)
+    V, n = tiny.vocab_size, codes.num_tokens
+    assert coded.vocab_size == V + n and coded.hidden_size == tiny.hidden_size
     assert coded.layers[0] is tiny.layers[0] and coded.final_norm is tiny.final_norm
     assert coded.fingerprint != tiny.fingerprint
     text = torch.tensor([[3, 5, 7]])
     torch.testing.assert_close(coded(text).hidden, tiny(text).hidden)  # text reads as before
-    out = coded(torch.tensor([[3, V, V + 15]]), logits="all")
+    out = coded(torch.tensor([[3, V, V + n - 1]]), logits="all")
     assert torch.isinf(out.logits[..., :V]).all() and torch.isfinite(out.logits[..., V:]).all()
     assert not torch.allclose(out.hidden[0, 1], out.hidden[0, 2])  # codes are distinct inputs
+
+
+def test_code_rows_carry_the_titles_similarity(tiny_llama, codes):
+    """Two first-level codes whose centroids are close get close rows; rows are unit directions
+    at the scales the backbone expects."""
+    from personalization.atspeed.coded import MAX_LOGIT, code_rows
+
+    inputs, outputs = code_rows(tiny_llama, codes)
+    C = codes.config.codebook
+    cents = torch.as_tensor(codes.centroids[0])
+    sim_lsa = torch.nn.functional.cosine_similarity(cents[:, None], cents[None], dim=-1)
+    rows = outputs[: len(cents)]
+    sim_rows = torch.nn.functional.cosine_similarity(rows[:, None], rows[None], dim=-1)
+    off = ~torch.eye(len(cents), dtype=torch.bool)
+    corr = torch.corrcoef(torch.stack([sim_lsa[off], sim_rows[off]]))[0, 1]
+    assert corr > 0.9, corr  # the map into H keeps the centroids' geometry
+    norm = tiny_llama.final_norm.weight.float().norm()
+    torch.testing.assert_close(
+        outputs.norm(dim=1), torch.full((outputs.shape[0],), MAX_LOGIT / norm)
+    )
+    assert inputs.shape == outputs.shape == (codes.num_tokens, tiny_llama.hidden_size)
+    assert not torch.allclose(rows[0], outputs[C])  # another level, another row
 
 
 # ---- one-pass training ---------------------------------------------------------------------------

@@ -31,7 +31,12 @@ from personalization.config import SideConfig, SPAConfig
 from personalization.errors import ConfigError, SpaError
 from personalization.files import atomic_path
 from personalization.model import SPAModel
-from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.training.checkpoint import (
+    describe,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from personalization.training.data import Example
 from personalization.training.features import make_cache
 from personalization.training.train import TrainConfig, make_optimizer, train
@@ -69,7 +74,7 @@ class CodeRecommender:
     @classmethod
     def build(cls, backbone: Backbone, codes: ItemCodes) -> CodeRecommender:
         """For a plain backbone: its coded version for these codes, no target yet."""
-        return cls(codes, coded_backbone(backbone, codes.num_tokens))
+        return cls(codes, coded_backbone(backbone, codes))
 
     def __init__(self, codes: ItemCodes, coded: Backbone, model: SPAModel | None = None):
         self.codes = codes
@@ -100,12 +105,13 @@ class CodeRecommender:
 
     def with_target(self, path: str | Path) -> CodeRecommender:
         """The same codes with a trained target on this coded backbone; refuses other codes'."""
-        model, info, _ = load_checkpoint(path, self.backbone)
+        info, _, _ = read_checkpoint(path)
         if info.data_hash != self.codes.fingerprint:
             raise ConfigError(
                 f"{path} was trained on item codes {info.data_hash}, not on these "
                 f"({self.codes.fingerprint})"
             )
+        model, _, _ = load_checkpoint(path, self.backbone)
         return CodeRecommender(self.codes, self.backbone, model.eval())
 
     def recommend(

@@ -65,6 +65,7 @@ class ItemCodes:
     codes: np.ndarray  # [items, L] int
     config: CodeConfig
     stats: dict  # collision rate, codebook usage per level, build seconds
+    centroids: tuple[np.ndarray, ...] = ()  # per residual level: [codes, d] in the LSA space
 
     def __len__(self) -> int:
         return len(self.titles)
@@ -101,6 +102,7 @@ class ItemCodes:
             "stats": self.stats,
             "titles": list(self.titles),
             "codes": self.codes.tolist(),
+            "centroids": [c.tolist() for c in self.centroids],
         }
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(row), encoding="utf-8")
@@ -110,7 +112,10 @@ class ItemCodes:
     def load(cls, path: str | Path) -> ItemCodes:
         row = json.loads(Path(path).read_text(encoding="utf-8"))
         codes = np.asarray(row["codes"], dtype=np.int64)
-        return cls(tuple(row["titles"]), codes, CodeConfig(**row["config"]), row["stats"])
+        centroids = tuple(np.asarray(c, dtype=np.float32) for c in row["centroids"])
+        return cls(
+            tuple(row["titles"]), codes, CodeConfig(**row["config"]), row["stats"], centroids
+        )
 
 
 def catalogue_hash(titles: Sequence[str]) -> str:
@@ -132,18 +137,23 @@ def embed_titles(titles: Sequence[str], dims: int, seed: int) -> np.ndarray:
     return normalize(vectors).astype(np.float32)
 
 
-def residual_codes(vectors: np.ndarray, levels: int, codebook: int, seed: int) -> np.ndarray:
-    """[items, levels] residual k-means codes (fewer centroids where there are fewer items)."""
+def residual_codes(
+    vectors: np.ndarray, levels: int, codebook: int, seed: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """[items, levels] residual k-means codes (fewer centroids where there are fewer items),
+    and each level's centroids [k, d]."""
     from sklearn.cluster import KMeans
 
     residual = vectors.astype(np.float64)
     codes = np.zeros((len(vectors), levels), dtype=np.int64)
+    centroids = []
     for level in range(levels):
         k = min(codebook, len(np.unique(residual.round(8), axis=0)))
         km = KMeans(n_clusters=k, n_init=1, random_state=seed + level).fit(residual)
         codes[:, level] = km.labels_
+        centroids.append(km.cluster_centers_.astype(np.float32))
         residual = residual - km.cluster_centers_[km.labels_]
-    return codes
+    return codes, centroids
 
 
 def separate(codes: np.ndarray, codebook: int) -> np.ndarray:
@@ -170,7 +180,7 @@ def build_codes(titles: Sequence[str], config: CodeConfig | None = None) -> Item
         raise ConfigError("a catalogue needs at least two items to code")
     start = time.perf_counter()
     vectors = embed_titles(titles, config.dims, config.seed)
-    rq = residual_codes(vectors, config.levels, config.codebook, config.seed)
+    rq, centroids = residual_codes(vectors, config.levels, config.codebook, config.seed)
     codes = separate(rq, config.codebook)
     _, sizes = np.unique(rq, axis=0, return_counts=True)
     stats = {
@@ -180,7 +190,7 @@ def build_codes(titles: Sequence[str], config: CodeConfig | None = None) -> Item
         "largest_collision": int(sizes.max()),
         "usage": [int(len(np.unique(codes[:, level]))) for level in range(codes.shape[1])],
     }
-    return ItemCodes(titles, codes, config, stats)
+    return ItemCodes(titles, codes, config, stats, tuple(centroids))
 
 
 def cached_codes(titles: Sequence[str], config: CodeConfig | None = None) -> ItemCodes:
