@@ -171,8 +171,10 @@ class TrainedTarget:
     seconds: dict = field(default_factory=dict)
 
 
-def target_path(backbone: Backbone, codes: ItemCodes, cfg: CodeTargetConfig) -> Path:
-    name = f"{backbone.fingerprint[:16]}-codes{codes.fingerprint[:10]}-{cfg.key()}.safetensors"
+def target_path(coded: Backbone, codes: ItemCodes, cfg: CodeTargetConfig) -> Path:
+    """Named by the coded backbone (the backbone's weights and the code rows), the codes and
+    the config."""
+    name = f"{coded.fingerprint[:16]}-codes{codes.fingerprint[:10]}-{cfg.key()}.safetensors"
     return cache_dir() / "targets" / name
 
 
@@ -205,7 +207,8 @@ def train_code_target(
 ) -> TrainedTarget:
     """Train (or return the finished) target and make it the default for these codes; `out`
     keeps the best epoch, `out.json` the record."""
-    out = out or target_path(backbone, codes, cfg)
+    rec = CodeRecommender.build(backbone, codes)
+    out = out or target_path(rec.backbone, codes, cfg)
     record = out.with_suffix(".json")
     if out.is_file() and record.is_file():
         row = json.loads(record.read_text())
@@ -213,7 +216,6 @@ def train_code_target(
         return TrainedTarget(out, row["best_epoch"], row["epochs"], row["seconds"])
     seconds = {}
     t = time.perf_counter()
-    rec = CodeRecommender.build(backbone, codes)
     model = SPAModel(
         rec.backbone,
         SPAConfig(setting=cfg.setting),
