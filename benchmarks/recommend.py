@@ -470,7 +470,8 @@ def summarise(args) -> None:
             rr = s["relaxed_recall"]
             summary |= {
                 "relaxed_speedup@20": row[(20, "relaxed")]["speedup"],
-                "relaxed_recall@20_ratio": rr["relaxed"] / max(rr["beam"], 1e-12),
+                # undefined (None) where beam search itself hit nothing on those users
+                "relaxed_recall@20_ratio": rr["relaxed"] / rr["beam"] if rr["beam"] else None,
             }
     results["summary"] = summary
     write_results(results, args.out)
