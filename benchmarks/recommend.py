@@ -569,7 +569,7 @@ def main() -> None:
         "train": train,
         "quality": quality,
         "speed": speed,
-        "table": lambda a: table(a.out),
+        "table": lambda a: table(a.out, a.readme),
     }
     phases[args.phase](args)
 

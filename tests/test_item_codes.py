@@ -150,16 +150,23 @@ def test_code_rows_carry_the_titles_similarity(tiny_llama, codes):
 
 
 # ---- one-pass training ---------------------------------------------------------------------------
-def test_one_pass_gives_the_loss_of_per_window_training(tiny_llama, codes, titles):
-    rec = CodeRecommender.build(tiny_llama, codes)
+def random_target(backbone, codes, seed: int, std: float) -> CodeRecommender:
+    """A `full` side network with random weights (one that does something) on the codes."""
+    rec = CodeRecommender.build(backbone, codes)
     model = SPAModel(
         rec.backbone,
         SPAConfig(setting="full"),
         SideConfig(hidden_size=64, num_layers=2, reduction=4),
     )
-    torch.manual_seed(0)
-    for p in model.side.parameters():  # a side network that does something
-        p.data.normal_(0, 0.2)
+    torch.manual_seed(seed)
+    for p in model.side.parameters():
+        p.data.normal_(0, std)
+    return CodeRecommender(codes, rec.backbone, model.eval())
+
+
+def test_one_pass_gives_the_loss_of_per_window_training(tiny_llama, codes, titles):
+    rec = random_target(tiny_llama, codes, seed=0, std=0.2)
+    model = rec.model
     items = titles[:5]
     cfg = TrainConfig()
 
@@ -212,16 +219,7 @@ def test_a_trained_target_keeps_its_best_epoch_and_its_codes(
 # ---- search over the code trie -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def target(tiny_llama, codes) -> CodeRecommender:
-    rec = CodeRecommender.build(tiny_llama, codes)
-    model = SPAModel(
-        rec.backbone,
-        SPAConfig(setting="full"),
-        SideConfig(hidden_size=64, num_layers=2, reduction=4),
-    )
-    torch.manual_seed(1)
-    for p in model.side.parameters():
-        p.data.normal_(0, 0.3)
-    return CodeRecommender(codes, rec.backbone, model.eval())
+    return random_target(tiny_llama, codes, seed=1, std=0.3)
 
 
 def test_beam_search_yields_only_catalogue_items(target, users):
