@@ -51,15 +51,15 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
         say(f"devices in {devices.root}; training the demo users that are not trained yet")
 
         def prepare() -> None:
+            trained = devices.prepare()
+            done = "trained now: " + ", ".join(trained) if trained else "cached"
+            say(f"demo users ready ({done}) {time.monotonic() - started:.0f} s after start")
             if settings.cloud_url is None:  # a remote cloud recommends from its own catalogue
                 shop = root / "shop"
                 if train_shop_target(settings.backbone, items, histories, shop):
                     say(f"shop recommender ready {time.monotonic() - started:.0f} s after start")
                 else:
                     say(f"training the shop's recommender failed: see {shop / 'train.log'}")
-            trained = devices.prepare()
-            done = "trained now: " + ", ".join(trained) if trained else "cached"
-            say(f"demo users ready ({done}) {time.monotonic() - started:.0f} s after start")
 
         if prepare_only:
             prepare()
