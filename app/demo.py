@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,29 @@ def say(message: str) -> None:
     print(f"[spa demo] {message}", flush=True)
 
 
+@contextlib.contextmanager
+def _cloud(settings: DemoSettings, items: Path) -> Iterator[str]:
+    """The demo's cloud: the remote one given, else `spa cloud` started here for the block."""
+    if settings.cloud_url is not None:
+        yield settings.cloud_url
+        return
+    work = settings.root.expanduser() / "cloud"
+    say(f"starting the cloud API (backbone {settings.backbone}); log: {work / 'cloud.log'}")
+    with cloud(settings.backbone, work, catalogue=items) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def demo_devices(settings: DemoSettings) -> Iterator[Devices]:
+    """The demo's devices on its cloud, every demo user trained (`spa device serve --demo`)."""
+    items, _ = demo_catalogue.write(settings.root.expanduser() / "shop")
+    with _cloud(settings, items) as url:
+        devices = Devices(settings.root, url, settings.config)
+        trained = devices.prepare()
+        say(f"demo users ready ({'trained now: ' + ', '.join(trained) if trained else 'cached'})")
+        yield devices
+
+
 def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
     """Run the demo until interrupted (or, with `prepare_only`, train the demo users and stop:
     the Docker build's step)."""
@@ -41,12 +65,8 @@ def serve(settings: DemoSettings, *, prepare_only: bool = False) -> None:
     root = settings.root.expanduser()
     items, histories = demo_catalogue.write(root / "shop")  # the Recommend tab's own shop
     with contextlib.ExitStack() as stack:
-        url = settings.cloud_url
-        if url is None:
-            log = root / "cloud" / "cloud.log"
-            say(f"starting the cloud API (backbone {settings.backbone}); log: {log}")
-            url = stack.enter_context(cloud(settings.backbone, root / "cloud", catalogue=items))
-        devices = Devices(root, url, settings.config)
+        devices = Devices(root, stack.enter_context(_cloud(settings, items)), settings.config)
+        url = devices.cloud_url
         say(f"cloud API at {url} (spec: {url}/docs), backbone {devices.backbone}")
         say(f"devices in {devices.root}; training the demo users that are not trained yet")
 

@@ -157,7 +157,12 @@ class Cloud:
     def open_session(self, device_id: str, body: SessionIn) -> Session:
         """Validate a session request against the backbone and the limits, then register it."""
         f, limits = self.require_backbone(), self.settings
-        if isinstance(body.prompt, list):
+        if body.conversation is not None:
+            try:
+                prompt = f.encode_chat([m.model_dump() for m in body.conversation])
+            except ValueError as exc:
+                raise ApiError(422, f"prompt: {exc}") from None
+        elif isinstance(body.prompt, list):
             training.check_ids(body.prompt, f.vocab_size, "prompt")
             prompt = list(body.prompt)
         else:

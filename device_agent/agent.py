@@ -134,7 +134,7 @@ class DeviceAgent:
     # ---- generation ----------------------------------------------------------------------------
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[dict[str, str]],
         *,
         setting: str | None = None,
         decode: DecodeConfig | None = None,
@@ -143,8 +143,11 @@ class DeviceAgent:
         deadline_s: float | None = None,
         tap_mode: TapMode | None = None,
         model: SPAModel | None = None,
+        chat: bool = True,
     ) -> RemoteGeneration:
-        """A streaming generation (iterate it); logged in the store when it ends, however."""
+        """A streaming generation (iterate it); logged in the store when it ends, however.
+        `prompt`: text (wrapped in the chat template unless `chat` is off), token ids, or a
+        conversation of {role, content} turns."""
         if setting is not None and setting not in SERVED_SETTINGS:
             raise DeviceError(
                 f"unknown setting {setting!r}; choose one of {', '.join(SERVED_SETTINGS)}"
@@ -159,7 +162,7 @@ class DeviceAgent:
         profile = self.client.link.profile
         return RemoteGeneration(
             self.client, model, prompt, setting, decode or DecodeConfig(), strict=strict,
-            tap_mode=tap_mode, deadline_s=deadline_s,
+            tap_mode=tap_mode, deadline_s=deadline_s, chat=chat,
             on_end=lambda g: self.store.log_generation(
                 session_id=g.session.session_id if g.session else "",
                 setting=g.setting, strict=g.strict,

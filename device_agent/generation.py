@@ -130,7 +130,7 @@ class RemoteGeneration:
 
     client: CloudClient
     model: SPAModel | None  # the private side network and gate; None for `base`
-    prompt: str | list[int]
+    prompt: str | list[int] | list[dict[str, str]]  # text, token ids or a conversation
     setting: str = "spa"
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     strict: bool = False  # keep the gate on the device: asked every token

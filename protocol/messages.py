@@ -27,6 +27,18 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 Prompt = Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
 
 
+class ChatMessage(BaseModel):
+    """One turn of a conversation, as chat templates (and OpenAI's API) take it."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+#: a session's prompt may also be a whole conversation, wrapped by the backbone's chat template
+Conversation = Annotated[list[ChatMessage], Field(min_length=1)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -99,7 +111,10 @@ class DecodingIn(Strict):
 class SessionIn(Strict):
     """Open a generation session (docs/protocol.md, "Generation")."""
 
-    prompt: Prompt = Field(description="Text (tokenised by the cloud) or token ids.")
+    prompt: Prompt | Conversation = Field(
+        description="Text (tokenised by the cloud), token ids, or a conversation (a list of "
+        "{role, content} turns the cloud wraps in the backbone's chat template)."
+    )
     chat: bool = Field(True, description="Wrap a text prompt in the backbone's chat template.")
     system: str | None = Field(None, description="System message of a text prompt.")
     setting: Setting = Field("spa", description=", ".join(SERVED_SETTINGS))
@@ -119,6 +134,11 @@ class SessionIn(Strict):
     deadline_s: Finite | None = Field(None, gt=0, description="How long to wait for g(x).")
     decoding: DecodingIn = Field(default_factory=DecodingIn)
 
+    @property
+    def conversation(self) -> list[ChatMessage] | None:
+        """The prompt's turns when it is a conversation."""
+        return self.prompt if self.prompt and isinstance(self.prompt[0], ChatMessage) else None
+
     @field_validator("setting")
     @classmethod
     def _served(cls, value: str) -> str:
@@ -131,6 +151,11 @@ class SessionIn(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SessionIn:
+        if self.conversation is not None and (self.system is not None or not self.chat):
+            raise ValueError(
+                "a conversation carries its own system turn and is always wrapped in the chat "
+                "template: leave out system and chat"
+            )
         if self.tap_mode == "run-ahead":
             problem = (
                 "setting spa" if self.setting != "spa"

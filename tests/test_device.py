@@ -3,10 +3,7 @@ a cloud that dies mid-generation, a crash while checkpointing, network emulation
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import re
 import threading
 import time
 
@@ -17,6 +14,7 @@ import uvicorn
 from cloud_server import free_port, running, spawn, stop, wait_ready
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from privacy import Recording, corpus, leaks
 
 import personalization.training.checkpoint as checkpoint_module
 from device_agent.agent import DeviceAgent
@@ -351,55 +349,6 @@ def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
 
 
 # ---- 2. privacy --------------------------------------------------------------------------------
-class Recording(httpx.BaseTransport):
-    """A real HTTP transport that keeps a copy of every request body the device sends."""
-
-    def __init__(self):
-        self.inner, self.sent = httpx.HTTPTransport(), []
-
-    def handle_request(self, request):
-        self.sent.append(bytes(request.method.encode() + b" " + request.url.raw_path) +
-                         b"\n" + request.read())  # fmt: skip
-        return self.inner.handle_request(request)
-
-    def close(self):
-        self.inner.close()
-
-
-def _corpus(chunks: list[bytes]) -> bytes:
-    """Every byte sent, plus the decoded form of every base64 string inside JSON bodies."""
-    out = list(chunks)
-    for chunk in chunks:
-        for match in re.finditer(rb'"([A-Za-z0-9+/=]{16,})"', chunk):
-            with contextlib.suppress(ValueError):
-                out.append(base64.b64decode(match.group(1), validate=True))
-    return b"\x00".join(out)
-
-
-def _forms(p: torch.Tensor) -> dict[str, bytes]:
-    """A parameter tensor as it could be smuggled: fp32, fp16, bf16, int8 (absmax), as text."""
-    flat = p.detach().flatten().float()
-    scale = flat.abs().max().clamp_min(1e-12) / 127
-    return {
-        "fp32": flat.numpy().tobytes(),
-        "fp16": flat.half().numpy().tobytes(),
-        "bf16": flat.bfloat16().view(torch.int16).numpy().tobytes(),
-        "int8": (flat / scale).round().to(torch.int8).numpy().tobytes(),
-        "text": ",".join(f"{v:.6g}" for v in flat[:8].tolist()).encode(),
-    }
-
-
-def _leaks(corpus: bytes, p: torch.Tensor, window: int = 16) -> list[str]:
-    """Which forms of `p` appear in the corpus (any `window`-byte slice of their non-trivial
-    stretch: the first few values are enough to identify a trained tensor)."""
-    found = []
-    for form, data in _forms(p).items():
-        probe = data[:window] if form != "text" else data
-        if len(set(probe)) > 2 and probe in corpus:  # skip all-zero / constant probes
-            found.append(form)
-    return found
-
-
 def test_privacy_no_side_network_parameter_leaves_the_device(cloud, tmp_path):
     recording = Recording()
     root = tmp_path / "dev"
@@ -413,34 +362,34 @@ def test_privacy_no_side_network_parameter_leaves_the_device(cloud, tmp_path):
         model = agent.model()
         side = {n: p for n, p in model.side.named_parameters()}
         gate = dict(model.gate.named_parameters())
-    open_gated = _corpus(recording.sent)
+    open_gated = corpus(recording.sent)
 
     strict_recording = Recording()
     with DeviceAgent(root, transport=strict_recording) as agent:
         strict = agent.generate("Tell me about topic 1.", strict=True,
                                 decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
         assert len(list(strict)) > 0 and strict.accounts.m == 1.0  # asked every token
-    strict_corpus = _corpus(strict_recording.sent)
+    strict_corpus = corpus(strict_recording.sent)
 
     run_ahead_recording = Recording()  # run-ahead: the gate stays on the device too
     with DeviceAgent(root, transport=run_ahead_recording) as agent:
         ahead = agent.generate("Tell me about topic 1.", tap_mode="run-ahead",
                                decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
         assert len(list(ahead)) > 0 and ahead.session.tap_mode == "run-ahead"
-    ahead_corpus = _corpus(run_ahead_recording.sent)
+    ahead_corpus = corpus(run_ahead_recording.sent)
 
     checked = 0
     for name, p in side.items():
         if p.numel() >= 8 and p.detach().abs().max() > 0:
-            assert _leaks(open_gated, p) == [], f"side.{name} left the device"
-            assert _leaks(strict_corpus, p) == [], f"side.{name} left the device (strict)"
-            assert _leaks(ahead_corpus, p) == [], f"side.{name} left the device (run-ahead)"
+            assert leaks(open_gated, p) == [], f"side.{name} left the device"
+            assert leaks(strict_corpus, p) == [], f"side.{name} left the device (strict)"
+            assert leaks(ahead_corpus, p) == [], f"side.{name} left the device (run-ahead)"
             checked += 1
     assert checked >= 5
     # the detector works: the gate's weights (sent by design, fp32) are found; strict keeps them
-    assert "fp32" in _leaks(open_gated, gate["linear.weight"])
-    assert _leaks(strict_corpus, gate["linear.weight"]) == []
-    assert _leaks(ahead_corpus, gate["linear.weight"]) == []
+    assert "fp32" in leaks(open_gated, gate["linear.weight"])
+    assert leaks(strict_corpus, gate["linear.weight"]) == []
+    assert leaks(ahead_corpus, gate["linear.weight"]) == []
     # run-ahead sends verdicts (epoch, index, token) and nothing shaped like a tensor
     verdicts = [c for c in run_ahead_recording.sent if b"/verdicts" in c.split(b"\n", 1)[0]]
     assert verdicts and all(len(c.split(b"\n", 1)[1]) < 80 for c in verdicts)

@@ -29,6 +29,7 @@ SUBCOMMANDS = (
     ["generate"],
     ["recommend"],
     ["status"],
+    ["serve"],
 )
 TITLES = ["rose serum", "rose oil soap", "olive cream", "olive oil shampoo", "shampoo", "soap"]
 

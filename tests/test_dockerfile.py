@@ -7,6 +7,7 @@ is the real one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -102,3 +103,45 @@ def test_the_image_steps_build_and_serve(tmp_path):
             output = server.communicate()[0]
     assert "demo users ready (cached)" in output  # trained at build time, not at start
     assert "UI ready at" in output and server.returncode == 0, output
+    serve_openai(work, env)
+
+
+def serve_openai(work: Path, env: dict) -> None:
+    """docs/openai.md's `docker run spa-demo spa device serve --demo …`, on the image's demo
+    users (trained at build time), answered through the official OpenAI client."""
+    import openai
+
+    docs = (ROOT / "docs" / "openai.md").read_text()
+    command = re.search(r"docker run [^\n]*spa-demo \\\n\s*(spa device serve[^\n]*)", docs)
+    assert command, "docs/openai.md shows no `docker run … spa device serve` command"
+    port = free_port()
+    args = shlex.split(command.group(1).replace("8001", str(port)))
+    key = "build-test-key"
+    server = subprocess.Popen(
+        args,
+        cwd=work,
+        env=env | {"SPA_DEVICE_API_KEY": key},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        deadline, ids = time.monotonic() + 180, []
+        while time.monotonic() < deadline and server.poll() is None and not ids:
+            with contextlib.suppress(openai.APIConnectionError):
+                ids = [m.id for m in client.models.list()]
+            time.sleep(1)
+        assert {"spa:pirate", "spa:chef", "spa:haiku", "base"} <= set(ids), ids
+        reply = client.chat.completions.create(
+            model="spa:pirate", messages=[{"role": "user", "content": "Ahoy?"}], max_tokens=4
+        )
+        assert reply.usage.completion_tokens >= 1 and reply.usage.spa["setting"] == "spa"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            output = server.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            server.kill()
+            output = server.communicate()[0]
+    assert "demo users ready (cached)" in output, output

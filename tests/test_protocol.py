@@ -16,7 +16,7 @@ from protocol.events import (
     TokenEvent,
     parse_event,
 )
-from protocol.messages import RecommendIn, SessionTotals
+from protocol.messages import RecommendIn, SessionIn, SessionTotals
 
 EVENTS = [
     StartEvent(
@@ -77,3 +77,19 @@ def test_a_history_takes_the_catalogues_long_titles_and_refuses_absurd_ones():
     assert RecommendIn(history=["soap", longest]).history[1] == longest
     with pytest.raises(ValidationError, match="at most 2048"):
         RecommendIn(history=["x" * 2049])
+
+
+def test_a_prompt_is_text_ids_or_a_conversation_never_a_mix():
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    conversation = SessionIn(prompt=turns, setting="base").conversation
+    assert [m.role for m in conversation] == ["system", "user"]
+    assert SessionIn(prompt="Hi?", setting="base").conversation is None
+    assert SessionIn(prompt=[1, 2], setting="base").conversation is None
+    for bad in (
+        {"prompt": turns, "system": "Be brief."},  # two system messages
+        {"prompt": turns, "chat": False},  # a conversation is always templated
+        {"prompt": [{"role": "tool", "content": "x"}]},
+        {"prompt": [1, {"role": "user", "content": "x"}]},
+    ):
+        with pytest.raises(ValidationError):
+            SessionIn(setting="base", **bad)

@@ -5,14 +5,23 @@ status. Failures a person can fix (cloud down, empty history, untrained device, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from app.cli.options import PROFILE, Choice, NoRepeatNgram, RepetitionPenalty, TapEncodingOption
+from app.cli.options import (
+    PROFILE,
+    Backbone,
+    Choice,
+    NoRepeatNgram,
+    RepetitionPenalty,
+    TapEncodingOption,
+)
 from personalization.config import (
     DEFAULT_TAP_ENCODING,
     SERVED_SETTINGS,
@@ -383,6 +392,69 @@ def status(dir: Dir = None, json_out: Json = False) -> None:
             return
         for key, value in facts.items():
             typer.echo(f"{key:>14}: {value}")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(
+    user: Annotated[
+        str | None,
+        typer.Option(help="Models are spa:<user>[:<setting>]. Default: the device's name."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: int = 8001,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SPA_DEVICE_API_KEY",
+            help="Bearer token every request must carry; needed to listen beyond localhost.",
+        ),
+    ] = None,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo",
+            help="Serve the demo's users instead (spa:<user> each), with the demo's own cloud "
+            "(started here; its users trained first if they are not yet).",
+        ),
+    ] = False,
+    backbone: Backbone = None,
+    dir: Dir = None,
+    cloud_url: CloudUrl = None,
+) -> None:
+    """Serve this device as an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
+    /v1/models): any OpenAI client gets the personalised model; the side network stays here."""
+    import uvicorn
+
+    from device_agent.agent import DeviceAgent, default_dir
+    from device_agent.openai_server import ServeConfig, create_app, device_opener
+
+    if host not in LOOPBACK and not api_key:
+        raise ConfigError(
+            f"listening on {host} lets other machines use this device: set --api-key (or "
+            "SPA_DEVICE_API_KEY) so that every request must carry it"
+        )
+    with contextlib.ExitStack() as stack:
+        if demo:
+            from app.demo import DemoSettings, demo_devices
+
+            settings = DemoSettings(
+                backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"), cloud_url=cloud_url
+            )
+            devices = stack.enter_context(demo_devices(settings))
+            users = {key: functools.partial(devices.agent, key) for key in devices.users()}
+            where = f"the demo's users ({', '.join(users)})"
+        else:
+            root = dir or default_dir()
+            with DeviceAgent(root) as agent:  # a directory without a device fails here
+                name = user or agent.store.get("name")
+            users = {name: device_opener(root, cloud_url=cloud_url)}
+            where = f"the device at {root}"
+        server = create_app(ServeConfig(users=users, api_key=api_key))
+        typer.echo(f"OpenAI-compatible API of {where}: http://{host}:{port}/v1")
+        uvicorn.run(server, host=host, port=port, log_level="warning", ws="none")
 
 
 def _short(text: str, n: int = 60) -> str:

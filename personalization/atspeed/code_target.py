@@ -42,7 +42,7 @@ from personalization.training.features import make_cache
 from personalization.training.train import TrainConfig, make_optimizer, train
 
 INSTRUCTION = "A shopper's purchases, oldest first, as item codes:"
-SETTINGS = ("full", "spa")
+SETTINGS = ("full", "lst", "spa")
 
 
 class UnknownItemError(SpaError, ValueError):

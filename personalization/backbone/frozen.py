@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 from torch import Tensor, nn
 from transformers import (
     DynamicCache,
@@ -119,13 +120,24 @@ class Backbone:
         """Token ids of a user prompt, wrapped in the chat template when the backbone has one."""
         if chat and self.chat_template:
             messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": text})
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            return list(ids)
+            return self.encode_chat([*messages, {"role": "user", "content": text}])
         prefix = f"{system}\n\n" if system else ""
         return self.tokenizer(prefix + text, add_special_tokens=True)["input_ids"]
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ({role, content} turns) in the chat template, ready for
+        the assistant's next turn."""
+        if not self.chat_template:
+            raise ValueError(f"{self.name} has no chat template: send a text prompt instead")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except TemplateError as exc:  # e.g. a template that allows no system turn
+            raise ValueError(
+                f"{self.name}'s chat template refused the conversation: {exc}"
+            ) from None
+        return list(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
