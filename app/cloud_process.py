@@ -54,9 +54,20 @@ def cloud(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     work.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-c", "from app.cli import main; main()", "cloud",
-               "--port", str(port), "--backbone", backbone, "--log-level", "warning",
-               "--database-url", f"sqlite:///{work / 'cloud.db'}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "from app.cli import main; main()",
+        "cloud",
+        "--port",
+        str(port),
+        "--backbone",
+        backbone,
+        "--log-level",
+        "warning",
+        "--database-url",
+        f"sqlite:///{work / 'cloud.db'}",
+    ]
     if catalogue is not None:
         command += ["--catalogue", str(Path(catalogue).resolve())]
     log = (work / "cloud.log").open("wb")

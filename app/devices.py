@@ -60,9 +60,11 @@ class DemoConfig:
             epochs=epochs or self.epochs, lr=self.lr, target_usage=target_usage or self.target_usage
         )
         return DeviceTrainConfig(
-            setting="spa", train=train, calibration_prompts=self.calibration_prompts,
+            setting="spa",
+            train=train,
+            calibration_prompts=self.calibration_prompts,
             tap_encoding=tap_encoding or self.tap_encoding,
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)

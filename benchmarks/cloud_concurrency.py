@@ -20,18 +20,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from _hardware import write_results
+from benchmarks.harness import write_results
+from personalization.config import DEFAULT_TAP_ENCODING
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from personalization.config import DEFAULT_TAP_ENCODING  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results/cloud_concurrency.json"
 TOPICS = (
@@ -76,8 +73,9 @@ def _generate(url, token, model, prompt, setting, decode) -> tuple[list[float], 
     from device_agent.generation import RemoteGeneration
 
     with CloudClient(url, token) as client:
-        run = RemoteGeneration(client, model if setting != "base" else None, prompt, setting,
-                               decode, deadline_s=60.0)  # fmt: skip
+        run = RemoteGeneration(
+            client, model if setting != "base" else None, prompt, setting, decode, deadline_s=60.0
+        )
         times = [time.perf_counter() for _ in run]
     return times, len(times)
 
@@ -105,11 +103,14 @@ def _cell(url, token, model, prompts, setting, n, decode) -> dict:
     last = max(times[-1] for times, _ in done)
     gaps = [b - a for times, _ in done for a, b in zip(times, times[1:], strict=False)]
     return {
-        "sessions": n, "tokens": tokens, "wall_s": last - started,
+        "sessions": n,
+        "tokens": tokens,
+        "wall_s": last - started,
         "tokens_per_s": tokens / (last - started),
-        "p50_ms": 1e3 * statistics.median(gaps), "p95_ms": 1e3 * _p95(gaps),
+        "p50_ms": 1e3 * statistics.median(gaps),
+        "p95_ms": 1e3 * _p95(gaps),
         "errors": errors,
-    }  # fmt: skip
+    }
 
 
 def _p95(values: list[float]) -> float:
@@ -129,9 +130,10 @@ def _soak(url, token, model, prompts, devices: int, seconds: float) -> dict:
         while time.monotonic() < stop_at:
             setting = ("base", "spa")[k % 2]
             decode = DecodeConfig(
-                strategy="sample" if k % 3 == 2 else "greedy", max_new_tokens=8 + (i + k) % 17,
+                strategy="sample" if k % 3 == 2 else "greedy",
+                max_new_tokens=8 + (i + k) % 17,
                 seed=i * 1000 + k,
-            )  # fmt: skip
+            )
             try:
                 _generate(url, token, model, prompts[(i + k) % len(prompts)], setting, decode)
                 with lock:
@@ -151,11 +153,14 @@ def _soak(url, token, model, prompts, devices: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     return {
-        "devices": devices, "seconds": seconds, "finished": dict(finished),
+        "devices": devices,
+        "seconds": seconds,
+        "finished": dict(finished),
         "http_errors": {str(k): v for k, v in statuses.items()},
-        "responses_5xx": sum(v for k, v in statuses.items() if k >= 500), "errors": errors[:20],
+        "responses_5xx": sum(v for k, v in statuses.items() if k >= 500),
+        "errors": errors[:20],
         "error_count": len(errors),
-    }  # fmt: skip
+    }
 
 
 def run(args) -> None:
@@ -171,21 +176,32 @@ def run(args) -> None:
     if args.prompts == "personachat":  # long: persona and dialogue history, up to 384 tokens
         data = prepare_data(
             backbone,
-            DataConfig(path=str(Path(args.data) / "personachat.jsonl"), train_size=40,
-                       valid_size=20, test_size=40, max_prompt_tokens=384),
-        )  # fmt: skip
+            DataConfig(
+                path=str(Path(args.data) / "personachat.jsonl"),
+                train_size=40,
+                valid_size=20,
+                test_size=40,
+                max_prompt_tokens=384,
+            ),
+        )
         prompts = [list(e.prompt) for e in data.test]
     else:  # short chat questions (about 30 tokens with the chat template)
         prompts = [backbone.encode_prompt(f"Tell me something about {t}.") for t in TOPICS]
     model = load_checkpoint(Path(args.checkpoint), backbone)[0].eval()
     _ = model.codec  # the public basis, loaded before timing
     decode = DecodeConfig(max_new_tokens=args.tokens)
-    results = {"cells": {}, "config": {
-        "backbone": backbone.name, "tokens": args.tokens, "sessions": args.sessions,
-        "max_batch": args.max_batch, "checkpoint": Path(args.checkpoint).name,
-        "prompts": args.prompts,
-        "prompt_tokens": statistics.mean(len(p) for p in prompts),
-    }}  # fmt: skip
+    results = {
+        "cells": {},
+        "config": {
+            "backbone": backbone.name,
+            "tokens": args.tokens,
+            "sessions": args.sessions,
+            "max_batch": args.max_batch,
+            "checkpoint": Path(args.checkpoint).name,
+            "prompts": args.prompts,
+            "prompt_tokens": statistics.mean(len(p) for p in prompts),
+        },
+    }
     work = Path(args.work)
     os.environ["SPA_CLOUD_MAX_SESSIONS"] = "64"  # the cloud process reads its limits from these
     os.environ["SPA_CLOUD_MAX_BATCH"] = str(args.max_batch)
@@ -217,26 +233,35 @@ def run(args) -> None:
     write_results(results, args.out)
 
 
-def table(path: Path) -> None:
-    r = json.loads(path.read_text())
-    print(f"Hardware: {r['hardware']}; {r['date']}\n")
-    print("| setting | sessions | tokens/s | × 1 session | p50 ms / token | p95 ms / token | "
-          "p95 ÷ alone | errors |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+def render(r: dict) -> str:
+    """The results as Markdown (the docs' results page)."""
+    lines: list[str] = []
+    out = lines.append
+    out(f"Hardware: {r['hardware']}; {r['date']}\n")
+    out(
+        "| setting | sessions | tokens/s | × 1 session | p50 ms / token | p95 ms / token | "
+        "p95 ÷ alone | errors |"
+    )
+    out("|---|---|---|---|---|---|---|---|")
     for setting, cells in r["cells"].items():
         for n, c in cells.items():
-            print(
+            out(
                 f"| {setting} | {n} | {c['tokens_per_s']:.1f} | {c['speedup']:.2f} | "
                 f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p95_vs_alone']:.2f} | "
                 f"{len(c['errors'])} |"
             )
     if "soak" in r:
         s = r["soak"]
-        print(
+        out(
             f"\nSoak: {s['devices']} devices × {s['seconds']:.0f} s: sessions finished "
             f"{s['finished']}, HTTP errors {s['http_errors'] or 'none'}, responses ≥ 500: "
             f"{s['responses_5xx']}, other errors: {s['error_count']}."
         )
+    return "\n".join(lines)
+
+
+def table(path: Path) -> None:
+    print(render(json.loads(path.read_text())))
 
 
 def main() -> None:
@@ -252,9 +277,11 @@ def main() -> None:
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument(
-        "--prompts", choices=("short", "personachat"), default="short",
+        "--prompts",
+        choices=("short", "personachat"),
+        default="short",
         help="short chat questions, or PersonaChat's test prompts (long: prefill dominates)",
-    )  # fmt: skip
+    )
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--soak-s", type=float, default=60.0)
     parser.add_argument("--soak-devices", type=int, default=32)

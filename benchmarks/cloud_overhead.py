@@ -21,27 +21,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))  # the reference device client lives with the tests
-from _hardware import hardware  # noqa: E402
-from cloud_client import CloudClient, SideDevice  # noqa: E402
-
-from cloud_api.server import ThreadedServer  # noqa: E402
-from cloud_api.settings import CloudSettings  # noqa: E402
-from personalization.backbone.loading import load_backbone  # noqa: E402
-from personalization.config import DecodeConfig, SideConfig, SPAConfig  # noqa: E402
-from personalization.decoding import generate  # noqa: E402
-from personalization.model import SPAModel  # noqa: E402
-from personalization.side import SideNetwork  # noqa: E402
+from benchmarks.bare_device import CloudClient, SideDevice
+from benchmarks.harness import hardware
+from cloud_api.server import ThreadedServer
+from cloud_api.settings import CloudSettings
+from personalization.backbone.loading import load_backbone
+from personalization.config import DecodeConfig, SideConfig, SPAConfig
+from personalization.decoding import generate
+from personalization.model import SPAModel
+from personalization.side import SideNetwork
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

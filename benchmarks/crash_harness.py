@@ -27,8 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import write_results  # noqa: E402
+from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "crash_harness.json"
@@ -62,9 +61,15 @@ def worker(op: str, directory: Path) -> None:
             save_checkpoint(store.path(relative), model, describe(model, epoch=n))
             run = store.start_run("spa", {"tag": tag})
             store.add_checkpoint(
-                run.id, path=relative, setting="spa", epoch=n, parameters=1, parameters_pct=0.1,
-                sha256="0" * 64, bytes=1,
-            )  # fmt: skip
+                run.id,
+                path=relative,
+                setting="spa",
+                epoch=n,
+                parameters=1,
+                parameters_pct=0.1,
+                sha256="0" * 64,
+                bytes=1,
+            )
         print(f"done {tag}", flush=True)
         n += 1
 
@@ -107,8 +112,11 @@ def check_device(directory: Path, completed: set[str]) -> list[str]:
 def device_round(op: str, directory: Path, rng: random.Random, completed: set[str]) -> dict:
     process = subprocess.Popen(
         [sys.executable, __file__, "--worker", op, "--dir", str(directory)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     first = process.stdout.readline().strip()
     if first != "ready":
         raise RuntimeError(f"worker {op} did not start: {first}{process.stdout.read()}")
@@ -123,7 +131,8 @@ def device_round(op: str, directory: Path, rng: random.Random, completed: set[st
 def cloud_round(directory: Path, rng: random.Random, finished: set[str]) -> dict:
     """Kill the cloud while devices stream sessions; restart it on the same database."""
     import httpx
-    from cloud_server import free_port, spawn, stop, wait_ready
+
+    from benchmarks.servers import free_port, spawn, stop, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -175,7 +184,6 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.dir)
         return
-    sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers that start `spa cloud`
     from tqdm import tqdm
 
     from device_agent.store import Store
@@ -203,7 +211,7 @@ def main() -> None:
         "writes_completed": sum(r["writes_completed"] for r in rounds if r["op"] != "cloud"),
         "sessions_finished": max(
             (r["writes_completed"] for r in rounds if r["op"] == "cloud"), default=0
-        ),  # fmt: skip
+        ),
         "corrupted_or_lost": sum(bool(r["problems"]) for r in rounds),
         "problems": [r for r in rounds if r["problems"]],
     }

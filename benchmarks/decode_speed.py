@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import hardware  # noqa: E402
-
-from personalization.backbone.loading import load_backbone  # noqa: E402
-from personalization.config import DecodeConfig, SPAConfig  # noqa: E402
-from personalization.decoding import generate  # noqa: E402
-from personalization.model import SPAModel  # noqa: E402
+from benchmarks.harness import hardware
+from personalization.backbone.loading import load_backbone
+from personalization.config import DecodeConfig, SPAConfig
+from personalization.decoding import generate
+from personalization.model import SPAModel
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import write_results  # noqa: E402
-
-from app.demo_users import DEMO_USERS  # noqa: E402
-from app.devices import DemoDecoding  # noqa: E402
+from app.demo_users import DEMO_USERS
+from app.devices import DemoDecoding
+from benchmarks.harness import write_results
 
 RESULTS = Path(__file__).parent / "results" / "demo_users.json"
 
@@ -48,9 +45,21 @@ def distinct(text: str, n: int = 2) -> float:
 def answer(client, user: str, prompt: str, setting: str, tokens: int, controls: DemoDecoding):
     """One greedy answer through the page's API, with its measures."""
     out = client.predict(
-        user, prompt, setting, "greedy", "datacenter", True, 0.5, tokens, 0, 4, "pull",
-        controls.repetition_penalty, controls.no_repeat_ngram_size, api_name="/generate",
-    )  # fmt: skip
+        user,
+        prompt,
+        setting,
+        "greedy",
+        "datacenter",
+        True,
+        0.5,
+        tokens,
+        0,
+        4,
+        "pull",
+        controls.repetition_penalty,
+        controls.no_repeat_ngram_size,
+        api_name="/generate",
+    )
     pieces = out[-1]["personalised"]
     text = "".join(p["text"] for p in pieces)
     device = sum(p["branch"] == "device" for p in pieces)
@@ -96,7 +105,7 @@ def run(url: str, tokens: int) -> dict:
             "decoding": "greedy",
             "profile": "datacenter",
             "controls": vars(on),
-        },  # fmt: skip
+        },
         "summary": {
             "answers": len(spa),
             "repeated_4grams": sum(r["repeated_4grams"] for r in spa),

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
-from _hardware import hardware
+from benchmarks.harness import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -85,8 +85,10 @@ def main() -> None:
     print("| tree | RSS after import | import time | peft loaded | transformers loaded |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['rss_mb']:.0f} MB | {r['seconds']:.2f} s | {r['peft']} | "
-              f"{r['transformers']} |")  # fmt: skip
+        print(
+            f"| {name} | {r['rss_mb']:.0f} MB | {r['seconds']:.2f} s | {r['peft']} | "
+            f"{r['transformers']} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

@@ -14,22 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))
-from _hardware import hardware  # noqa: E402
-from cloud_server import free_port, spawn, stop, wait_ready  # noqa: E402
+from benchmarks.harness import hardware
+from benchmarks.servers import free_port, spawn, stop, wait_ready
+from device_agent.agent import DeviceAgent
+from device_agent.history import user_items
+from device_agent.trainer import DeviceTrainConfig, Progress
+from personalization.training.data import read_jsonl
+from personalization.training.train import TrainConfig
 
-from device_agent.agent import DeviceAgent  # noqa: E402
-from device_agent.history import user_items  # noqa: E402
-from device_agent.trainer import DeviceTrainConfig, Progress  # noqa: E402
-from personalization.training.data import read_jsonl  # noqa: E402
-from personalization.training.train import TrainConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
@@ -74,18 +71,26 @@ def main() -> None:
             run = agent.train(cfg, on_progress=on_progress, progress=True)
             wall = time.perf_counter() - start
             tokens = sum(len(f.labels) for f in _features(agent, run))
-        features_mb = sum(f.stat().st_size for f in (work / "device" / "features").rglob("*")
-                          if f.is_file()) / 2**20  # fmt: skip
+        features_mb = (
+            sum(f.stat().st_size for f in (work / "device" / "features").rglob("*") if f.is_file())
+            / 2**20
+        )
         train_s = run.seconds["train"]
         print(f"\nhardware: {hardware()}")
-        print(f"device: {len(users)} PersonaChat users, {run.examples} training examples "
-              f"(+{run.valid_examples} held out), {tokens:,} target tokens, setting spa, "
-              f"{args.epochs} epochs")  # fmt: skip
-        print(f"features fetched from the cloud: {run.feature_passes} examples, "
-              f"{run.seconds['prepare']:.1f} s (incl. tokenize and head), "
-              f"cached {features_mb:.1f} MB")  # fmt: skip
-        print(f"training: {train_s:.1f} s = {run.examples * args.epochs / train_s:.1f} examples/s, "
-              f"{tokens * args.epochs / train_s:,.0f} target tokens/s")  # fmt: skip
+        print(
+            f"device: {len(users)} PersonaChat users, {run.examples} training examples "
+            f"(+{run.valid_examples} held out), {tokens:,} target tokens, setting spa, "
+            f"{args.epochs} epochs"
+        )
+        print(
+            f"features fetched from the cloud: {run.feature_passes} examples, "
+            f"{run.seconds['prepare']:.1f} s (incl. tokenize and head), "
+            f"cached {features_mb:.1f} MB"
+        )
+        print(
+            f"training: {train_s:.1f} s = {run.examples * args.epochs / train_s:.1f} examples/s, "
+            f"{tokens * args.epochs / train_s:,.0f} target tokens/s"
+        )
         print(
             f"calibration through the cloud: {run.seconds.get('calibrate', 0):.1f} s "
             f"({json.dumps(run.calibration)})"
@@ -109,9 +114,11 @@ def _features(agent: DeviceAgent, run) -> list:
 
     cfg = DeviceTrainConfig.from_dict(run.config)
     examples = agent.client.tokenize(
-        [to_record(i) for i in agent.store.items()], max_prompt_tokens=cfg.max_prompt_tokens,
-        max_target_tokens=cfg.max_target_tokens, keep=cfg.keep,
-    )  # fmt: skip
+        [to_record(i) for i in agent.store.items()],
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_target_tokens=cfg.max_target_tokens,
+        keep=cfg.keep,
+    )
     train, _ = _split(examples, cfg.valid_fraction, cfg.train.seed)
     model = agent.model()
     cache = FeatureCache(

@@ -30,10 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import write_results  # noqa: E402
-
-from app.cloud_process import free_port, terminate  # noqa: E402
+from app.cloud_process import free_port, terminate
+from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "docker.json"
@@ -64,9 +62,10 @@ def run(*args: str, check: bool = True, capture: bool = True, **kw) -> subproces
 
 
 def engine_answers(env: dict) -> bool:
-    return shutil.which("docker") is not None and run(
-        "docker", "info", check=False, env=env
-    ).returncode == 0  # fmt: skip
+    return (
+        shutil.which("docker") is not None
+        and run("docker", "info", check=False, env=env).returncode == 0
+    )
 
 
 @contextlib.contextmanager
@@ -91,11 +90,20 @@ def engine(stack: contextlib.ExitStack, keep: bool = False):
     stack.callback(log.close)
     say(f"starting dockerd (vfs storage, host network; log {WORK / 'dockerd.log'})")
     daemon = subprocess.Popen(
-        [dockerd, "--storage-driver=vfs", "--iptables=false", "--bridge=none",
-         f"--data-root={WORK / 'data'}", f"--exec-root={WORK / 'exec'}",
-         f"--pidfile={WORK / 'dockerd.pid'}", f"--host=unix://{sock}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            dockerd,
+            "--storage-driver=vfs",
+            "--iptables=false",
+            "--bridge=none",
+            f"--data-root={WORK / 'data'}",
+            f"--exec-root={WORK / 'exec'}",
+            f"--pidfile={WORK / 'dockerd.pid'}",
+            f"--host=unix://{sock}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def stop() -> None:
         say(f"stopping dockerd (pid {daemon.pid})")
@@ -145,12 +153,24 @@ def base_image(requested: str | None, env: dict) -> str:
     say(f"no registry: building {DEBIAN_BASE} with debootstrap (once; ≈ 3 min)")
     with tempfile.TemporaryDirectory(dir=WORK) as rootfs:
         os.chmod(rootfs, 0o755)  # it becomes the image's `/`: the non-root user must enter it
-        run("debootstrap", "--variant=minbase",
-            "--include=python3,python3-venv,python3-pip,make,ca-certificates", "bookworm",
-            rootfs)  # fmt: skip
+        run(
+            "debootstrap",
+            "--variant=minbase",
+            "--include=python3,python3-venv,python3-pip,make,ca-certificates",
+            "bookworm",
+            rootfs,
+        )
         tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        run("docker", "import", "--change", f"ENV PATH={SYSTEM_PATH}", "-", DEBIAN_BASE,
-            stdin=tar.stdout, env=env)  # fmt: skip
+        run(
+            "docker",
+            "import",
+            "--change",
+            f"ENV PATH={SYSTEM_PATH}",
+            "-",
+            DEBIAN_BASE,
+            stdin=tar.stdout,
+            env=env,
+        )
         tar.wait()
     return DEBIAN_BASE
 
@@ -214,9 +234,21 @@ def generate(url: str) -> dict:
 
     user, controls = DEMO_USERS[0], DemoDecoding()
     out = Client(url, verbose=False).predict(
-        user.key, user.prompts[0], "spa", "greedy", "datacenter", True, 0.5, 32, 0, 4, "pull",
-        controls.repetition_penalty, controls.no_repeat_ngram_size, api_name="/generate",
-    )  # fmt: skip
+        user.key,
+        user.prompts[0],
+        "spa",
+        "greedy",
+        "datacenter",
+        True,
+        0.5,
+        32,
+        0,
+        4,
+        "pull",
+        controls.repetition_penalty,
+        controls.no_repeat_ngram_size,
+        api_name="/generate",
+    )
     tokens = out[-1]["personalised"]
     return {
         "user": user.key,
@@ -233,34 +265,58 @@ def check(args: argparse.Namespace) -> dict:
         DOCKER[0] = buildkit_client(env)
         base = base_image(args.base, env)
         seconds = build(args.tag, base, env, stack)
-        size = int(run("docker", "image", "inspect", "--format", "{{.Size}}", args.tag,
-                       env=env).stdout)  # fmt: skip
+        size = int(
+            run("docker", "image", "inspect", "--format", "{{.Size}}", args.tag, env=env).stdout
+        )
         say(f"built in {seconds:.0f} s; image {size / 2**30:.2f} GiB")
         run("docker", "builder", "prune", "-af", check=False, env=env)  # the build cache
         if not args.keep:
             stack.callback(run, "docker", "rmi", "-f", args.tag, check=False, env=env)
         name, port = f"spa-demo-check-{uuid.uuid4().hex[:8]}", free_port()
         started = time.monotonic()
-        run("docker", "run", "-d", "--name", name, "--network", "host", "-e",
-            f"SPA_DEMO_PORT={port}", "--health-interval", "5s", "--health-start-period", "120s",
-            args.tag, env=env)  # fmt: skip
+        run(
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "-e",
+            f"SPA_DEMO_PORT={port}",
+            "--health-interval",
+            "5s",
+            "--health-start-period",
+            "120s",
+            args.tag,
+            env=env,
+        )
         stack.callback(run, "docker", "rm", "-f", name, check=False, env=env)
         say(f"docker run {args.tag} (container {name}, port {port}); waiting for healthy")
         while (status := health(name, env)) != "healthy":
             if status == "unhealthy" or time.monotonic() - started > args.timeout:
                 logs = run("docker", "logs", "--tail", "40", name, check=False, env=env)
-                raise RuntimeError(f"container {status} after {time.monotonic() - started:.0f} s:"
-                                   f"\n{logs.stdout}{logs.stderr}")  # fmt: skip
+                raise RuntimeError(
+                    f"container {status} after {time.monotonic() - started:.0f} s:"
+                    f"\n{logs.stdout}{logs.stderr}"
+                )
             time.sleep(1)
         healthy_s = time.monotonic() - started
         say(f"healthy {healthy_s:.0f} s after docker run; generating through the page")
         answer = generate(f"http://127.0.0.1:{port}/")
         if answer["device_tokens"] == 0:
             raise RuntimeError(f"no device-coloured token came back: {answer}")
-        say(f"{answer['device_tokens']} / {answer['tokens']} tokens device-coloured: "
-            f"{answer['answer']!r}")  # fmt: skip
-        return {"base_image": base, "build_s": seconds, "image_bytes": size,
-                "healthy_after_run_s": healthy_s, "answer": answer}  # fmt: skip
+        say(
+            f"{answer['device_tokens']} / {answer['tokens']} tokens device-coloured: "
+            f"{answer['answer']!r}"
+        )
+        return {
+            "base_image": base,
+            "build_s": seconds,
+            "image_bytes": size,
+            "healthy_after_run_s": healthy_s,
+            "answer": answer,
+        }
 
 
 def main() -> None:

@@ -30,15 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import hardware, write_results  # noqa: E402
+from benchmarks.harness import hardware, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks/results/federated.json"
 STRATEGIES = ("local", "fedavg", "fedper", "fedavg-ft")
@@ -87,13 +84,22 @@ def _run_one(args, strategy: str, data: Path, out: Path, url: str, held_out: int
 
     t0 = time.perf_counter()
     code = federate(
-        strategy=strategy, nodes=args.devices, rounds=args.rounds, data=data, work=out,
-        backbone=args.backbone, cloud_url=url,
-        extra={"run-name": strategy, "local-epochs": args.local_epochs,
-               "held-out": held_out, "fraction-train": args.fraction,
-               "search-rounds": args.search_rounds,
-               "min-nodes": max(1, round(args.devices * args.fraction) - 1)},
-    )  # fmt: skip
+        strategy=strategy,
+        nodes=args.devices,
+        rounds=args.rounds,
+        data=data,
+        work=out,
+        backbone=args.backbone,
+        cloud_url=url,
+        extra={
+            "run-name": strategy,
+            "local-epochs": args.local_epochs,
+            "held-out": held_out,
+            "fraction-train": args.fraction,
+            "search-rounds": args.search_rounds,
+            "min-nodes": max(1, round(args.devices * args.fraction) - 1),
+        },
+    )
     print(f"{args.task}/{strategy}: exit {code} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -135,20 +141,28 @@ def summarise(args) -> None:
             for metric, base in pairs:  # paired over devices: tighter than two intervals
                 diff = [m[metric] - m[base] for m in r["evaluate"] if metric in m and base in m]
                 if diff:
-                    row |= {f"{metric} − base": _mean(diff),
-                            f"{metric} − base_ci": bootstrap_interval(diff)}  # fmt: skip
-            rows.append(row | {
-                "trained": len(sent),
-                "bytes_to_cloud": sum(m["bytes-to-cloud"] for m in sent) / max(len(sent), 1),
-                "bytes_to_server": sum(m["bytes-to-server"] for m in sent) / max(len(sent), 1),
-                "seconds": r["all"].get("round-seconds"), "failures": r.get("failures", []),
-            })  # fmt: skip
+                    row |= {
+                        f"{metric} − base": _mean(diff),
+                        f"{metric} − base_ci": bootstrap_interval(diff),
+                    }
+            rows.append(
+                row
+                | {
+                    "trained": len(sent),
+                    "bytes_to_cloud": sum(m["bytes-to-cloud"] for m in sent) / max(len(sent), 1),
+                    "bytes_to_server": sum(m["bytes-to-server"] for m in sent) / max(len(sent), 1),
+                    "seconds": r["all"].get("round-seconds"),
+                    "failures": r.get("failures", []),
+                }
+            )
     results["tasks"][args.task] = {
-        "rows": rows, "metrics": pairs,
+        "rows": rows,
+        "metrics": pairs,
         "central": central(args, work / "beauty.jsonl") if args.task == "beauty" else None,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "hardware": hardware(), "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-    }  # fmt: skip
+        "hardware": hardware(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+    }
     write_results(results, args.out)
     table(args.out)
 
@@ -175,45 +189,71 @@ def central(args, data: Path) -> dict:
     losses = []
     for row in read_jsonl(data):
         held = user_items(data, str(row["user_id"]))[-TASKS["beauty"][1] :]
-        examples = [to_example(backbone, to_record(i), max_prompt_tokens=cfg.max_prompt_tokens,
-                               max_target_tokens=cfg.max_target_tokens, keep=cfg.keep)
-                    for i in held]  # fmt: skip
+        examples = [
+            to_example(
+                backbone,
+                to_record(i),
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                max_target_tokens=cfg.max_target_tokens,
+                keep=cfg.keep,
+            )
+            for i in held
+        ]
         cache.ensure(examples, progress=False)
         losses.append(evaluate_loss(model, cache.lazy(examples), cfg.train).lm)
-    return {"target": f"{path.name} ({model.setting})", "devices": len(losses),
-            "item-nll": _mean(losses), "item-nll_ci": bootstrap_interval(losses)}  # fmt: skip
+    return {
+        "target": f"{path.name} ({model.setting})",
+        "devices": len(losses),
+        "item-nll": _mean(losses),
+        "item-nll_ci": bootstrap_interval(losses),
+    }
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def table(path: Path) -> None:
-    r = json.loads(Path(path).read_text())
+def render(r: dict) -> str:
+    """The results as Markdown (the docs' results page)."""
+    lines: list[str] = []
+    out = lines.append
     for task, t in r["tasks"].items():  # each task: the machine and date it was summarised on
-        print(f"Hardware: {t.get('hardware', r['hardware'])}; {t.get('date', r['date'])}")
+        out(f"Hardware: {t.get('hardware', r['hardware'])}; {t.get('date', r['date'])}")
         pairs = t.get("metrics") or [(t["metric"], t["base"])]
         names = [n for pair in pairs for n in pair]
         names += [f"{m} − base" for m, _ in pairs if any(f"{m} − base" in r for r in t["rows"])]
         c = t["config"]
-        print(f"\n{task}: {c['devices']} devices, {c['rounds']} rounds, {c['fraction']} of them "
-              f"trained per round, {c['local_epochs']} local epochs, "
-              f"{c['backbone']}\n")  # fmt: skip
-        print(f"| strategy | round | {' | '.join(names)} | devices trained | bytes to cloud "
-              "/ device | bytes to server / device | round s | failures |")  # fmt: skip
-        print("|---|---|" + "---|" * len(names) + "---|---|---|---|---|")
+        out(
+            f"\n{task}: {c['devices']} devices, {c['rounds']} rounds, {c['fraction']} of them "
+            f"trained per round, {c['local_epochs']} local epochs, "
+            f"{c['backbone']}\n"
+        )
+        out(
+            f"| strategy | round | {' | '.join(names)} | devices trained | bytes to cloud "
+            "/ device | bytes to server / device | round s | failures |"
+        )
+        out("|---|---|" + "---|" * len(names) + "---|---|---|---|---|")
         for row in t["rows"]:
             seconds = f"{row['seconds']:.0f}" if row["seconds"] is not None else "–"
-            print(f"| {row['strategy']} | {row['round']} | "
-                  + " | ".join(_figure(row, n) for n in names)
-                  + f" | {row['trained']} | {row['bytes_to_cloud']:,.0f} | "
-                  f"{row['bytes_to_server']:,.0f} | {seconds} | "
-                  f"{len(row['failures'])} |")  # fmt: skip
+            out(
+                f"| {row['strategy']} | {row['round']} | "
+                + " | ".join(_figure(row, n) for n in names)
+                + f" | {row['trained']} | {row['bytes_to_cloud']:,.0f} | "
+                f"{row['bytes_to_server']:,.0f} | {seconds} | "
+                f"{len(row['failures'])} |"
+            )
         if t.get("central"):
             c = t["central"]
-            print(f"\nCentral target {c['target']} on the same devices' held-out items: "
-                  + (f"item-nll {_figure(c, 'item-nll')}; " if "item-nll" in c else "")
-                  + "its Recall@10 is the recall@10-cloud column")  # fmt: skip
+            out(
+                f"\nCentral target {c['target']} on the same devices' held-out items: "
+                + (f"item-nll {_figure(c, 'item-nll')}; " if "item-nll" in c else "")
+                + "its Recall@10 is the recall@10-cloud column"
+            )
+    return "\n".join(lines)
+
+
+def table(path: Path) -> None:
+    print(render(json.loads(Path(path).read_text())))
 
 
 def _figure(row: dict, name: str) -> str:
@@ -233,9 +273,11 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25, help="devices trained per round")
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument(
-        "--search-rounds", choices=("every", "last", "none"), default="every",
+        "--search-rounds",
+        choices=("every", "last", "none"),
+        default="every",
         help="beauty: the catalogue search every round, in the last only, or never",
-    )  # fmt: skip
+    )
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")

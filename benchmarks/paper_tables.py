@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import hardware, write_results  # noqa: E402
+from benchmarks.harness import hardware, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks/results/paper_tables.json"
 DATASETS = ("xsum", "cnndm", "coqa", "sciq")
@@ -99,16 +96,24 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
     data = prepare_data(backbone, cfg_data)
     net = profile(args.profile)
     t0 = time.perf_counter()
-    config: dict = {"train_size": len(data.train), "valid_size": len(data.valid),
-                    "test_size": len(data.test), "profile": args.profile,
-                    "max_prompt_tokens": max_prompt_tokens}  # fmt: skip
+    config: dict = {
+        "train_size": len(data.train),
+        "valid_size": len(data.valid),
+        "test_size": len(data.test),
+        "profile": args.profile,
+        "max_prompt_tokens": max_prompt_tokens,
+    }
     if setting in ("base", "one-shot"):
         model = SPAModel(backbone, SPAConfig(setting="base"))
         if setting == "one-shot":
             demo = data.splits.train[0]
             shots = [one_shot(backbone.tokenizer, r, demo) for r in data.splits.test]
-            test = [to_example(backbone, r, max_prompt_tokens=max_prompt_tokens + added,
-                               keep=data.splits.keep) for r, added in shots]  # fmt: skip
+            test = [
+                to_example(
+                    backbone, r, max_prompt_tokens=max_prompt_tokens + added, keep=data.splits.keep
+                )
+                for r, added in shots
+            ]
             data = replace(data, test=test)
         report, _ = assess(model, data, net, max_new_tokens=args.max_new_tokens)
     else:
@@ -122,8 +127,12 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
             print(f"  {dataset}/{setting} lr {lr:g}: validation loss {losses.lm:.4f}", flush=True)
         lr = min(tried, key=lambda k: tried[k][0].lm)
         losses, model = tried[lr][0], tried[lr][1].eval()
-        config |= {"epochs": args.epochs, "lrs": list(args.lrs), "lr": lr,
-                   "valid_loss": {f"{k:g}": v.lm for k, (v, _) in tried.items()}}  # fmt: skip
+        config |= {
+            "epochs": args.epochs,
+            "lrs": list(args.lrs),
+            "lr": lr,
+            "valid_loss": {f"{k:g}": v.lm for k, (v, _) in tried.items()},
+        }
         usage = args.target_usage if setting in GATED else None
         report, _ = assess(model, data, net, target_usage=usage, max_new_tokens=args.max_new_tokens)
     low, high = report.rouge_l_interval()
@@ -131,9 +140,12 @@ def run_cell(args, dataset: str, setting: str, train_size: int) -> dict:
     if setting in GATED:
         figures |= gate_figures(backbone, model, data, losses)
     return figures | {
-        "rouge_l_ci": [low, high], "cost_50_ms": TOKENS * report.t_total_ms,
-        "config": config, "seconds": time.perf_counter() - t0, "hardware": hardware(),
-    }  # fmt: skip
+        "rouge_l_ci": [low, high],
+        "cost_50_ms": TOKENS * report.t_total_ms,
+        "config": config,
+        "seconds": time.perf_counter() - t0,
+        "hardware": hardware(),
+    }
 
 
 def _recipe(c) -> tuple[int, list[float]]:
@@ -184,8 +196,7 @@ def gate_figures(backbone, model, data, losses) -> dict:
 
     cache = make_cache(backbone, model.rungs, model.config.wire_dtype)
     probs = gate_probs(model, cache.lazy(data.valid))
-    return {"gate_usage": float((probs >= 0.5).float().mean()),
-            "device_label": losses.device_label}  # fmt: skip
+    return {"gate_usage": float((probs >= 0.5).float().mean()), "device_label": losses.device_label}
 
 
 def backfill_gate_figures(args, dataset: str, setting: str, size: int, cell: dict) -> None:
@@ -216,8 +227,12 @@ def rescore(args) -> None:
     results, backbone = _load(args.out), load_backbone(args.backbone)
     for key, cell in results["cells"].items():
         dataset, setting, *size = key.split("/")
-        if "config" not in cell or "scores" in cell or setting == "one-shot" or (
-            dataset not in args.datasets or setting not in args.settings):  # fmt: skip
+        if (
+            "config" not in cell
+            or "scores" in cell
+            or setting == "one-shot"
+            or (dataset not in args.datasets or setting not in args.settings)
+        ):
             continue
         c, n = cell["config"], int(size[0].split("=")[1]) if size else args.train_size
         if size and n not in args.sizes:  # Table 7's cells only when their sizes are named
@@ -231,11 +246,15 @@ def rescore(args) -> None:
             model = load_checkpoint(_checkpoint(args, dataset, setting, n, c["lr"]), backbone)[0]
             model.config = replace(model.config, threshold=cell["threshold"])
         print(f"rescoring {key}", flush=True)
-        report, _ = assess(model.eval(), data, profile(args.profile),
-                           max_new_tokens=args.max_new_tokens)  # fmt: skip
+        report, _ = assess(
+            model.eval(), data, profile(args.profile), max_new_tokens=args.max_new_tokens
+        )
         if abs(report.rouge_l - cell["rouge_l"]) > 1e-6:
-            print(f"  {key}: Rouge-L {report.rouge_l:.4f} now, {cell['rouge_l']:.4f} recorded; "
-                  "left without scores", flush=True)  # fmt: skip
+            print(
+                f"  {key}: Rouge-L {report.rouge_l:.4f} now, {cell['rouge_l']:.4f} recorded; "
+                "left without scores",
+                flush=True,
+            )
             continue
         cell["scores"] = list(report.scores)
         _save(results, args.out)
@@ -260,8 +279,9 @@ def run(args) -> None:
         else:
             print(f"[{i}/{len(todo)}] {key}", flush=True)
             results["cells"][key] = run_cell(args, dataset, setting, size)
-        results["config"] = {k: (str(v) if isinstance(v, Path) else v)
-                             for k, v in vars(args).items()}  # fmt: skip
+        results["config"] = {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+        }
         _save(results, args.out)
     table(args.out)
 
@@ -277,8 +297,10 @@ def _cell(c: dict | None, what: str) -> str:
     return f"{c[what]:.2f}"
 
 
-def table(path: Path) -> None:
-    r = _load(path)
+def render(r: dict) -> str:
+    """The results as Markdown (the docs' results page)."""
+    lines: list[str] = []
+    out = lines.append
     cells, cfg = r["cells"], r.get("config", {})
     datasets = [d for d in DATASETS if any(k.startswith(d + "/") for k in cells)]
     head = " | ".join(datasets)
@@ -286,58 +308,76 @@ def table(path: Path) -> None:
     for key, c in cells.items():
         if "/train=" not in key and "config" in c:
             sizes[key.split("/")[0]] = "{train_size}/{valid_size}/{test_size}".format(**c["config"])
-    print(
+    out(
         f"Hardware: {r.get('hardware', '?')}; {r.get('date', '?')}; train/validation/test "
         "examples: " + ", ".join(f"{d} {sizes[d]}" for d in datasets if d in sizes) + "\n"
     )
-    print(f"Trained cells — {_recipes(cells)}\n")  # fmt: skip
-    print(f"Table 1 — Rouge-L [95 % CI]\n\n| setting | {head} |\n|---|" + "---|" * len(datasets))
+    out(f"Trained cells — {_recipes(cells)}\n")
+    out(f"Table 1 — Rouge-L [95 % CI]\n\n| setting | {head} |\n|---|" + "---|" * len(datasets))
     for s in ("base", "one-shot", "lst", "spa"):
-        print(f"| {s} | " + " | ".join(_cell(cells.get(f"{d}/{s}"), "rouge") for d in datasets)
-              + " |")  # fmt: skip
+        out(
+            f"| {s} | " + " | ".join(_cell(cells.get(f"{d}/{s}"), "rouge") for d in datasets) + " |"
+        )
     paired = (_paired(cells.get(f"{d}/spa"), cells.get(f"{d}/base")) for d in datasets)
-    print("| spa − base, paired | " + " | ".join(paired) + " |")
-    print(f"\nTable 2 — {TOKENS} new tokens on `{cfg.get('profile')}` (ms), Rouge-L. *inference*: "
-          "cloud + device compute per token as measured in the cell's own run; *network*: the "
-          "latency model on M (device round trips per token) and the bytes per token of the "
-          "default tap encoding\n")  # fmt: skip
-    print("| setting | dataset | trainable % | M | bytes / token | inference | network | total "
-          "| Rouge-L |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    out("| spa − base, paired | " + " | ".join(paired) + " |")
+    out(
+        f"\nTable 2 — {TOKENS} new tokens on `{cfg.get('profile')}` (ms), Rouge-L. *inference*: "
+        "cloud + device compute per token as measured in the cell's own run; *network*: the "
+        "latency model on M (device round trips per token) and the bytes per token of the "
+        "default tap encoding\n"
+    )
+    out(
+        "| setting | dataset | trainable % | M | bytes / token | inference | network | total "
+        "| Rouge-L |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for s in SETTINGS:
         for d in datasets:
             c = cells.get(f"{d}/{s}")
             if c is None or "skipped" in c:
                 continue
             inference = TOKENS * (c["t_cloud_ms"] + c["t_device_ms"])
-            print(f"| {s} | {d} | {c['trainable_pct']:.3f} | {c['m']:.2f} | "
-                  f"{c['bytes_per_token']:,.0f} | {inference:.0f} | "
-                  f"{TOKENS * c['t_net_ms']:.0f} | {c['cost_50_ms']:.0f} | "
-                  f"{c['rouge_l']:.2f} |")  # fmt: skip
-    print(
+            out(
+                f"| {s} | {d} | {c['trainable_pct']:.3f} | {c['m']:.2f} | "
+                f"{c['bytes_per_token']:,.0f} | {inference:.0f} | "
+                f"{TOKENS * c['t_net_ms']:.0f} | {c['cost_50_ms']:.0f} | "
+                f"{c['rouge_l']:.2f} |"
+            )
+    out(
         f"\nTable 3 — Rouge-L (device usage)\n\n| setting | {head} |\n|---|"
         + "---|" * len(datasets)
     )
-    for label, s in (("S1 (full)", "full"), ("S2 (choice)", "choice"), ("S3 (lst)", "lst"),
-                     ("SPA", "spa")):  # fmt: skip
+    for label, s in (
+        ("S1 (full)", "full"),
+        ("S2 (choice)", "choice"),
+        ("S3 (lst)", "lst"),
+        ("SPA", "spa"),
+    ):
         row = []
         for d in datasets:
             c = cells.get(f"{d}/{s}")
             row.append(
                 _cell(c, "rouge") + ("" if not c or "skipped" in c else f" ({c['usage']:.2f})")
             )
-        print(f"| {label} | " + " | ".join(row) + " |")
+        out(f"| {label} | " + " | ".join(row) + " |")
     paired = (_paired(cells.get(f"{d}/spa"), cells.get(f"{d}/full")) for d in datasets)
-    print("| SPA − S1, paired | " + " | ".join(paired) + " |")
+    out("| SPA − S1, paired | " + " | ".join(paired) + " |")
     sizes = sorted({int(k.split("train=")[1]) for k in cells if "/train=" in k})
     if sizes:
-        print("\nTable 7 — spa by training-set size: the gate's own usage (p(device) ≥ 0.5 on "
-              "validation targets), its calibrated usage in brackets, Rouge-L\n\n| dataset | "
-              + " | ".join(f"{n} examples" for n in sizes)
-              + f" | all (≤ {cfg.get('train_size')}) |")  # fmt: skip
-        print("|---|" + "---|" * (len(sizes) + 1))
+        out(
+            "\nTable 7 — spa by training-set size: the gate's own usage (p(device) ≥ 0.5 on "
+            "validation targets), its calibrated usage in brackets, Rouge-L\n\n| dataset | "
+            + " | ".join(f"{n} examples" for n in sizes)
+            + f" | all (≤ {cfg.get('train_size')}) |"
+        )
+        out("|---|" + "---|" * (len(sizes) + 1))
         for d in datasets:
             row = [cells.get(cell_key(d, "spa", n)) for n in sizes] + [cells.get(f"{d}/spa")]
-            print(f"| {d} | " + " | ".join(_table7(c) for c in row) + " |")
+            out(f"| {d} | " + " | ".join(_table7(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def table(path: Path) -> None:
+    print(render(_load(path)))
 
 
 def _paired(a: dict | None, b: dict | None) -> str:
@@ -362,8 +402,11 @@ def _table7(c: dict | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true", help="print the tables and stop")
-    parser.add_argument("--rescore", action="store_true",
-                        help="add per-example scores to finished cells without them")  # fmt: skip
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="add per-example scores to finished cells without them",
+    )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
@@ -371,8 +414,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lrs", type=float, nargs="+", default=[2e-4, 5e-4, 1e-3])
     parser.add_argument("--train-size", type=int, default=500)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[100, 300],
-                        help="Table 7: spa's other training-set sizes")  # fmt: skip
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[100, 300],
+        help="Table 7: spa's other training-set sizes",
+    )
     parser.add_argument("--valid-size", type=int, default=50)
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--max-prompt-tokens", type=int, default=384)

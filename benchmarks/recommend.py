@@ -4,7 +4,7 @@
     python benchmarks/recommend.py train  [--epochs 20] [--lrs 1e-3 3e-3]   # each cached when done
     python benchmarks/recommend.py quality [--methods ...] [--eval-data FILE]  # resumable
     python benchmarks/recommend.py speed  [--speed-users 100] [--recall-users 300]
-    python benchmarks/recommend.py table [--readme]   # --readme: into README.md's block
+    python benchmarks/recommend.py table                # the tables of the docs' results page
 
 The split is AtSpeed's (`personalization.atspeed.split`): by global time, every user kept —
 everything before the validation period trains, the validation items choose the epoch, and every
@@ -33,8 +33,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from _hardware import write_results
 from tqdm import tqdm
+
+from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/recommend.json"
@@ -509,18 +510,9 @@ def render(r: dict) -> str:
     return "\n".join([*lines, "", f"Summary: {summary}."])
 
 
-README = ROOT / "README.md"
-BEGIN, END = "<!-- begin: benchmarks/results/recommend.json -->", "<!-- end -->"
-
-
-def table(path: Path, readme: bool = False) -> None:
-    """Print the tables; with `readme`, write them into README.md between the markers."""
-    text = render(json.loads(Path(path).read_text()))
-    print(text)
-    if readme:
-        doc = README.read_text()
-        start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END, doc.index(BEGIN))
-        README.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
+def table(path: Path) -> None:
+    """Print the tables (the docs' results page renders the same)."""
+    print(render(json.loads(Path(path).read_text())))
 
 
 def main() -> None:
@@ -562,14 +554,13 @@ def main() -> None:
     parser.add_argument("--draft-epochs", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / ".bench/recommend"))
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--readme", action="store_true", help="table: write it into README.md")
     args = parser.parse_args()
     phases = {
         "codes": codes,
         "train": train,
         "quality": quality,
         "speed": speed,
-        "table": lambda a: table(a.out, a.readme),
+        "table": lambda a: table(a.out),
     }
     phases[args.phase](args)
 

@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from _hardware import write_results
+from benchmarks.harness import write_results
+from personalization.config import DEFAULT_TAP_ENCODING
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from personalization.config import DEFAULT_TAP_ENCODING  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results/run_ahead.json"
 PROFILES = ("fiber", "lte", "4g", "3g")
@@ -52,11 +49,13 @@ def _setup(args):
     data = prepare_data(
         backbone,
         DataConfig(
-            path=str(Path(args.data) / f"{args.dataset}.jsonl"), train_size=args.train_size,
-            valid_size=args.valid_size, test_size=args.test_size,
+            path=str(Path(args.data) / f"{args.dataset}.jsonl"),
+            train_size=args.train_size,
+            valid_size=args.valid_size,
+            test_size=args.test_size,
             max_prompt_tokens=args.max_prompt_tokens,
         ),
-    )  # fmt: skip
+    )
     ckpt = Path(args.work) / f"{args.dataset}-spa-{args.encoding}.safetensors"
     model = load_checkpoint(ckpt, backbone)[0].eval()
     return backbone, data, model
@@ -69,20 +68,30 @@ def _run(client, model, prompt, decode, mode) -> dict:
     setting = "base" if mode == "base" else "spa"
     tap_mode = "run-ahead" if mode == "spa run-ahead" else (None if mode == "base" else "pull")
     run = RemoteGeneration(
-        client, None if mode == "base" else model, prompt, setting, decode, tap_mode=tap_mode,
+        client,
+        None if mode == "base" else model,
+        prompt,
+        setting,
+        decode,
+        tap_mode=tap_mode,
         deadline_s=DEADLINE_S,
-    )  # fmt: skip
+    )
     started, times, ids = time.perf_counter(), [], []
     for token in run:
         times.append(time.perf_counter() - started)
         ids.append(token.id)
     a = run.accounts
     return {
-        "ids": ids, "tokens": a.tokens, "wall_s": times[-1] if times else 0.0,
-        "first_s": times[0] if times else 0.0, "t_total_s": a.t_total,
-        "corrections": a.corrections, "withdrawn": a.withdrawn, "contacts": a.contacts,
+        "ids": ids,
+        "tokens": a.tokens,
+        "wall_s": times[-1] if times else 0.0,
+        "first_s": times[0] if times else 0.0,
+        "t_total_s": a.t_total,
+        "corrections": a.corrections,
+        "withdrawn": a.withdrawn,
+        "contacts": a.contacts,
         "bytes": a.bytes_down + a.bytes_up,
-    }  # fmt: skip
+    }
 
 
 def cost(args) -> None:
@@ -100,11 +109,16 @@ def cost(args) -> None:
     prompts = [list(e.prompt) for e in data.test[: args.prompts]]
     decode = DecodeConfig(max_new_tokens=args.tokens)
     results.setdefault("config", {})["cost"] = {
-        "backbone": backbone.name, "dataset": args.dataset, "encoding": args.encoding,
-        "prompts": len(prompts), "max_new_tokens": args.tokens, "profiles": list(args.profiles),
-        "threshold": model.config.threshold, "deadline_s": DEADLINE_S,
+        "backbone": backbone.name,
+        "dataset": args.dataset,
+        "encoding": args.encoding,
+        "prompts": len(prompts),
+        "max_new_tokens": args.tokens,
+        "profiles": list(args.profiles),
+        "threshold": model.config.threshold,
+        "deadline_s": DEADLINE_S,
         "pinned": "cloud on core 0, device on core 1, 1 thread each" if args.pin else None,
-    }  # fmt: skip
+    }
     if args.pin:  # two machines: the cloud on core 0, the device on core 1, one thread each
         os.environ["OMP_NUM_THREADS"] = "1"
         os.sched_setaffinity(0, {0})  # the cloud process inherits it
@@ -137,12 +151,15 @@ def cost(args) -> None:
                 c["wait_vs_base"] = c["wait_ms"] / base["wait_ms"]
                 c["t_total_vs_base"] = c["t_total_ms"] / base["t_total_ms"]
             print(
-                f"{name}: " + ", ".join(
+                f"{name}: "
+                + ", ".join(
                     f"{m} {cells[name][m]['wait_ms']:.1f} ms/token "
-                    f"({cells[name][m]['wait_vs_base']:.2f}x)" for m in MODES
-                ) + f"; identical {cells[name]['identical_outputs']}",
+                    f"({cells[name][m]['wait_vs_base']:.2f}x)"
+                    for m in MODES
+                )
+                + f"; identical {cells[name]['identical_outputs']}",
                 flush=True,
-            )  # fmt: skip
+            )
             write_results(results, args.out)
 
 
@@ -192,10 +209,11 @@ def quality(args) -> None:
         ]
         low, high = bootstrap_interval(scores)
         cell[mode] = {
-            "rouge_l": sum(scores) / len(scores), "rouge_l_ci": [low, high],
+            "rouge_l": sum(scores) / len(scores),
+            "rouge_l_ci": [low, high],
             "corrections_per_token": sum(r["corrections"] for r in runs)
             / max(1, sum(r["tokens"] for r in runs)),
-        }  # fmt: skip
+        }
     same = [
         a["ids"] == b["ids"] for a, b in zip(outputs["spa"], outputs["spa run-ahead"], strict=True)
     ]
@@ -205,33 +223,44 @@ def quality(args) -> None:
     write_results(results, args.out)
 
 
-def table(path: Path) -> None:
-    r = _load(path)
-    print(f"Hardware: {r.get('hardware')}; {r.get('date')}\n")
-    print("| profile | mode | wait ms / token | ÷ base | T_total ms / token (books) | ÷ base | "
-          "first token ms | corrections / token | withdrawn / token | bytes / token |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def render(r: dict) -> str:
+    """The results as Markdown (the docs' results page)."""
+    lines: list[str] = []
+    out = lines.append
+    out(f"Hardware: {r.get('hardware')}; {r.get('date')}\n")
+    out(
+        "| profile | mode | wait ms / token | ÷ base | T_total ms / token (books) | ÷ base | "
+        "first token ms | corrections / token | withdrawn / token | bytes / token |"
+    )
+    out("|---|---|---|---|---|---|---|---|---|---|")
     for name, cells in r.get("cost", {}).items():
         for mode in MODES:
             c = cells[mode]
-            print(
+            out(
                 f"| {name} | {mode} | {c['wait_ms']:.1f} | {c['wait_vs_base']:.2f} | "
                 f"{c['t_total_ms']:.1f} | {c['t_total_vs_base']:.2f} | {c['first_token_ms']:.0f} | "
                 f"{c['corrections_per_token']:.2f} | {c['withdrawn_per_token']:.2f} | "
                 f"{c['bytes_per_token']:,.0f} |"
             )
     if r.get("quality"):
-        print("\n| dataset | examples | spa Rouge-L [95 % CI] | run-ahead Rouge-L [95 % CI] | "
-              "identical outputs | corrections / token |")  # fmt: skip
-        print("|---|---|---|---|---|---|")
+        out(
+            "\n| dataset | examples | spa Rouge-L [95 % CI] | run-ahead Rouge-L [95 % CI] | "
+            "identical outputs | corrections / token |"
+        )
+        out("|---|---|---|---|---|---|")
     for dataset, c in r.get("quality", {}).items():
         s, ra = c["spa"], c["spa run-ahead"]
-        print(
+        out(
             f"| {dataset} | {c['examples']} | {s['rouge_l']:.2f} [{s['rouge_l_ci'][0]:.2f}, "
             f"{s['rouge_l_ci'][1]:.2f}] | {ra['rouge_l']:.2f} [{ra['rouge_l_ci'][0]:.2f}, "
             f"{ra['rouge_l_ci'][1]:.2f}] | {c['identical_outputs']} | "
             f"{ra['corrections_per_token']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def table(path: Path) -> None:
+    print(render(_load(path)))
 
 
 def main() -> None:
@@ -253,10 +282,12 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / ".bench/wire"), help="checkpoints")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--pin", action=argparse.BooleanOptionalAction, default=True,
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="cost: the cloud and the device on one core each, as two machines (run-ahead runs "
         "them at the same time; sharing both cores would charge it the other's compute)",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     if args.phase == "cost":
         cost(args)

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hardware import write_results  # noqa: E402
-from paper_tables import data_config  # noqa: E402
+from benchmarks.harness import write_results
+from benchmarks.paper_tables import data_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks/results/side_study.json"
 
@@ -57,13 +54,18 @@ def variant(args, backbone, data, lr: float, reduction: int) -> dict:
     losses = [e["valid"]["lm"] for e in epochs]
     best = min(range(len(losses)), key=losses.__getitem__)
     return {
-        "lr": lr, "reduction": reduction, "width": side.width,
+        "lr": lr,
+        "reduction": reduction,
+        "width": side.width,
         "trainable_pct": 100 * model.trainable_parameters() / backbone.num_parameters,
-        "base_loss": base, "valid_loss": losses, "best_epoch": best + 1,
-        "gain_at_5": base - losses[min(4, len(losses) - 1)], "gain_best": base - losses[best],
+        "base_loss": base,
+        "valid_loss": losses,
+        "best_epoch": best + 1,
+        "gain_at_5": base - losses[min(4, len(losses) - 1)],
+        "gain_best": base - losses[best],
         "device_best": epochs[best]["valid"]["device_label"],
         "seconds": time.perf_counter() - t0,
-    }  # fmt: skip
+    }
 
 
 def run(args) -> None:
@@ -87,19 +89,28 @@ def run(args) -> None:
     table(args.out)
 
 
-def table(path: Path) -> None:
-    r = json.loads(path.read_text())
-    print(f"Hardware: {r['hardware']}; {r['date']}; validation loss in nats per target token\n")
-    print(
+def render(r: dict) -> str:
+    """The results as Markdown (the docs' results page)."""
+    lines: list[str] = []
+    out = lines.append
+    out(f"Hardware: {r['hardware']}; {r['date']}; validation loss in nats per target token\n")
+    out(
         "| dataset | train | width | lr | backbone | side @ 5 epochs | best (epoch) "
         "| gain @ 5 | best gain | device labels |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for row in r["rows"].values():
         losses = row["valid_loss"]
-        print(f"| {row['dataset']} | {row['train_size']} | {row['width']} | {row['lr']:g} "
-              f"| {row['base_loss']:.3f} | {losses[min(4, len(losses) - 1)]:.3f} "
-              f"| {min(losses):.3f} ({row['best_epoch']}) | {row['gain_at_5']:+.3f} "
-              f"| {row['gain_best']:+.3f} | {row['device_best']:.2f} |")  # fmt: skip
+        out(
+            f"| {row['dataset']} | {row['train_size']} | {row['width']} | {row['lr']:g} "
+            f"| {row['base_loss']:.3f} | {losses[min(4, len(losses) - 1)]:.3f} "
+            f"| {min(losses):.3f} ({row['best_epoch']}) | {row['gain_at_5']:+.3f} "
+            f"| {row['gain_best']:+.3f} | {row['device_best']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def table(path: Path) -> None:
+    print(render(json.loads(path.read_text())))
 
 
 def main() -> None:

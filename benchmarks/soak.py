@@ -30,16 +30,14 @@ import os
 import random
 import re
 import statistics
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from _hardware import write_results
+from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks/results/soak.json"
 BEHAVIOURS = {"plain": 6, "late": 1, "silent": 1, "vanish": 1, "reconnect": 1}  # weights
@@ -83,9 +81,12 @@ class Soak:
         if strategy == "beam" or behaviour in ("late", "silent"):
             mode = "pull"  # beam search asks per step; late / silent are about side requests
         decode = DecodeConfig(
-            strategy=strategy, max_new_tokens=rng.randint(8, 32), num_beams=2,
-            seed=rng.randrange(1 << 30), top_p=0.9,
-        )  # fmt: skip
+            strategy=strategy,
+            max_new_tokens=rng.randint(8, 32),
+            num_beams=2,
+            seed=rng.randrange(1 << 30),
+            top_p=0.9,
+        )
         return behaviour, setting, (mode if setting == "spa" else None), decode
 
     def device(self, i: int) -> None:
@@ -120,8 +121,9 @@ class Soak:
         from device_agent.generation import RemoteGeneration
 
         model = self.model if setting != "base" else None
-        return RemoteGeneration(client, model, prompt, setting, decode, tap_mode=mode,
-                                deadline_s=deadline_s)  # fmt: skip
+        return RemoteGeneration(
+            client, model, prompt, setting, decode, tap_mode=mode, deadline_s=deadline_s
+        )
 
     def plain(self, client, prompt, setting, mode, decode, rng) -> str:
         gen = self._generation(client, prompt, setting, mode, decode)
@@ -199,9 +201,11 @@ class Soak:
                     pass
             finally:
                 self._record(gen, "reconnect")
-            return f"{gen.status} ({gen.accounts.resumes} resumes)" if gen.accounts.resumes else (
-                gen.status
-            )  # fmt: skip
+            return (
+                f"{gen.status} ({gen.accounts.resumes} resumes)"
+                if gen.accounts.resumes
+                else (gen.status)
+            )
         finally:
             del client.events
 
@@ -224,18 +228,27 @@ def run(args) -> None:
     backbone = load_backbone(args.backbone)
     data = prepare_data(
         backbone,
-        DataConfig(path=str(Path(args.data) / "personachat.jsonl"), train_size=40, valid_size=20,
-                   test_size=40, max_prompt_tokens=args.max_prompt_tokens),
-    )  # fmt: skip
+        DataConfig(
+            path=str(Path(args.data) / "personachat.jsonl"),
+            train_size=40,
+            valid_size=20,
+            test_size=40,
+            max_prompt_tokens=args.max_prompt_tokens,
+        ),
+    )
     prompts = [list(e.prompt) for e in data.test]
     model = load_checkpoint(Path(args.checkpoint), backbone)[0].eval()
     _ = model.codec
     config = {
-        "backbone": backbone.name, "devices": args.devices, "minutes": args.minutes,
-        "checkpoint": Path(args.checkpoint).name, "behaviour_weights": BEHAVIOURS,
-        "deadline_s": DEADLINE_S, "max_sessions": args.max_sessions,
+        "backbone": backbone.name,
+        "devices": args.devices,
+        "minutes": args.minutes,
+        "checkpoint": Path(args.checkpoint).name,
+        "behaviour_weights": BEHAVIOURS,
+        "deadline_s": DEADLINE_S,
+        "max_sessions": args.max_sessions,
         "max_prompt_tokens": args.max_prompt_tokens,
-    }  # fmt: skip
+    }
     os.environ["SPA_CLOUD_MAX_SESSIONS"] = str(args.max_sessions)
     os.environ["SPA_CLOUD_RESUME_S"] = str(args.resume_s)
     rss: list[tuple[float, float]] = []  # (minutes since the devices started, MiB)
@@ -259,9 +272,12 @@ def run(args) -> None:
                 with soak.lock:
                     done = sum(soak.outcomes.values())
                     p95 = 1e3 * _p(soak.gaps, 95) if soak.gaps else float("nan")
-                print(f"minute {minute}: {done} sessions, {dict(soak.statuses) or 'no'} HTTP "
-                      f"errors, {len(soak.errors)} other errors, p95 {p95:.0f} ms/token, "
-                      f"RSS {rss[-1][1]:.0f} MiB", flush=True)  # fmt: skip
+                print(
+                    f"minute {minute}: {done} sessions, {dict(soak.statuses) or 'no'} HTTP "
+                    f"errors, {len(soak.errors)} other errors, p95 {p95:.0f} ms/token, "
+                    f"RSS {rss[-1][1]:.0f} MiB",
+                    flush=True,
+                )
         ended = time.monotonic()
         # the cloud's resume window, then its sweep, for the vanished devices' sessions
         time.sleep(args.resume_s + 10)
@@ -308,14 +324,18 @@ def run(args) -> None:
     table(args.out)
 
 
-def table(path: Path) -> None:
-    r = json.loads(path.read_text())
+def render(r: dict) -> str:
+    """The results as Markdown (the docs' results page)."""
+    lines: list[str] = []
+    out = lines.append
     c = r["config"]
-    print(f"Hardware: {r['hardware']}; {r['date']}\n")
+    out(f"Hardware: {r['hardware']}; {r['date']}\n")
     weights = ", ".join(f"{b} {w}" for b, w in c["behaviour_weights"].items())
-    print(f"{c['devices']} devices × {c['minutes']:g} min on {c['backbone']} "
-          f"(behaviours weighted {weights}; deadline {c['deadline_s']} s)\n")  # fmt: skip
-    print("| figure | value |\n|---|---|")
+    out(
+        f"{c['devices']} devices × {c['minutes']:g} min on {c['backbone']} "
+        f"(behaviours weighted {weights}; deadline {c['deadline_s']} s)\n"
+    )
+    out("| figure | value |\n|---|---|")
     rows = {
         "sessions": r["sessions"],
         "sessions by end state": r["records_by_status"],
@@ -336,7 +356,12 @@ def table(path: Path) -> None:
     }
     for k, v in rows.items():
         v = ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v
-        print(f"| {k} | {v} |")
+        out(f"| {k} | {v} |")
+    return "\n".join(lines)
+
+
+def table(path: Path) -> None:
+    print(render(json.loads(path.read_text())))
 
 
 def main() -> None:
@@ -348,7 +373,7 @@ def main() -> None:
         "--checkpoint",
         default=str(ROOT / "benchmarks/results/settings/personachat-spa.safetensors"),
         help="the devices' spa checkpoint (benchmarks/results.sh trains it)",
-    )  # fmt: skip
+    )
     parser.add_argument("--devices", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--max-sessions", type=int, default=64)

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from _hardware import write_results
+from benchmarks.harness import write_results
+from personalization.config import TAP_ENCODINGS, TAP_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from personalization.config import TAP_ENCODINGS, TAP_MODES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results/wire.json"
 DATASETS = ("xsum", "personachat")
@@ -57,11 +54,13 @@ def _data(backbone, dataset: str, args: argparse.Namespace):
     return prepare_data(
         backbone,
         DataConfig(
-            path=str(Path(args.data) / f"{dataset}.jsonl"), train_size=args.train_size,
-            valid_size=args.valid_size, test_size=args.test_size,
+            path=str(Path(args.data) / f"{dataset}.jsonl"),
+            train_size=args.train_size,
+            valid_size=args.valid_size,
+            test_size=args.test_size,
             max_prompt_tokens=args.max_prompt_tokens,
         ),
-    )  # fmt: skip
+    )
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -73,10 +72,15 @@ def quality(args: argparse.Namespace) -> None:
 
     results, backbone = _load(args.out), load_backbone(args.backbone)
     config = {
-        "backbone": backbone.name, "train_size": args.train_size, "valid_size": args.valid_size,
-        "test_size": args.test_size, "epochs": args.epochs, "lr": args.lr,
-        "target_usage": args.target_usage, "max_prompt_tokens": args.max_prompt_tokens,
-    }  # fmt: skip
+        "backbone": backbone.name,
+        "train_size": args.train_size,
+        "valid_size": args.valid_size,
+        "test_size": args.test_size,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "target_usage": args.target_usage,
+        "max_prompt_tokens": args.max_prompt_tokens,
+    }
     work = Path(args.work)
     for dataset in args.datasets:
         data = _data(backbone, dataset, args)
@@ -95,13 +99,25 @@ def quality(args: argparse.Namespace) -> None:
                 out = work / f"{dataset}-spa-{encoding}.safetensors"
                 cfg = TrainConfig(epochs=args.epochs, lr=args.lr, target_usage=args.target_usage)
                 model = fit(
-                    backbone, data, "spa", cfg, out, tap_encoding=encoding, resume=True,
-                    cache_root=args.cache, calibration_prompts=10, progress=False,
-                ).model  # fmt: skip
+                    backbone,
+                    data,
+                    "spa",
+                    cfg,
+                    out,
+                    tap_encoding=encoding,
+                    resume=True,
+                    cache_root=args.cache,
+                    calibration_prompts=10,
+                    progress=False,
+                ).model
                 report, _ = assess(
-                    model, data, profile("lte"), target_usage=args.target_usage,
-                    cache_root=args.cache, progress=False,
-                )  # fmt: skip
+                    model,
+                    data,
+                    profile("lte"),
+                    target_usage=args.target_usage,
+                    cache_root=args.cache,
+                    progress=False,
+                )
             low, high = report.rouge_l_interval()
             cells[encoding] = asdict(report) | {
                 "rouge_l_ci": [low, high],
@@ -135,9 +151,12 @@ def cost(args: argparse.Namespace) -> None:
     prompts = [list(e.prompt) for e in data.test[: args.prompts]]
     decode = DecodeConfig(max_new_tokens=args.tokens)
     config = {
-        "dataset": args.cost_dataset, "prompts": len(prompts), "max_new_tokens": args.tokens,
-        "profiles": list(args.profiles), "target_usage": args.target_usage,
-    }  # fmt: skip
+        "dataset": args.cost_dataset,
+        "prompts": len(prompts),
+        "max_new_tokens": args.tokens,
+        "profiles": list(args.profiles),
+        "target_usage": args.target_usage,
+    }
     cells = results.setdefault("cost", {})
     work = Path(args.work)
     with cloud(args.backbone, work / "cloud") as url:
@@ -186,9 +205,14 @@ def _measure(client, model, prompts, decode, mode, generation) -> dict:
     firsts, device_firsts, contacts = [], [], 0
     for prompt in prompts:
         run = generation(
-            client, model, prompt, "base" if model is None else "spa", decode, tap_mode=mode,
+            client,
+            model,
+            prompt,
+            "base" if model is None else "spa",
+            decode,
+            tap_mode=mode,
             deadline_s=DEADLINE_S,
-        )  # fmt: skip
+        )
         first_device = None
         for i, token in enumerate(run):
             if i == 0:
@@ -205,47 +229,57 @@ def _measure(client, model, prompts, decode, mode, generation) -> dict:
         positions += a.positions
         contacts += a.contacts
     return {
-        "tokens": tokens, "contacts": contacts, "M": contacts / max(tokens, 1),
+        "tokens": tokens,
+        "contacts": contacts,
+        "M": contacts / max(tokens, 1),
         "bytes_per_token": (bytes_down + bytes_up) / max(tokens, 1),
         "bytes_per_position": bytes_down / positions if positions else 0.0,
         "t_total_per_token": t_total / max(tokens, 1),
         "first_token_s": sum(firsts) / len(firsts),
         "first_device_token_s": sum(device_firsts) / len(device_firsts) if device_firsts else None,
-    }  # fmt: skip
+    }
 
 
-def table(path: Path) -> None:
-    """The README's tables, from the results file."""
-    results = _load(path)
-    print(f"Hardware: {results.get('hardware')}; {results.get('date')}")
-    print("\n| dataset | encoding | B / tap position | B / token (in-process books) | "
-          "Rouge-L [95 % CI] | usage |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+def render(results: dict) -> str:
+    """The results as Markdown (the docs' results page)."""
+    lines: list[str] = []
+    out = lines.append
+    out(f"Hardware: {results.get('hardware')}; {results.get('date')}")
+    out(
+        "\n| dataset | encoding | B / tap position | B / token (in-process books) | "
+        "Rouge-L [95 % CI] | usage |"
+    )
+    out("|---|---|---|---|---|---|")
     for dataset, cells in results.get("quality", {}).items():
         for encoding, r in cells.items():
             low, high = r["rouge_l_ci"]
-            print(
+            out(
                 f"| {dataset} | {encoding} | {r['tap_bytes'] or '—'} | "
                 f"{r['bytes_per_token']:,.0f} | {r['rouge_l']:.2f} [{low:.2f}, {high:.2f}] | "
                 f"{r['usage']:.2f} |"
             )
     cost = results.get("cost", {})
     if cost:
-        print(
+        out(
             "\n| profile | encoding / mode | B / tap position (wire) | B / token (wire) | M | "
             "T_total ms / token | ÷ base | first device token s | ÷ base first token |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+        out("|---|---|---|---|---|---|---|---|---|")
     for name, cells in cost.items():
         for key, r in cells.items():
             first, ratio = r["first_device_token_s"], r.get("first_device_vs_base_first")
-            print(
+            out(
                 f"| {name} | {key} | {r['bytes_per_position']:,.0f} | "
                 f"{r['bytes_per_token']:,.0f} | {r['M']:.2f} | "
                 f"{1e3 * r['t_total_per_token']:.1f} | {r.get('vs_base', 1):.2f} | "
                 f"{'—' if first is None else f'{first:.2f}'} | "
                 f"{'—' if ratio is None else f'{ratio:.2f}'} |"
             )
+    return "\n".join(lines)
+
+
+def table(path: Path) -> None:
+    print(render(_load(path)))
 
 
 def main() -> None:

@@ -56,10 +56,12 @@ SessionId = Annotated[str, Path(max_length=64, description="From POST /v1/sessio
 DESCRIPTION = """The frozen backbone of SPA (Side Plugin Adaption) as a streaming service.
 
 Register with `POST /v1/devices` and send the token as `Authorization: Bearer <token>`.
-A session streams NDJSON events (`start`, `token`, `side_request`, `done`); answer each
-`side_request` with g(x) before its deadline, or the token falls back to the backbone's own.
-Binary encodings: taps and g(x) are raw little-endian values of the tap dtype (fp16 by default);
-features and the head are safetensors. See README.md, "Cloud API".
+A session streams NDJSON events (`start`, `token`, `side_request`, … `done`; docs/protocol.md
+lists them all); answer each `side_request` with g(x) before its deadline, or the token falls
+back to the backbone's own. Taps cross the wire in the session's tap encoding (default
+`lowrank32-int8`: int8 coordinates in the low-rank basis published at `GET /v1/codec/{name}`);
+g(x) is H raw little-endian values of the tap dtype (float16 by default); features and the head
+are safetensors.
 """
 
 _ANSWER_BODY = {

@@ -52,9 +52,11 @@ class CloudCollector(Collector):
             (str(bound), sum(n for size, n in counts.items() if size <= bound)) for bound in BUCKETS
         ] + [("+Inf", sum(counts.values()))]
         yield HistogramMetricFamily(
-            "spa_scheduler_batch_rows", "Rows per backbone pass.", buckets=cumulative,
+            "spa_scheduler_batch_rows",
+            "Rows per backbone pass.",
+            buckets=cumulative,
             sum_value=float(sum(size * n for size, n in counts.items())),
-        )  # fmt: skip
+        )
 
 
 def registry(cloud: Cloud) -> CollectorRegistry:

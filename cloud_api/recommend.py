@@ -98,10 +98,11 @@ class Recommender:
                 trained = self._trained(list(rec.codes.titles))
                 if trained is None:
                     raise ApiError(
-                        503, "no recommendation target is trained for this backbone and "
+                        503,
+                        "no recommendation target is trained for this backbone and "
                         "catalogue yet: run `spa train-target HISTORIES --catalogue "
                         f"{self.settings.catalogue}` (spa demo trains its own)",
-                    )  # fmt: skip
+                    )
                 try:
                     target = rec.with_target(trained[0])
                 except SpaError as exc:
@@ -113,9 +114,14 @@ class Recommender:
         rec, _ = self.parts()
         c = rec.codes
         return CodesOut(
-            fingerprint=c.fingerprint, levels=c.config.levels, codebook=c.config.codebook,
-            length=c.length, titles=list(c.titles), codes=c.codes.tolist(), stats=c.stats,
-        )  # fmt: skip
+            fingerprint=c.fingerprint,
+            levels=c.config.levels,
+            codebook=c.config.codebook,
+            length=c.length,
+            titles=list(c.titles),
+            codes=c.codes.tolist(),
+            stats=c.stats,
+        )
 
     def __call__(self, body: RecommendIn) -> RecommendOut:
         key = (tuple(body.history), body.strategy, body.k, body.gamma, body.exclude_purchased)
@@ -142,10 +148,14 @@ class Recommender:
             )
             seconds = time.perf_counter() - t0
         return RecommendOut(
-            items=items(target, result.items[0]), target=self._target[1],
-            strategy=body.strategy, k=body.k, seconds=seconds, target_passes=result.target_passes,
+            items=items(target, result.items[0]),
+            target=self._target[1],
+            strategy=body.strategy,
+            k=body.k,
+            seconds=seconds,
+            target_passes=result.target_passes,
             acceptance=None if result.stats is None else result.stats.acceptance,
-        )  # fmt: skip
+        )
 
 
 def item_prompt(rec: CodeRecommender, history: list[str]) -> list[int]:
@@ -196,13 +206,15 @@ class RecommendSession(Session):
         keep, self._keep = self._keep, None
         sent = self._emit(
             TreeRequestEvent(
-                request_id=request.id, deadline_s=self.deadline_s,
-                mask=wire.b64encode(wire.pack_bits(mask)), mask_shape=list(mask.shape),
+                request_id=request.id,
+                deadline_s=self.deadline_s,
+                mask=wire.b64encode(wire.pack_bits(mask)),
+                mask_shape=list(mask.shape),
                 real=wire.b64encode(wire.pack_bits(real)),
                 keep=None if keep is None else keep.tolist(),
                 **self._taps(0, taps, 0),
             )
-        )  # fmt: skip
+        )
         self.totals.device_contacts += 1
         self.totals.tap_positions += rows * positions
         self.totals.bytes_to_device += sent
@@ -220,19 +232,25 @@ class RecommendSession(Session):
             self._emit(StartEvent(**dict(self.facts())))
             t0 = time.perf_counter()
             result = self.codes.recommend(
-                self.history, self.config, self.draft, exclude_purchased=self.exclude_purchased,
-                model=self.model, side=self,
-            )  # fmt: skip
+                self.history,
+                self.config,
+                self.draft,
+                exclude_purchased=self.exclude_purchased,
+                model=self.model,
+                side=self,
+            )
             seconds = time.perf_counter() - t0
             if not self._stop:
                 self._emit(
                     RecommendedEvent(
                         items=items(self.codes, result.items[0]),
-                        target_passes=result.target_passes, seconds=seconds,
-                        acceptance=None if self.config.strategy == "beam" or result.stats is None
+                        target_passes=result.target_passes,
+                        seconds=seconds,
+                        acceptance=None
+                        if self.config.strategy == "beam" or result.stats is None
                         else result.stats.acceptance,
                     )
-                )  # fmt: skip
+                )
             self.totals.cloud_s = seconds - self.totals.device_wait_s
         except Exception as exc:  # a bug must end this session cleanly, not the server
             log.exception("recommendation session %s failed", self.id)

@@ -177,10 +177,14 @@ class RunAheadSession(Session):
         self.totals.cloud_s += cloud_s
         self._emit(
             CorrectedEvent(
-                index=index, epoch=self.epoch, id=token, text=text, withdrawn=withdrawn,
+                index=index,
+                epoch=self.epoch,
+                id=token,
+                text=text,
+                withdrawn=withdrawn,
                 cloud_ms=round(1e3 * cloud_s, 3),
             )
-        )  # fmt: skip
+        )
 
     def cancel(self, status: str = "cancelled", reason: str = "cancelled by the device") -> bool:
         ended = super().cancel(status, reason)

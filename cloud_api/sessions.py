@@ -306,10 +306,15 @@ class Session:
         rows, positions, rungs, hidden = taps.shape
         codec = self.model.codec
         return {
-            "start": start, "positions": positions, "shape": [positions, rungs, hidden],
-            "rows": rows, "shared": shared, "dtype": self.tap_dtype, "encoding": codec.name,
+            "start": start,
+            "positions": positions,
+            "shape": [positions, rungs, hidden],
+            "rows": rows,
+            "shared": shared,
+            "dtype": self.tap_dtype,
+            "encoding": codec.name,
             "taps": wire.b64encode(wire.encode_taps(taps, shared, codec)),
-        }  # fmt: skip
+        }
 
     def _account(self, branch: str, step: _StepCost) -> None:
         self.totals.tokens += 1
@@ -363,10 +368,14 @@ class Session:
         m = round_trips_per_step(totals.device_contacts, steps)
         self._emit(
             DoneEvent(
-                status=status, reason=reason, steps=steps, M=m, totals=totals,
+                status=status,
+                reason=reason,
+                steps=steps,
+                M=m,
+                totals=totals,
                 run_ahead=self.run_ahead,
             )
-        )  # fmt: skip
+        )
         self._put(END)
 
     # ---- events ----------------------------------------------------------------------------------

@@ -198,8 +198,11 @@ class Cloud:
             seed = secrets.randbelow(2**31)  # reported, so the device can replay the run
         model = self._device_model(
             self.batched(),  # its passes share batches with every other session's
-            body, rungs, threshold, None if body.strict else body.gate,
-        )  # fmt: skip
+            body,
+            rungs,
+            threshold,
+            None if body.strict else body.gate,
+        )
         decode = DecodeConfig(
             strategy=decoding.strategy,
             max_new_tokens=max_new_tokens,
@@ -263,10 +266,11 @@ class Cloud:
             hidden_size=f.hidden_size, num_layers=f.num_layers, rungs=rungs, reduction=f.hidden_size
         )
         config = SPAConfig(
-            setting=body.setting, threshold=threshold,
+            setting=body.setting,
+            threshold=threshold,
             wire_dtype=body.tap_dtype or self.settings.tap_dtype,
             tap_encoding=body.tap_encoding or self.settings.tap_encoding,
-        )  # fmt: skip
+        )
         model = SPAModel(backbone, config, side)
         if body.setting in GATED_SETTINGS and gate is not None:
             weight, bias = _gate_tensors(gate, f.hidden_size)
@@ -282,32 +286,48 @@ class Cloud:
         deadline = body.deadline_s or min(limits.default_deadline_s, limits.max_deadline_s)
         if deadline > limits.max_deadline_s:
             raise ApiError(
-                422, f"deadline_s {deadline:g} is over the limit {limits.max_deadline_s:g} "
+                422,
+                f"deadline_s {deadline:g} is over the limit {limits.max_deadline_s:g} "
                 "(SPA_CLOUD_MAX_DEADLINE_S)",
-            )  # fmt: skip
+            )
         rungs = training.check_rungs(body.rungs, f.num_layers)
         codes, draft = self.recommender().parts()
         model = self._device_model(codes.backbone, body, rungs, body.threshold, body.gate)
         config = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
         session = RecommendSession(
-            codes=codes, history=body.history, exclude_purchased=body.exclude_purchased,
-            draft=draft, config=config,
-            session_id=self._new_session_id(), device_id=device_id, model=model,
+            codes=codes,
+            history=body.history,
+            exclude_purchased=body.exclude_purchased,
+            draft=draft,
+            config=config,
+            session_id=self._new_session_id(),
+            device_id=device_id,
+            model=model,
             prompt_ids=item_prompt(codes, body.history),
-            decode=config.decode(codes.catalogue), deadline_s=deadline, strict=False,
-            resume_s=limits.resume_s, records=self.records, on_end=self.registry.remove,
-        )  # fmt: skip
+            decode=config.decode(codes.catalogue),
+            deadline_s=deadline,
+            strict=False,
+            resume_s=limits.resume_s,
+            records=self.records,
+            on_end=self.registry.remove,
+        )
         self.registry.add(session)  # 429 beyond the cap
         try:
             self.records.add_session(
                 SessionRow(
-                    id=session.id, device_id=device_id, setting=body.setting,
-                    strategy=f"recommend-{body.strategy}", strict=False,
-                    threshold=body.threshold, rungs=",".join(map(str, rungs)),
-                    tap_dtype=model.config.wire_dtype, deadline_s=deadline,
-                    prompt_tokens=len(session.prompt_ids), max_new_tokens=codes.codes.length,
+                    id=session.id,
+                    device_id=device_id,
+                    setting=body.setting,
+                    strategy=f"recommend-{body.strategy}",
+                    strict=False,
+                    threshold=body.threshold,
+                    rungs=",".join(map(str, rungs)),
+                    tap_dtype=model.config.wire_dtype,
+                    deadline_s=deadline,
+                    prompt_tokens=len(session.prompt_ids),
+                    max_new_tokens=codes.codes.length,
                 )
-            )  # fmt: skip
+            )
         except Exception:
             self.registry.remove(session)
             raise
@@ -331,9 +351,10 @@ class Cloud:
             mode = mode if able else "pull"
         if mode == "run-ahead" and rungs[-1] != num_layers:
             raise ApiError(
-                422, f"run-ahead needs the last rung {num_layers} among the rungs: the device "
-                "reads f(x) there"
-            )  # fmt: skip
+                422,
+                f"run-ahead needs the last rung {num_layers} among the rungs: the device "
+                "reads f(x) there",
+            )
         return mode
 
     def batched(self) -> BatchedBackbone:

@@ -76,9 +76,12 @@ def tokenize(backbone: Backbone, body: TokenizeIn) -> TokenizeOut:
         record = Record(r.instruction, r.input, r.output)
         try:
             example = record_example(
-                backbone, record, max_prompt_tokens=body.max_prompt_tokens,
-                max_target_tokens=body.max_target_tokens, keep=body.keep,
-            )  # fmt: skip
+                backbone,
+                record,
+                max_prompt_tokens=body.max_prompt_tokens,
+                max_target_tokens=body.max_target_tokens,
+                keep=body.keep,
+            )
         except DataError as exc:
             raise ApiError(422, f"records.{i}: {exc}") from None
         out.append(TokenizedExample(prompt=list(example.prompt), target=list(example.target)))

@@ -55,9 +55,12 @@ class DeviceAgent:
         self.store = Store(root)
         url = cloud_url or self.store.get("cloud_url")
         self.client = CloudClient(
-            url, self.store.get("token"), profile=profile, config=client_config,
+            url,
+            self.store.get("token"),
+            profile=profile,
+            config=client_config,
             transport=transport,
-        )  # fmt: skip
+        )
         self._model: tuple[int, SPAModel] | None = None  # (checkpoint id, model)
 
     @classmethod
@@ -102,17 +105,24 @@ class DeviceAgent:
         progress: bool = False,
     ):
         run = train_device(
-            self.store, self.client, cfg, resume=resume, warm=warm, initial=initial,
-            on_progress=on_progress, progress=progress,
-        )  # fmt: skip
+            self.store,
+            self.client,
+            cfg,
+            resume=resume,
+            warm=warm,
+            initial=initial,
+            on_progress=on_progress,
+            progress=progress,
+        )
         self._model = None
         return run
 
     def starting_model(self, cfg: DeviceTrainConfig, initial: dict | None = None) -> SPAModel:
         """What a warm training run of `cfg` would start from: the newest checkpoint of its
         setting, else the seeded initialisation every device shares; then `initial`."""
-        return start_model(self.store, frozen_head(self.client, self.store), cfg, True,
-                           initial or {}).eval()  # fmt: skip
+        return start_model(
+            self.store, frozen_head(self.client, self.store), cfg, True, initial or {}
+        ).eval()
 
     def model(self, setting: str | None = None) -> SPAModel:
         """The side network (and gate) of the newest checkpoint — of `setting`, if given — on
@@ -161,16 +171,28 @@ class DeviceAgent:
                 model.config = replace(model.config, threshold=threshold)
         profile = self.client.link.profile
         return RemoteGeneration(
-            self.client, model, prompt, setting, decode or DecodeConfig(), strict=strict,
-            tap_mode=tap_mode, deadline_s=deadline_s, chat=chat,
+            self.client,
+            model,
+            prompt,
+            setting,
+            decode or DecodeConfig(),
+            strict=strict,
+            tap_mode=tap_mode,
+            deadline_s=deadline_s,
+            chat=chat,
             on_end=lambda g: self.store.log_generation(
                 session_id=g.session.session_id if g.session else "",
-                setting=g.setting, strict=g.strict,
-                profile=profile.name if profile else "", prompt=str(g.prompt), text=g.text,
-                status=g.status, error=g.error, totals=g.accounts.summary(),
+                setting=g.setting,
+                strict=g.strict,
+                profile=profile.name if profile else "",
+                prompt=str(g.prompt),
+                text=g.text,
+                status=g.status,
+                error=g.error,
+                totals=g.accounts.summary(),
                 tokens=[vars(t) for t in g.tokens],
             ),
-        )  # fmt: skip
+        )
 
     def what_if(self, generation: RemoteGeneration, net: NetworkProfile) -> list[WhatIf]:
         """Paper Table 2 for every setting under `net`, from this generation's measurements."""
@@ -189,9 +211,9 @@ class DeviceAgent:
             t_cloud=a.t_cloud / n,
             t_side=a.t_device / max(a.positions, 1),
             tau=max(tau, 0.0),
-            usage=a.m if generation.setting in GATED_SETTINGS else (
-                self.store.current_checkpoint().usage or 0.5
-            ),
+            usage=a.m
+            if generation.setting in GATED_SETTINGS
+            else (self.store.current_checkpoint().usage or 0.5),
             num_layers=info.num_layers,
             hidden_size=info.hidden_size,
             wire_bytes=model.wire_bytes,
@@ -200,11 +222,14 @@ class DeviceAgent:
             backbone_parameters=info.parameters["backbone"],
             corrections=a.corrections / n if generation.tap_mode == "run-ahead" else None,
             parameters={
-                "lora": info.parameters["lora"], "adapter": info.parameters["adapter"],
-                "lst": side_params, "full": side_params, "choice": side_params + gate_params,
+                "lora": info.parameters["lora"],
+                "adapter": info.parameters["adapter"],
+                "lst": side_params,
+                "full": side_params,
+                "choice": side_params + gate_params,
                 "spa": side_params + gate_params,
             },
-        )  # fmt: skip
+        )
         return what_if(measured, net)
 
     # ---- status --------------------------------------------------------------------------------
@@ -218,16 +243,25 @@ class DeviceAgent:
             "cloud_url": self.client.url,
             "history_items": len(s.items()),
             "runs": len(runs),
-            "last_run": None if not runs else {
-                "id": runs[-1].id, "setting": runs[-1].setting, "status": runs[-1].status,
-                "epochs_done": runs[-1].epochs_done, "error": runs[-1].error,
+            "last_run": None
+            if not runs
+            else {
+                "id": runs[-1].id,
+                "setting": runs[-1].setting,
+                "status": runs[-1].status,
+                "epochs_done": runs[-1].epochs_done,
+                "error": runs[-1].error,
             },
-            "checkpoint": None if checkpoint is None else {
-                "path": checkpoint.path, "setting": checkpoint.setting,
+            "checkpoint": None
+            if checkpoint is None
+            else {
+                "path": checkpoint.path,
+                "setting": checkpoint.setting,
                 "parameters": checkpoint.parameters,
                 "parameters_pct": round(checkpoint.parameters_pct, 4),
-                "threshold": checkpoint.threshold, "target_usage": checkpoint.target_usage,
+                "threshold": checkpoint.threshold,
+                "target_usage": checkpoint.target_usage,
                 "usage": checkpoint.usage,
             },
             "generations": len(s.generations(limit=1_000_000)),
-        }  # fmt: skip
+        }

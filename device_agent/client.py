@@ -199,9 +199,14 @@ class CloudClient:
     def facts(self) -> BackboneFacts:
         i = self.info()
         return BackboneFacts(
-            i.backbone, i.fingerprint, i.num_layers, i.hidden_size, i.vocab_size,
-            i.parameters["backbone"], frozenset(i.eos_token_ids),
-        )  # fmt: skip
+            i.backbone,
+            i.fingerprint,
+            i.num_layers,
+            i.hidden_size,
+            i.vocab_size,
+            i.parameters["backbone"],
+            frozenset(i.eos_token_ids),
+        )
 
     @_idempotent
     def head(self, path: Path, dtype: str = "float32") -> None:
@@ -238,10 +243,13 @@ class CloudClient:
     ) -> list[Example]:
         """Records → examples, tokenised by the cloud exactly as in-process training does."""
         body = TokenizeIn(
-            records=[RecordIn(instruction=r.instruction, input=r.input, output=r.output)
-                     for r in records],
-            max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens, keep=keep,
-        )  # fmt: skip
+            records=[
+                RecordIn(instruction=r.instruction, input=r.input, output=r.output) for r in records
+            ],
+            max_prompt_tokens=max_prompt_tokens,
+            max_target_tokens=max_target_tokens,
+            keep=keep,
+        )
         out = TokenizeOut.model_validate(self._post("/v1/tokenize", body).json())
         return [Example(tuple(e.prompt), tuple(e.target)) for e in out.examples]
 

@@ -206,9 +206,11 @@ def _item_loss(
     the device's feature cache, as training's are, so later rounds ask the cloud for nothing)."""
     train = _train_config(cfg)
     examples = agent.client.tokenize(
-        [to_record(i) for i in held], max_prompt_tokens=train.max_prompt_tokens,
-        max_target_tokens=train.max_target_tokens, keep=train.keep,
-    )  # fmt: skip
+        [to_record(i) for i in held],
+        max_prompt_tokens=train.max_prompt_tokens,
+        max_target_tokens=train.max_target_tokens,
+        keep=train.keep,
+    )
     cache = remote_cache(agent.client, model.rungs, model.config.wire_dtype, agent.store.root)
     cache.ensure(examples, progress=False)
     features = cache.lazy(examples)

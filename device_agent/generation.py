@@ -169,10 +169,15 @@ class RemoteGeneration:
     def _body(self) -> SessionIn:
         d = self.decode
         decoding = DecodingIn(
-            strategy=d.strategy, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
-            top_p=d.top_p, num_beams=d.num_beams, seed=d.seed,
-            repetition_penalty=d.repetition_penalty, no_repeat_ngram_size=d.no_repeat_ngram_size,
-        )  # fmt: skip
+            strategy=d.strategy,
+            max_new_tokens=d.max_new_tokens,
+            temperature=d.temperature,
+            top_p=d.top_p,
+            num_beams=d.num_beams,
+            seed=d.seed,
+            repetition_penalty=d.repetition_penalty,
+            no_repeat_ngram_size=d.no_repeat_ngram_size,
+        )
         side: dict = {}
         if self.tap_mode == "run-ahead":
             model = self.model
@@ -199,9 +204,13 @@ class RemoteGeneration:
         if self.deadline_s is not None:
             side["deadline_s"] = self.deadline_s
         return SessionIn(
-            prompt=self.prompt, chat=self.chat, setting=self.setting, strict=self.strict,
-            decoding=decoding, **side,
-        )  # fmt: skip
+            prompt=self.prompt,
+            chat=self.chat,
+            setting=self.setting,
+            strict=self.strict,
+            decoding=decoding,
+            **side,
+        )
 
     def __iter__(self) -> Iterator[TokenCost]:
         if self.status != "created":
@@ -216,9 +225,11 @@ class RemoteGeneration:
         self._late = False  # run-ahead: the cloud ended before our correction; drafts stand
         self._ack: VerdictIn | None = None  # run-ahead: "the drafts stand", sent after showing
         self._prompt_ids: list[int] = []  # run-ahead with repetition controls: from `start`
-        self._rng = None if self.decode.seed is None else torch.Generator().manual_seed(
-            self.decode.seed + 1
-        )  # fmt: skip
+        self._rng = (
+            None
+            if self.decode.seed is None
+            else torch.Generator().manual_seed(self.decode.seed + 1)
+        )
         try:
             self.session = self.client.open_session(self.body())
             sid = self.session.session_id
@@ -317,9 +328,14 @@ class RemoteGeneration:
         start, rows, shared, positions = event.start, event.rows, event.shared, event.positions
         if cache.length > start:  # our last answer came too late: undo what it did to the cache
             kv, at = self._before
-            cache.kv = list(kv) if at == start else [
-                None if e is None else (e[0][:, :, :start], e[1][:, :, :start]) for e in cache.kv
-            ]  # fmt: skip
+            cache.kv = (
+                list(kv)
+                if at == start
+                else [
+                    None if e is None else (e[0][:, :, :start], e[1][:, :, :start])
+                    for e in cache.kv
+                ]
+            )
         if cache.length != start:
             raise DeviceError(
                 f"side request starts at position {start}, the side network has seen {cache.length}"
@@ -394,11 +410,18 @@ class RemoteGeneration:
         cloud_s = min(cloud_ms / 1000, wait)
         device_s = min(pending.device_s, wait - cloud_s)
         return TokenCost(
-            index=event.index, id=event.id, text=event.text, branch=branch,
-            gate_prob=pending.gate_prob, cloud_s=cloud_s, device_s=device_s,
-            net_s=wait - cloud_s - device_s, bytes_down=pending.bytes_down,
-            bytes_up=pending.bytes_up, contacts=pending.contacts,
-        )  # fmt: skip
+            index=event.index,
+            id=event.id,
+            text=event.text,
+            branch=branch,
+            gate_prob=pending.gate_prob,
+            cloud_s=cloud_s,
+            device_s=device_s,
+            net_s=wait - cloud_s - device_s,
+            bytes_down=pending.bytes_down,
+            bytes_up=pending.bytes_up,
+            contacts=pending.contacts,
+        )
 
     def _strict(self, g: torch.Tensor, last: torch.Tensor, pending: _Pending) -> torch.Tensor:
         """In strict mode the device's own gate decides on f(x) = the last rung's tap of the

@@ -45,11 +45,18 @@ class RemoteRecommendation:
             weight, bias = m.gate.linear.weight, m.gate.linear.bias
             gate = GateIn(weight=weight.detach().tolist(), bias=bias.detach().tolist())
         return RecommendSessionIn(
-            history=list(self.history), k=self.k, strategy=self.strategy, gamma=self.gamma,
-            setting=m.setting, threshold=m.config.threshold, gate=gate, rungs=list(m.rungs),
-            tap_dtype=m.config.wire_dtype, tap_encoding=m.config.tap_encoding,
+            history=list(self.history),
+            k=self.k,
+            strategy=self.strategy,
+            gamma=self.gamma,
+            setting=m.setting,
+            threshold=m.config.threshold,
+            gate=gate,
+            rungs=list(m.rungs),
+            tap_dtype=m.config.wire_dtype,
+            tap_encoding=m.config.tap_encoding,
             deadline_s=self.deadline_s,
-        )  # fmt: skip
+        )
 
     @torch.no_grad()
     def run(self) -> RecommendedEvent:
@@ -64,8 +71,9 @@ class RemoteRecommendation:
                 if isinstance(event, TreeRequestEvent):
                     if event.keep is not None:
                         index = torch.tensor(event.keep, dtype=torch.long)
-                        cache.kv = [(gather_slots(k, index), gather_slots(v, index))
-                                    for k, v in cache.kv]  # fmt: skip
+                        cache.kv = [
+                            (gather_slots(k, index), gather_slots(v, index)) for k, v in cache.kv
+                        ]
                     taps = event.decode_taps(m.codec).to(m.side_dtype)
                     g = m.wire(m.side(taps, cache, event.decode_mask()))[event.decode_real()]
                     self.bytes_up += self.client.answer(sid, event.request_id, g, event.dtype)

@@ -173,9 +173,11 @@ def train_device(
     t = time.perf_counter()
     notify(Progress("tokenize", 0, len(items)))
     examples = client.tokenize(
-        [to_record(i) for i in items], max_prompt_tokens=cfg.max_prompt_tokens,
-        max_target_tokens=cfg.max_target_tokens, keep=cfg.keep,
-    )  # fmt: skip
+        [to_record(i) for i in items],
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_target_tokens=cfg.max_target_tokens,
+        keep=cfg.keep,
+    )
     train_ex, valid_ex = _split(examples, cfg.valid_fraction, cfg.train.seed)
     notify(Progress("tokenize", len(items), len(items)))
 
@@ -209,17 +211,26 @@ def train_device(
             save_checkpoint(ckpt, model, describe(model, epoch=epoch, **meta), opt)
             epochs.append(losses)
             store.update_run(
-                run.id, epochs_done=epoch, epochs=epochs, feature_passes=passes,
+                run.id,
+                epochs_done=epoch,
+                epochs=epochs,
+                feature_passes=passes,
                 checkpoint=str(ckpt.relative_to(store.root)),
-            )  # fmt: skip
+            )
             notify(Progress("epoch", epoch, cfg.train.epochs, losses))
 
         t = time.perf_counter()
         if start_epoch < cfg.train.epochs:
             train(
-                model, train_f, cfg.train, valid=valid_f, optimizer=optimizer,
-                start_epoch=start_epoch, on_epoch=on_epoch, progress=progress,
-            )  # fmt: skip
+                model,
+                train_f,
+                cfg.train,
+                valid=valid_f,
+                optimizer=optimizer,
+                start_epoch=start_epoch,
+                on_epoch=on_epoch,
+                progress=progress,
+            )
         seconds["train"] = time.perf_counter() - t
 
         calibration: dict = {}
@@ -233,17 +244,26 @@ def train_device(
         save_checkpoint(ckpt, model, describe(model, epoch=cfg.train.epochs, **meta), optimizer)
         data = ckpt.read_bytes()
         store.update_run(
-            run.id, status="finished", calibration=calibration, seconds=seconds,
+            run.id,
+            status="finished",
+            calibration=calibration,
+            seconds=seconds,
             feature_passes=passes,
-        )  # fmt: skip
+        )
         n = model.trainable_parameters()
         store.add_checkpoint(
-            run.id, path=str(ckpt.relative_to(store.root)), setting=model.setting,
-            epoch=cfg.train.epochs, threshold=calibration.get("threshold"),
-            target_usage=calibration.get("target_usage"), usage=calibration.get("usage"),
-            parameters=n, parameters_pct=100 * n / head.num_parameters,
-            sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
-        )  # fmt: skip
+            run.id,
+            path=str(ckpt.relative_to(store.root)),
+            setting=model.setting,
+            epoch=cfg.train.epochs,
+            threshold=calibration.get("threshold"),
+            target_usage=calibration.get("target_usage"),
+            usage=calibration.get("usage"),
+            parameters=n,
+            parameters_pct=100 * n / head.num_parameters,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+        )
     except BaseException as exc:
         store.update_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise

@@ -158,12 +158,14 @@ class SessionIn(Strict):
             )
         if self.tap_mode == "run-ahead":
             problem = (
-                "setting spa" if self.setting != "spa"
-                else "no gate weights: the device applies its own" if self.gate is not None
+                "setting spa"
+                if self.setting != "spa"
+                else "no gate weights: the device applies its own"
+                if self.gate is not None
                 else "greedy or sampling (beam search stays synchronous)"
                 if self.decoding.strategy == "beam"
                 else None
-            )  # fmt: skip
+            )
             if problem:
                 raise ValueError(f"run-ahead needs {problem}")
             return self
@@ -375,9 +377,10 @@ class RecommendOut(BaseModel):
     target_passes: int
     acceptance: float | None = Field(None, description="Speculative: drafted steps accepted.")
     cached: bool = Field(
-        False, description="Answered from the cloud's memory of an identical request; `seconds` "
-        "and `target_passes` are the original search's."
-    )  # fmt: skip
+        False,
+        description="Answered from the cloud's memory of an identical request; `seconds` "
+        "and `target_passes` are the original search's.",
+    )
 
 
 class RecommendSessionIn(RecommendIn):

@@ -18,8 +18,9 @@ class Recording(httpx.BaseTransport):
         self.inner, self.sent = httpx.HTTPTransport(), []
 
     def handle_request(self, request):
-        self.sent.append(bytes(request.method.encode() + b" " + request.url.raw_path) +
-                         b"\n" + request.read())  # fmt: skip
+        self.sent.append(
+            bytes(request.method.encode() + b" " + request.url.raw_path) + b"\n" + request.read()
+        )
         return self.inner.handle_request(request)
 
     def close(self):

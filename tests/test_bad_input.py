@@ -22,26 +22,36 @@ CLI_CASES = [
     (["generate", "hi", "--strategy", "psychic"], "unknown strategy 'psychic'"),
     (["generate", "hi", "-b", "tiny-llama", "--temperature", "0"], "temperature must be > 0"),
     (["generate", "hi", "-b", "tiny-llama", "--top-p", "1.5"], "top_p in (0, 1]"),
-    (["generate", "hi", "-b", "tiny-llama", "--no-repeat-ngram-size", "-1"],
-     "-1 is not in the range x>=0"),
-    (["generate", "hi", "-b", "tiny-llama", "--repetition-penalty", "0"],
-     "0.0 is not in the range x>=0.01"),
-    (["generate", "hi", "-b", "tiny-llama", "--num-beams", "zero"],
-     "'zero' is not a valid integer"),
+    (
+        ["generate", "hi", "-b", "tiny-llama", "--no-repeat-ngram-size", "-1"],
+        "-1 is not in the range x>=0",
+    ),
+    (
+        ["generate", "hi", "-b", "tiny-llama", "--repetition-penalty", "0"],
+        "0.0 is not in the range x>=0.01",
+    ),
+    (
+        ["generate", "hi", "-b", "tiny-llama", "--num-beams", "zero"],
+        "'zero' is not a valid integer",
+    ),
     (["cloud", "--port", "70000"], "port: Input should be less than or equal to 65535"),
     (["cloud", "--max-sessions", "0"], "max_sessions: Input should be greater than or equal to 1"),
     (["cloud", "--tap-encoding", "zip"], "tap_encoding: Input should be"),
-    (["train", "missing.jsonl", "-b", "tiny-llama", "-o", "x.safetensors"],
-     "missing.jsonl: no such data file"),
+    (
+        ["train", "missing.jsonl", "-b", "tiny-llama", "-o", "x.safetensors"],
+        "missing.jsonl: no such data file",
+    ),
     (["train", "missing.jsonl", "-b", "tiny-llama"], "Missing option '--out'"),
     (["eval", "missing.jsonl", "-b", "tiny-llama"], "give either --checkpoint or --setting base"),
-    (["eval", "missing.jsonl", "-b", "tiny-llama", "--setting", "base"],
-     "missing.jsonl: no such data file"),
+    (
+        ["eval", "missing.jsonl", "-b", "tiny-llama", "--setting", "base"],
+        "missing.jsonl: no such data file",
+    ),
     (["federate", "--data", "missing.jsonl"], "missing.jsonl: no such data file"),
     (["device", "generate", "hi", "--dir", "/nonexistent/device"], "/nonexistent/device"),
     (["device", "history", "list", "--dir", "/nonexistent/device"], "/nonexistent/device"),
     (["demo", "--port", "0"], "0 is not in the range"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("argv", "message"), CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
@@ -86,8 +96,11 @@ def test_a_binary_history_file_is_one_clear_line(tmp_path):
 
 def test_a_good_file_imports_every_format(tmp_path):
     path = tmp_path / "history.jsonl"
-    rows = [{"text": "a note"}, {"prompt": "q", "response": "a"},
-            {"instruction": "i", "input": None, "output": "o"}]  # fmt: skip
+    rows = [
+        {"text": "a note"},
+        {"prompt": "q", "response": "a"},
+        {"instruction": "i", "input": None, "output": "o"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(read_items(path)) == 3
 

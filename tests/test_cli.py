@@ -137,8 +137,22 @@ def _xsum_file(tmp_path):
 
 def test_train_then_eval(tmp_path):
     data, ckpt, cache = _xsum_file(tmp_path), tmp_path / "spa.safetensors", tmp_path / "cache"
-    args = ["train", str(data), "-o", str(ckpt), "-b", "tiny-llama", "--valid-size", "4",
-            "--test-size", "4", "--epochs", "2", "--cache", str(cache)]  # fmt: skip
+    args = [
+        "train",
+        str(data),
+        "-o",
+        str(ckpt),
+        "-b",
+        "tiny-llama",
+        "--valid-size",
+        "4",
+        "--test-size",
+        "4",
+        "--epochs",
+        "2",
+        "--cache",
+        str(cache),
+    ]
     first = runner.invoke(cli, args)
     assert first.exit_code == 0, first.output
     assert "backbone passes: 26" in first.output and "gate calibrated to usage 0.50" in first.output
@@ -147,9 +161,25 @@ def test_train_then_eval(tmp_path):
     out = tmp_path / "report.json"
     result = runner.invoke(
         cli,
-        ["eval", str(data), "--checkpoint", str(ckpt), "-b", "tiny-llama", "--valid-size", "4",
-         "--test-size", "4", "--profile", "3g", "--json", str(out), "--cache", str(cache)],
-    )  # fmt: skip
+        [
+            "eval",
+            str(data),
+            "--checkpoint",
+            str(ckpt),
+            "-b",
+            "tiny-llama",
+            "--valid-size",
+            "4",
+            "--test-size",
+            "4",
+            "--profile",
+            "3g",
+            "--json",
+            str(out),
+            "--cache",
+            str(cache),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["setting"] == "spa" and report["examples"] == 4 and report["profile"] == "3g"
@@ -162,15 +192,41 @@ def test_eval_refuses_a_checkpoint_of_another_backbone(tmp_path):
     data, ckpt = _xsum_file(tmp_path), tmp_path / "full.safetensors"
     trained = runner.invoke(
         cli,
-        ["train", str(data), "-o", str(ckpt), "-b", "tiny-llama", "--setting", "full",
-         "--valid-size", "4", "--test-size", "4", "--epochs", "1", "--cache", str(tmp_path)],
-    )  # fmt: skip
+        [
+            "train",
+            str(data),
+            "-o",
+            str(ckpt),
+            "-b",
+            "tiny-llama",
+            "--setting",
+            "full",
+            "--valid-size",
+            "4",
+            "--test-size",
+            "4",
+            "--epochs",
+            "1",
+            "--cache",
+            str(tmp_path),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     result = runner.invoke(
         cli,
-        ["eval", str(data), "--checkpoint", str(ckpt), "-b", "tiny-gpt2", "--test-size", "4",
-         "--valid-size", "4"],
-    )  # fmt: skip
+        [
+            "eval",
+            str(data),
+            "--checkpoint",
+            str(ckpt),
+            "-b",
+            "tiny-gpt2",
+            "--test-size",
+            "4",
+            "--valid-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 2
     assert "was trained on backbone 'tiny-llama'" in result.output
     assert "Traceback" not in result.output
@@ -180,20 +236,38 @@ def test_base_eval_and_input_errors(tmp_path):
     data = _xsum_file(tmp_path)
     base = runner.invoke(
         cli,
-        ["eval", str(data), "--setting", "base", "-b", "tiny-llama", "--test-size", "3",
-         "--valid-size", "2", "--max-new-tokens", "4"],
-    )  # fmt: skip
+        [
+            "eval",
+            str(data),
+            "--setting",
+            "base",
+            "-b",
+            "tiny-llama",
+            "--test-size",
+            "3",
+            "--valid-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+        ],
+    )
     assert base.exit_code == 0, base.output
     assert "| base | xsum | 3 |" in base.output
     for args, message in [
         (["eval", str(data), "-b", "tiny-llama"], "either --checkpoint or --setting base"),
-        (["eval", str(tmp_path / "none.jsonl"), "--setting", "base", "-b", "tiny-llama"],
-         "no such data file"),
-        (["train", str(data), "-o", "x", "--setting", "base", "-b", "tiny-llama"],
-         "cannot train setting 'base'"),
-        (["eval", str(data), "--setting", "base", "-b", "tiny-llama", "--profile", "moon"],
-         "unknown network profile"),
-    ]:  # fmt: skip
+        (
+            ["eval", str(tmp_path / "none.jsonl"), "--setting", "base", "-b", "tiny-llama"],
+            "no such data file",
+        ),
+        (
+            ["train", str(data), "-o", "x", "--setting", "base", "-b", "tiny-llama"],
+            "cannot train setting 'base'",
+        ),
+        (
+            ["eval", str(data), "--setting", "base", "-b", "tiny-llama", "--profile", "moon"],
+            "unknown network profile",
+        ),
+    ]:
         result = runner.invoke(cli, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output

@@ -9,11 +9,12 @@ from collections import Counter
 import httpx
 import pytest
 import schemathesis
-from cloud_client import CloudClient
 from cloud_server import running
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
+
+from benchmarks.bare_device import CloudClient
 
 EXAMPLES = 40  # per operation and mode: over 1,000 calls in all (each mode asserts ≥ 500)
 OPERATOR = "fuzz-operator-token"
@@ -131,9 +132,12 @@ def _linked(server) -> None:
             if self.opened % 2:
                 strict = self.opened % 4 == 1
                 case.body = {
-                    "prompt": "Tell me about the sea.", "setting": "spa" if strict else "base",
-                    "strict": strict, "deadline_s": 1.0, "decoding": {"max_new_tokens": 3},
-                }  # fmt: skip
+                    "prompt": "Tell me about the sea.",
+                    "setting": "spa" if strict else "base",
+                    "strict": strict,
+                    "deadline_s": 1.0,
+                    "decoding": {"max_new_tokens": 3},
+                }
 
         def after_call(self, response, case):
             label = case.operation.label
@@ -162,11 +166,14 @@ def _linked(server) -> None:
 
     Calls.run(
         settings=settings(
-            max_examples=40, stateful_step_count=8, deadline=None, database=None,
+            max_examples=40,
+            stateful_step_count=8,
+            deadline=None,
+            database=None,
             phases=[Phase.generate],  # the server's state differs on a replay: no shrinking
             suppress_health_check=list(HealthCheck),
         )
-    )  # fmt: skip
+    )
     ok = lambda label: sum(n for (op, code), n in seen.items() if op == label and code < 300)  # noqa: E731
     assert sum(seen.values()) >= 100, seen
     assert ok("POST /v1/sessions") and ok("GET /v1/sessions/{session_id}/events"), seen

@@ -11,9 +11,9 @@ from dataclasses import replace
 import httpx
 import pytest
 import torch
-from cloud_client import CloudClient, SideDevice, device
 from cloud_server import running
 
+from benchmarks.bare_device import CloudClient, SideDevice, device
 from personalization.backbone.frozen import Backbone
 from personalization.backbone.tiny import tiny_backbone
 from personalization.config import DecodeConfig, SideConfig, SPAConfig
@@ -157,8 +157,9 @@ def test_repetition_controls_over_http_equal_in_process(server, backbone, side, 
     seed = 7 if strategy == "sample" else None
     decode = DecodeConfig(strategy=strategy, max_new_tokens=NEW_TOKENS, seed=seed, **controls)
     expected = reference(backbone, side, gate, "spa", decode)
-    plain = reference(backbone, side, gate, "spa", replace(decode, repetition_penalty=1.0,
-                                                             no_repeat_ngram_size=0))  # fmt: skip
+    plain = reference(
+        backbone, side, gate, "spa", replace(decode, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    )
     if strategy == "greedy":  # the controls change the output (a sample may not hit a repeat)
         assert [t.id for t in expected] != [t.id for t in plain]
     body = session_body(backbone, gate, "spa", strategy=strategy, seed=seed)
@@ -262,9 +263,12 @@ def test_sixteen_mixed_sessions_share_passes_and_each_equals_itself_alone(
     jobs = {}
     for i, (setting, strategy) in enumerate(kinds):
         decode = DecodeConfig(
-            strategy=strategy, max_new_tokens=6 + i % 7, temperature=1.0,
-            seed=100 + i if strategy == "sample" else None, num_beams=2 + i % 2,
-        )  # fmt: skip
+            strategy=strategy,
+            max_new_tokens=6 + i % 7,
+            temperature=1.0,
+            seed=100 + i if strategy == "sample" else None,
+            num_beams=2 + i % 2,
+        )
         body = session_body(backbone, gate, setting, strategy=strategy, seed=decode.seed)
         body["decoding"] |= {"max_new_tokens": decode.max_new_tokens, "num_beams": decode.num_beams}
         jobs[f"d{i}"] = (setting, decode, body)

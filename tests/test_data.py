@@ -73,10 +73,14 @@ def test_personachat_splits_by_user(tmp_path):
 
 def test_beauty_keeps_later_purchases_for_evaluation(tmp_path):
     rows = [
-        {"user_id": f"b{u}", "history": [f"i{u}-{k}" for k in range(5)], "valid": [f"v{u}"],
-         "test": [f"t{u}"]}
+        {
+            "user_id": f"b{u}",
+            "history": [f"i{u}-{k}" for k in range(5)],
+            "valid": [f"v{u}"],
+            "test": [f"t{u}"],
+        }
         for u in range(20)
-    ]  # fmt: skip
+    ]
     splits = load_splits(_write(tmp_path / "beauty.jsonl", rows), valid=2, test=5)
     assert len(splits.train) == 13 * 4  # every purchase after the first, of each training user
     for r in splits.train:
@@ -95,8 +99,9 @@ def test_examples_use_the_chat_template_and_end_in_eos(tiny_llama):
     text = tiny_llama.tokenizer.decode(example.prompt)
     assert text.startswith("<|im_start|>user\nSummarize.") and text.endswith("assistant\n")
     assert example.target[-1] == tiny_llama.tokenizer.eos_token_id
-    keep_end = to_example(tiny_llama, Record("R.", "old " * 200 + "newest", "x"), keep="end",
-                          max_prompt_tokens=60)  # fmt: skip
+    keep_end = to_example(
+        tiny_llama, Record("R.", "old " * 200 + "newest", "x"), keep="end", max_prompt_tokens=60
+    )
     assert "newest" in tiny_llama.tokenizer.decode(keep_end.prompt)
     with pytest.raises(DataError, match="leaves no room"):
         to_example(tiny_llama, record, max_prompt_tokens=5)

@@ -51,9 +51,11 @@ def trained(cloud, tmp_path_factory):
     root = tmp_path_factory.mktemp("device") / "dev"
     history = root.parent / "history.jsonl"
     history.write_text(
-        "".join(json.dumps({"prompt": i["instruction"], "response": i["output"]}) + "\n"
-                for i in _history())
-    )  # fmt: skip
+        "".join(
+            json.dumps({"prompt": i["instruction"], "response": i["output"]}) + "\n"
+            for i in _history()
+        )
+    )
     from device_agent.history import read_items
 
     with DeviceAgent.init(root, cloud, "e2e") as agent:
@@ -91,9 +93,14 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
         a = generation.accounts
         assert a.tokens == len(tokens) and a.device_tokens >= len(_signature_tokens(tokens))
         for part in ("cloud_s", "device_s", "net_s", "bytes_down", "bytes_up", "contacts"):
-            total = {"cloud_s": a.t_cloud, "device_s": a.t_device, "net_s": a.t_net,
-                     "bytes_down": a.bytes_down, "bytes_up": a.bytes_up,
-                     "contacts": a.contacts}[part]  # fmt: skip
+            total = {
+                "cloud_s": a.t_cloud,
+                "device_s": a.t_device,
+                "net_s": a.t_net,
+                "bytes_down": a.bytes_down,
+                "bytes_up": a.bytes_up,
+                "contacts": a.contacts,
+            }[part]
             assert sum(getattr(t, part) for t in tokens) == pytest.approx(total, abs=1e-9)
         assert a.t_total == pytest.approx(a.t_cloud + a.t_device + a.t_net, abs=1e-12)
         assert sum(t.total_s for t in tokens) == pytest.approx(a.t_total, abs=1e-9)
@@ -112,8 +119,9 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
         assert log.totals["contacts"] == a.contacts and len(log.tokens) == a.tokens
 
         # base: the backbone alone, never a contact
-        base = agent.generate("Tell me about topic 3.", setting="base",
-                              decode=DecodeConfig(max_new_tokens=16))  # fmt: skip
+        base = agent.generate(
+            "Tell me about topic 3.", setting="base", decode=DecodeConfig(max_new_tokens=16)
+        )
         assert {t.branch for t in base} == {"cloud"}
         assert SIGNATURE not in base.text and base.accounts.contacts == 0
 
@@ -335,8 +343,15 @@ def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
         rows = {r.setting: r for r in agent.what_if(generation, net)}
         L = agent.client.info().num_layers
         assert list(rows) == [
-            "base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
-        ]  # fmt: skip
+            "base",
+            "lora",
+            "adapter",
+            "lst",
+            "full",
+            "choice",
+            "spa",
+            "spa run-ahead",
+        ]
         assert rows["base"].m == 0 and rows["base"].network_ms == 0
         assert min(r.total_ms for r in rows.values()) == rows["base"].total_ms
         assert (rows["lora"].m, rows["adapter"].m, rows["full"].m) == (L, 2 * L, 1.0)
@@ -356,8 +371,9 @@ def test_privacy_no_side_network_parameter_leaves_the_device(cloud, tmp_path):
         agent.store.add_items(_history(16))
         agent.train(FAST)
         list(agent.generate("Tell me about topic 1.", decode=DecodeConfig(max_new_tokens=8)))
-        streamed = agent.generate("Tell me about topic 1.", tap_mode="streamed",
-                                  decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
+        streamed = agent.generate(
+            "Tell me about topic 1.", tap_mode="streamed", decode=DecodeConfig(max_new_tokens=8)
+        )
         assert len(list(streamed)) > 0 and streamed.session.tap_mode == "streamed"
         model = agent.model()
         side = {n: p for n, p in model.side.named_parameters()}
@@ -366,15 +382,17 @@ def test_privacy_no_side_network_parameter_leaves_the_device(cloud, tmp_path):
 
     strict_recording = Recording()
     with DeviceAgent(root, transport=strict_recording) as agent:
-        strict = agent.generate("Tell me about topic 1.", strict=True,
-                                decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
+        strict = agent.generate(
+            "Tell me about topic 1.", strict=True, decode=DecodeConfig(max_new_tokens=8)
+        )
         assert len(list(strict)) > 0 and strict.accounts.m == 1.0  # asked every token
     strict_corpus = corpus(strict_recording.sent)
 
     run_ahead_recording = Recording()  # run-ahead: the gate stays on the device too
     with DeviceAgent(root, transport=run_ahead_recording) as agent:
-        ahead = agent.generate("Tell me about topic 1.", tap_mode="run-ahead",
-                               decode=DecodeConfig(max_new_tokens=8))  # fmt: skip
+        ahead = agent.generate(
+            "Tell me about topic 1.", tap_mode="run-ahead", decode=DecodeConfig(max_new_tokens=8)
+        )
         assert len(list(ahead)) > 0 and ahead.session.tap_mode == "run-ahead"
     ahead_corpus = corpus(run_ahead_recording.sent)
 
@@ -412,8 +430,9 @@ def test_cloud_killed_mid_generation_clear_error_store_intact_then_recovers(tmp_
             agent.store.add_items(_history(12))
             agent.train(DeviceTrainConfig(setting="full", train=TrainConfig(epochs=2)))
             checkpoint = agent.store.current_checkpoint()
-            generation = agent.generate("Tell me about topic 2.", setting="full",
-                                        decode=DecodeConfig(max_new_tokens=40))  # fmt: skip
+            generation = agent.generate(
+                "Tell me about topic 2.", setting="full", decode=DecodeConfig(max_new_tokens=40)
+            )
             tokens = iter(generation)
             next(tokens)  # `full` asks the device every token: the cloud waits on us
             process.kill()
@@ -432,8 +451,9 @@ def test_cloud_killed_mid_generation_clear_error_store_intact_then_recovers(tmp_
         process = spawn(tmp_path, port)  # the same database: the device is still registered
         wait_ready(process, url)
         with DeviceAgent(root, client_config=config) as agent:
-            again = agent.generate("Tell me about topic 2.", setting="full",
-                                   decode=DecodeConfig(max_new_tokens=6))  # fmt: skip
+            again = agent.generate(
+                "Tell me about topic 2.", setting="full", decode=DecodeConfig(max_new_tokens=6)
+            )
             assert len(list(again)) > 0 and again.status == "finished"
             assert [g.status for g in agent.store.generations()][:1] == ["finished"]
     finally:
@@ -484,8 +504,11 @@ def test_crash_while_checkpointing_keeps_the_previous_checkpoint_and_resumes(
 def test_emulated_rtt_shows_in_measured_network_time(trained):
     net = NetworkProfile("rtt100", rtt_s=0.100, down_bps=50e6, up_bps=20e6)
     with DeviceAgent(trained, profile=net) as agent:
-        generation = agent.generate("Tell me about topic 7.", strict=True,  # M = 1
-                                    decode=DecodeConfig(max_new_tokens=10))  # fmt: skip
+        generation = agent.generate(
+            "Tell me about topic 7.",
+            strict=True,  # M = 1
+            decode=DecodeConfig(max_new_tokens=10),
+        )
         tokens = list(generation)
         a = generation.accounts
         assert a.contacts == len(tokens) and a.m == 1.0
@@ -520,14 +543,28 @@ def test_delay_line_charges_one_way_latency_once_per_burst():
 
 # ---- 6. resilience -------------------------------------------------------------------------------
 FLAKY_INFO = {
-    "version": "0", "protocol_version": PROTOCOL_VERSION, "backbone": "flaky", "fingerprint": "0",
-    "num_layers": 2, "hidden_size": 8, "vocab_size": 16, "eos_token_ids": [0],
-    "chat_template": False, "rungs_offered": [1, 2], "default_rungs": [2], "tap_dtype": "float16",
-    "tap_dtypes": ["float16"], "tap_encoding": "raw-le", "tap_encodings": ["raw-le"],
-    "tap_mode": "pull", "tap_modes": ["pull"],
+    "version": "0",
+    "protocol_version": PROTOCOL_VERSION,
+    "backbone": "flaky",
+    "fingerprint": "0",
+    "num_layers": 2,
+    "hidden_size": 8,
+    "vocab_size": 16,
+    "eos_token_ids": [0],
+    "chat_template": False,
+    "rungs_offered": [1, 2],
+    "default_rungs": [2],
+    "tap_dtype": "float16",
+    "tap_dtypes": ["float16"],
+    "tap_encoding": "raw-le",
+    "tap_encodings": ["raw-le"],
+    "tap_mode": "pull",
+    "tap_modes": ["pull"],
     "settings": ["base"],
-    "strategies": ["greedy"], "limits": {}, "parameters": {"backbone": 1},
-}  # fmt: skip
+    "strategies": ["greedy"],
+    "limits": {},
+    "parameters": {"backbone": 1},
+}
 
 
 class _Flaky:

@@ -89,9 +89,16 @@ def trained(cloud, tmp_path_factory):
     imported = device("history", "import", _items_file(base / "items.jsonl"), "--dir", root)
     assert imported.exit_code == 0, imported.output
     result = device(
-        "train", "--epochs", "3", "--calibration-prompts", "2", "--batch-size", "4",
-        "--dir", root,
-    )  # fmt: skip
+        "train",
+        "--epochs",
+        "3",
+        "--calibration-prompts",
+        "2",
+        "--batch-size",
+        "4",
+        "--dir",
+        root,
+    )
     assert result.exit_code == 0, result.output
     return root, result
 
@@ -160,18 +167,36 @@ def test_history_add_list_delete(fresh):
     assert first.exit_code == 0, first.output
     assert "added history item 1" in first.output
     second = device(
-        "history", "add", "--prompt", "Weekend plans?", "--response", "Honey harvest.",
-        "--dir", fresh,
-    )  # fmt: skip
+        "history",
+        "add",
+        "--prompt",
+        "Weekend plans?",
+        "--response",
+        "Honey harvest.",
+        "--dir",
+        fresh,
+    )
     assert second.exit_code == 0, second.output
     assert "added history item 2" in second.output
 
     assert _listed(fresh) == [
-        {"id": 1, "kind": "text", "instruction": TEXT_INSTRUCTION, "input": "",
-         "output": "I keep bees on my roof.", "source": ""},
-        {"id": 2, "kind": "pair", "instruction": "Weekend plans?", "input": "",
-         "output": "Honey harvest.", "source": ""},
-    ]  # fmt: skip
+        {
+            "id": 1,
+            "kind": "text",
+            "instruction": TEXT_INSTRUCTION,
+            "input": "",
+            "output": "I keep bees on my roof.",
+            "source": "",
+        },
+        {
+            "id": 2,
+            "kind": "pair",
+            "instruction": "Weekend plans?",
+            "input": "",
+            "output": "Honey harvest.",
+            "source": "",
+        },
+    ]
     plain = device("history", "list", "--dir", fresh)
     assert plain.exit_code == 0, plain.output
     assert "I keep bees on my roof." in plain.output
@@ -222,10 +247,13 @@ def test_history_import_jsonl(fresh, tmp_path):
 def test_history_import_one_user(fresh, tmp_path):
     path = tmp_path / "personachat.jsonl"
     rows = [
-        {"user_id": f"u{u}", "persona": ["i like tea."],
-         "turns": [{"partner": f"hi {u}-{t}", "reply": f"hello {u}-{t}"} for t in range(3)]}
+        {
+            "user_id": f"u{u}",
+            "persona": ["i like tea."],
+            "turns": [{"partner": f"hi {u}-{t}", "reply": f"hello {u}-{t}"} for t in range(3)],
+        }
         for u in range(2)
-    ]  # fmt: skip
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = device("history", "import", path, "--user", "u1", "--dir", fresh)
     assert result.exit_code == 0, result.output
@@ -333,9 +361,10 @@ def test_generate_with_the_side_network(trained):
     root, _ = trained
     before = stdout_json(device("status", "--json", "--dir", root))["generations"]
     out = stdout_json(
-        device("generate", "Tell me about your week.", "--max-new-tokens", "8", "--json",
-               "--dir", root)
-    )  # fmt: skip
+        device(
+            "generate", "Tell me about your week.", "--max-new-tokens", "8", "--json", "--dir", root
+        )
+    )
     a = _check_accounts(out, 8)
     assert {t["branch"] for t in out["tokens"]} <= {"cloud", "device", "fallback"}
     assert a["contacts"] >= 1 and a["bytes_up"] > 0 and a["positions"] > 0  # the device answered
@@ -359,7 +388,7 @@ def test_generate_with_streamed_taps_matches_pull(trained):
                 "--dir",
                 root,
             )
-        )  # fmt: skip
+        )
         for mode in ("pull", "streamed", "run-ahead")
     }
     pull = [t["id"] for t in runs["pull"]["tokens"]]
@@ -396,9 +425,18 @@ def test_generate_plain_output(trained):
 def test_generate_base_setting_on_a_trained_device(trained):
     root, _ = trained
     out = stdout_json(
-        device("generate", "Tell me about your week.", "--setting", "base",
-               "--max-new-tokens", "8", "--json", "--dir", root)
-    )  # fmt: skip
+        device(
+            "generate",
+            "Tell me about your week.",
+            "--setting",
+            "base",
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "--dir",
+            root,
+        )
+    )
     a = _check_accounts(out, 8)
     assert {t["branch"] for t in out["tokens"]} == {"cloud"}
     assert (a["contacts"], a["bytes_up"], a["device_tokens"], a["t_device"]) == (0, 0, 0, 0)
@@ -410,9 +448,7 @@ def test_generate_what_if(trained):
         device("generate", "hello", "--max-new-tokens", "4", "--what-if", "--json", "--dir", root)
     )
     rows = {r["setting"]: r for r in out["what_if"]}
-    assert set(rows) == {
-        "base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"
-    }  # fmt: skip
+    assert set(rows) == {"base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"}
     for r in rows.values():
         assert r["total_ms"] == pytest.approx(r["inference_ms"] + r["network_ms"])
     assert rows["lst"]["m"] == rows["full"]["m"] == 1.0
@@ -427,8 +463,9 @@ def test_generate_with_an_unknown_profile(trained):
 
 def test_generate_with_an_unknown_setting(trained):
     root, _ = trained
-    result = device("generate", "hello", "--setting", "bogus", "--max-new-tokens", "2",
-                    "--dir", root)  # fmt: skip
+    result = device(
+        "generate", "hello", "--setting", "bogus", "--max-new-tokens", "2", "--dir", root
+    )
     assert_clean_error(
         result, "unknown setting 'bogus'; choose one of base, lst, full, choice, spa"
     )

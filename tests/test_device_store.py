@@ -186,15 +186,34 @@ def test_read_items_accepts_the_three_line_formats(tmp_path):
     )
     items = read_items(path)
     assert items == [
-        {"kind": "text", "instruction": TEXT_INSTRUCTION,
-         "output": "I walk my two dogs every morning.", "source": f"{path}:1"},
-        {"kind": "pair", "instruction": "Favourite food?", "input": "", "output": "Pho.",
-         "source": f"{path}:2"},
-        {"kind": "pair", "instruction": "Summarise", "input": "long text", "output": "short",
-         "source": f"{path}:3"},
-        {"kind": "pair", "instruction": "Greet", "input": "", "output": "hello",
-         "source": f"{path}:4"},
-    ]  # fmt: skip
+        {
+            "kind": "text",
+            "instruction": TEXT_INSTRUCTION,
+            "output": "I walk my two dogs every morning.",
+            "source": f"{path}:1",
+        },
+        {
+            "kind": "pair",
+            "instruction": "Favourite food?",
+            "input": "",
+            "output": "Pho.",
+            "source": f"{path}:2",
+        },
+        {
+            "kind": "pair",
+            "instruction": "Summarise",
+            "input": "long text",
+            "output": "short",
+            "source": f"{path}:3",
+        },
+        {
+            "kind": "pair",
+            "instruction": "Greet",
+            "input": "",
+            "output": "hello",
+            "source": f"{path}:4",
+        },
+    ]
 
 
 def test_imported_items_go_into_the_store(tmp_path, store):
@@ -267,8 +286,10 @@ def test_user_items_from_personachat(tmp_path):
     path = _write(tmp_path / "personachat.jsonl", [json.dumps(r) for r in _personachat_rows()])
     persona, items = user_items(path, "u1")[:2], user_items(path, "u1")[2:]
     # the persona's sentences first, as free text; then every reply with its context
-    assert [(i["kind"], i["output"]) for i in persona] == [("text", "i am user 1."),
-                                                           ("text", "i like tea.")]  # fmt: skip
+    assert [(i["kind"], i["output"]) for i in persona] == [
+        ("text", "i am user 1."),
+        ("text", "i like tea."),
+    ]
     assert {i["source"] for i in persona} == {"personachat.jsonl:u1:persona"}
     assert len(items) == 4
     assert [i["output"] for i in items] == [f"reply 1-{t}" for t in range(4)]
@@ -284,10 +305,14 @@ def test_user_items_from_personachat(tmp_path):
 
 def test_user_items_from_beauty_leave_the_test_item_out(tmp_path):
     rows = [
-        {"user_id": "b1", "history": [f"product {k}" for k in range(5)],
-         "valid": ["product valid"], "test": ["product test"]},
+        {
+            "user_id": "b1",
+            "history": [f"product {k}" for k in range(5)],
+            "valid": ["product valid"],
+            "test": ["product test"],
+        },
         {"user_id": "b2", "history": ["x 0", "x 1", "x 2"], "valid": [], "test": ["x test"]},
-    ]  # fmt: skip
+    ]
     path = _write(tmp_path / "beauty.jsonl", [json.dumps(r) for r in rows])
     items = user_items(path, "b1")
     # purchases: 5 history + 1 valid; each from the third on is predicted from those before it

@@ -9,23 +9,28 @@ import time
 from pathlib import Path
 
 import pytest
-from cloud_client import device
 from cloud_server import running
 
 from app.federation.deployment import FLOWER_PROGRAMS
 from app.federation.launch import federate
 from app.federation.records import Records
+from benchmarks.bare_device import device
 
 
 def _users(path: Path) -> Path:
     """Three PersonaChat-style users, each with a habit of their own (and 6 replies)."""
     habits = ("I love hiking.", "Cats are the best.", "Coffee first, always.")
     rows = [
-        {"user_id": f"u{i}", "persona": [habit],
-         "turns": [{"partner": f"What about topic {t}?", "reply": f"{habit} Topic {t}."}
-                   for t in range(6)]}
+        {
+            "user_id": f"u{i}",
+            "persona": [habit],
+            "turns": [
+                {"partner": f"What about topic {t}?", "reply": f"{habit} Topic {t}."}
+                for t in range(6)
+            ],
+        }
         for i, habit in enumerate(habits)
-    ]  # fmt: skip
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -75,10 +80,15 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, int]]:
             ("fedavg-ft", {"fraction-train": 0.5}),  # 2 of 3 devices train each round
         ):
             codes[strategy] = federate(
-                strategy=strategy, nodes=3, rounds=2, data=data,
-                work=work / strategy, backbone="tiny-llama", cloud_url=server.url,
+                strategy=strategy,
+                nodes=3,
+                rounds=2,
+                data=data,
+                work=work / strategy,
+                backbone="tiny-llama",
+                cloud_url=server.url,
                 extra={"run-name": strategy, "local-epochs": 2, "eval-tokens": 8, **extra},
-            )  # fmt: skip
+            )
     assert flower_processes_of(work) == []  # the launcher stopped the SuperLink it started
     return work, codes
 
@@ -147,8 +157,10 @@ def test_fedper_shares_the_body_and_keeps_personal_layers_different(runs):
         assert len({m["personal-hash"] for m in devices}) == 3  # gate and output layers differ
     whole = _nodes(work, "fedavg-ft", "train")[1]  # sends what fedavg sends: everything
     fedper = _nodes(work, "fedper", "train")[1]
-    sent = {s: max(m["bytes-to-server"] for n, m in r.items() if n != "all")
-            for s, r in (("whole", whole), ("fedper", fedper))}  # fmt: skip
+    sent = {
+        s: max(m["bytes-to-server"] for n, m in r.items() if n != "all")
+        for s, r in (("whole", whole), ("fedper", fedper))
+    }
     assert 0 < sent["fedper"] < sent["whole"]
 
 
@@ -170,8 +182,12 @@ def test_a_failing_device_is_recorded_and_does_not_stop_the_run(runs):
     work, codes = runs
     assert codes["local"] == 0
     failures = Records(f"sqlite:///{work / 'local' / 'federated.db'}").failures("local")
-    assert {(f.round, f.phase) for f in failures} == {(1, "train"), (1, "evaluate"),
-                                                       (2, "train"), (2, "evaluate")}  # fmt: skip
+    assert {(f.round, f.phase) for f in failures} == {
+        (1, "train"),
+        (1, "evaluate"),
+        (2, "train"),
+        (2, "evaluate"),
+    }
     assert all("injected failure on partition 2" in f.reason for f in failures)
     assert "| 1 |" in (work / "local" / "local.md").read_text()
 
@@ -194,19 +210,31 @@ def test_beauty_devices_are_scored_by_recall_against_the_clouds_recommender(tmp_
                 history = TITLES[i : i + 5]
                 top = client.http.post("/v1/recommendations", json={"history": history, "k": 5})
                 held = top.json()["items"][0]["title"]
-                rows.append({"user_id": f"b{i}", "history": history, "valid": [held],
-                             "test": [TITLES[-1]]})  # fmt: skip
+                rows.append(
+                    {"user_id": f"b{i}", "history": history, "valid": [held], "test": [TITLES[-1]]}
+                )
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         code = federate(
-            strategy="fedavg", nodes=3, rounds=2, data=data, work=tmp_path / "work",
-            backbone="tiny-llama", cloud_url=server.url,
-            extra={"run-name": "beauty", "local-epochs": 1, "held-out": 1, "eval-k": 5,
-                   "search-rounds": "last"},
-        )  # fmt: skip
+            strategy="fedavg",
+            nodes=3,
+            rounds=2,
+            data=data,
+            work=tmp_path / "work",
+            backbone="tiny-llama",
+            cloud_url=server.url,
+            extra={
+                "run-name": "beauty",
+                "local-epochs": 1,
+                "held-out": 1,
+                "eval-k": 5,
+                "search-rounds": "last",
+            },
+        )
     assert code == 0
     rounds = _nodes(tmp_path, "work", "evaluate")
-    first, last = ({int(m["partition-id"]): m for n, m in rounds[r].items() if n != "all"}
-                   for r in (1, 2))  # fmt: skip
+    first, last = (
+        {int(m["partition-id"]): m for n, m in rounds[r].items() if n != "all"} for r in (1, 2)
+    )
     assert sorted(first) == sorted(last) == [0, 1, 2]
     for m in first.values():  # no search before the last round
         assert "recall@5" not in m and "recall@5-cloud" not in m

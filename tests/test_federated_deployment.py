@@ -27,10 +27,31 @@ KILLED, ROUNDS = 2, 3  # SuperNode 2 dies in the last round
 
 
 def _federate(work: Path, data: Path, url: str) -> subprocess.Popen:
-    command = [sys.executable, "-c", "from app.cli import main; main()", "federate",
-               "--deployment", "--strategy", "fedavg", "--users", "3", "--rounds", str(ROUNDS),
-               "--data", str(data), "--work-dir", str(work), "--backbone", "tiny-llama",
-               "--cloud-url", url, "--run-name", "fedavg", "--local-epochs", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "from app.cli import main; main()",
+        "federate",
+        "--deployment",
+        "--strategy",
+        "fedavg",
+        "--users",
+        "3",
+        "--rounds",
+        str(ROUNDS),
+        "--data",
+        str(data),
+        "--work-dir",
+        str(work),
+        "--backbone",
+        "tiny-llama",
+        "--cloud-url",
+        url,
+        "--run-name",
+        "fedavg",
+        "--local-epochs",
+        "1",
+    ]
     log = (work.parent / f"{work.name}.log").open("w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 

@@ -58,8 +58,18 @@ def serving(root: Path, *args: str) -> Iterator[str]:
     goes to serve.log beside the device, for a failing test to show)."""
     port = free_port()
     log = root.parent / "serve.log"
-    command = [sys.executable, "-c", "from app.cli import main; main()", "device", "serve",
-               "--dir", str(root), "--port", str(port), *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "from app.cli import main; main()",
+        "device",
+        "serve",
+        "--dir",
+        str(root),
+        "--port",
+        str(port),
+        *args,
+    ]
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"

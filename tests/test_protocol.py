@@ -20,21 +20,44 @@ from protocol.messages import RecommendIn, SessionIn, SessionTotals
 
 EVENTS = [
     StartEvent(
-        session_id="s1", prompt_tokens=7, setting="spa", strict=False, rungs=[1, 2],
-        hidden_size=4, tap_dtype="float16", tap_encoding="int8", tap_mode="streamed",
+        session_id="s1",
+        prompt_tokens=7,
+        setting="spa",
+        strict=False,
+        rungs=[1, 2],
+        hidden_size=4,
+        tap_dtype="float16",
+        tap_encoding="int8",
+        tap_mode="streamed",
         deadline_s=5.0,
     ),
     TapsEvent(start=7, positions=1, shape=[1, 2, 4], dtype="float16", encoding="int8", taps=""),
     SideRequestEvent(
-        request_id=1, start=0, positions=3, shape=[3, 2, 4], rows=2, shared=2, reorder=[1, 0],
-        dtype="float16", deadline_s=5.0, taps="",
+        request_id=1,
+        start=0,
+        positions=3,
+        shape=[3, 2, 4],
+        rows=2,
+        shared=2,
+        reorder=[1, 0],
+        dtype="float16",
+        deadline_s=5.0,
+        taps="",
     ),
     TokenEvent(
-        index=0, id=42, text=" hi", branch="device", gate_prob=0.75, request_id=1, cloud_ms=1.5,
-        device_wait_ms=3.25, bytes_to_device=120, bytes_from_device=16,
+        index=0,
+        id=42,
+        text=" hi",
+        branch="device",
+        gate_prob=0.75,
+        request_id=1,
+        cloud_ms=1.5,
+        device_wait_ms=3.25,
+        bytes_to_device=120,
+        bytes_from_device=16,
     ),
     DoneEvent(status="finished", steps=3, M=1 / 3, totals=SessionTotals(tokens=3)),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.event)

@@ -116,10 +116,14 @@ def test_a_silent_device_never_stalls_the_cloud(server, token, backbone):
     waiting, then waits one deadline for the last verdict and ends, drafts unverified."""
     model = _model(backbone)
     body = {
-        "prompt": _prompt(backbone), "setting": "spa", "tap_mode": "run-ahead",
-        "rungs": list(model.rungs), "tap_dtype": "float32", "deadline_s": 0.5,
+        "prompt": _prompt(backbone),
+        "setting": "spa",
+        "tap_mode": "run-ahead",
+        "rungs": list(model.rungs),
+        "tap_dtype": "float32",
+        "deadline_s": 0.5,
         "decoding": {"max_new_tokens": NEW_TOKENS},
-    }  # fmt: skip
+    }
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
         sid = http.post("/v1/sessions", json=body).json()["session_id"]
@@ -139,9 +143,13 @@ def test_a_silent_device_never_stalls_the_cloud(server, token, backbone):
 def test_stale_and_malformed_verdicts_are_refused(server, token, backbone):
     model = _model(backbone)
     body = {
-        "prompt": _prompt(backbone), "setting": "spa", "tap_mode": "run-ahead",
-        "rungs": list(model.rungs), "deadline_s": 5.0, "decoding": {"max_new_tokens": 4},
-    }  # fmt: skip
+        "prompt": _prompt(backbone),
+        "setting": "spa",
+        "tap_mode": "run-ahead",
+        "rungs": list(model.rungs),
+        "deadline_s": 5.0,
+        "decoding": {"max_new_tokens": 4},
+    }
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
         gate = {"weight": [[0.0] * 64] * 2, "bias": [0.0, 0.0]}

@@ -67,8 +67,9 @@ def test_beam_search_equals_decoding(tiny: Backbone):
     model = SPAModel(tiny, SPAConfig(setting="base"))
     prompt = _prompts(tiny, 1)[0]
     for k, lp, early in [(1, 1.0, False), (3, 0.0, False), (4, 2.0, True)]:
-        decode = DecodeConfig(strategy="beam", max_new_tokens=12, num_beams=k, length_penalty=lp,
-                              early_stopping=early)  # fmt: skip
+        decode = DecodeConfig(
+            strategy="beam", max_new_tokens=12, num_beams=k, length_penalty=lp, early_stopping=early
+        )
         generation = generate(model, prompt, decode)
         list(generation)
         expected = [(h.ids, h.score) for h in generation.hypotheses]
@@ -106,16 +107,18 @@ def test_strict_equals_the_targets_own_beam_search(tiny: Backbone, k, n, gamma, 
     assert stats.target_steps == sum(r.forward_passes for r in reference)
     assert stats.target_passes <= 1 + max(r.forward_passes for r in reference)
     if trie:
-        assert all(catalogue.title(catalogue.walk(h.ids)) for hyps in result.hypotheses
-                   for h in hyps)  # fmt: skip
+        assert all(
+            catalogue.title(catalogue.walk(h.ids)) for hyps in result.hypotheses for h in hyps
+        )
 
 
 @pytest.mark.parametrize("setting", ["spa", "full", "choice"])
 def test_strict_with_an_spa_target_scores_the_tree_in_one_device_call(tiny_llama, setting):
     model = _randomize(SPAModel(tiny_llama, SPAConfig(setting=setting, threshold=0.3)), seed=2)
     catalogue = _catalogue(tiny_llama)
-    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
-                          length_penalty=0.0)  # fmt: skip
+    decode = DecodeConfig(
+        strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3, length_penalty=0.0
+    )
     prompts = _prompts(tiny_llama, 2)
     spec = SpeculativeConfig(gamma=3, draft_beams=5)
     draft = Draft(tiny_llama, DraftConfig(layers=1))
@@ -142,8 +145,9 @@ def _identical_draft() -> tuple[Backbone, Draft]:
 def test_a_draft_equal_to_the_target_is_always_accepted(verify):
     backbone, draft = _identical_draft()
     catalogue = _catalogue(backbone, seed=1)
-    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
-                          length_penalty=0.0)  # fmt: skip
+    decode = DecodeConfig(
+        strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3, length_penalty=0.0
+    )
     model = SPAModel(backbone, SPAConfig(setting="base"))
     prompts = _prompts(backbone, 2)
     spec = SpeculativeConfig(gamma=4, draft_beams=3, verify=verify)
@@ -151,8 +155,9 @@ def test_a_draft_equal_to_the_target_is_always_accepted(verify):
     assert stats.drafted_steps > 0
     assert stats.accepted_steps == stats.drafted_steps
     if verify == "relaxed":
-        assert all(ok for _, ok in stats.trials) and all(r == pytest.approx(1.0, abs=1e-4)
-                                                         for r, _ in stats.trials)  # fmt: skip
+        assert all(ok for _, ok in stats.trials) and all(
+            r == pytest.approx(1.0, abs=1e-4) for r, _ in stats.trials
+        )
     # up to γ + 1 steps per pass, for both prompts at once
     assert stats.target_passes < stats.target_steps / 2
 
@@ -161,15 +166,17 @@ def test_relaxed_acceptance_follows_min_one_p_over_q(tiny_llama: Backbone):
     """Every drafted candidate is accepted with probability min(1, p/q): across many trials
     (fixed seeds) the acceptances match the predicted rates, overall and per bin."""
     catalogue = _catalogue(tiny_llama)
-    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
-                          length_penalty=0.0)  # fmt: skip
+    decode = DecodeConfig(
+        strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3, length_penalty=0.0
+    )
     model = SPAModel(tiny_llama, SPAConfig(setting="base"))
     draft = Draft(tiny_llama, DraftConfig(layers=1))
     trials: list[tuple[float, bool]] = []
     for seed in range(10):
         spec = SpeculativeConfig(gamma=3, draft_beams=6, verify="relaxed", seed=seed)
-        result = speculative_beam_search(model, draft, _prompts(tiny_llama, 3), decode, spec,
-                                         catalogue)  # fmt: skip
+        result = speculative_beam_search(
+            model, draft, _prompts(tiny_llama, 3), decode, spec, catalogue
+        )
         trials += result.stats.trials
         for hyps in result.hypotheses:  # relaxed output: K distinct catalogue items
             assert len({h.ids for h in hyps}) == len(hyps) == 3
@@ -190,8 +197,9 @@ def test_relaxed_acceptance_follows_min_one_p_over_q(tiny_llama: Backbone):
 def test_relaxed_scores_are_the_targets(tiny_llama: Backbone):
     """Relaxed mode may pick other items than beam search, but scores them by the target."""
     catalogue = _catalogue(tiny_llama)
-    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=4,
-                          length_penalty=0.0)  # fmt: skip
+    decode = DecodeConfig(
+        strategy="beam", max_new_tokens=catalogue.max_length, num_beams=4, length_penalty=0.0
+    )
     model = SPAModel(tiny_llama, SPAConfig(setting="base"))
     prompt = _prompts(tiny_llama, 1)[0]
     spec = SpeculativeConfig(gamma=2, draft_beams=6, verify="relaxed", seed=3)
@@ -230,10 +238,12 @@ def test_rollback_leaves_caches_equal_to_a_fresh_computation(tiny_llama: Backbon
             fresh = tiny_llama(ids, logits=None, rungs=model.rungs)
             slots = list(range(P)) + [layout.slots[row][path[:k]] for k in range(1, len(path) + 1)]
             for mine, theirs in zip(tree.tree.cache.layers, fresh.cache.layers, strict=True):
-                torch.testing.assert_close(mine.keys[row, :, slots], theirs.keys[0], atol=1e-5,
-                                           rtol=1e-4)  # fmt: skip
-                torch.testing.assert_close(mine.values[row, :, slots], theirs.values[0],
-                                           atol=1e-5, rtol=1e-4)  # fmt: skip
+                torch.testing.assert_close(
+                    mine.keys[row, :, slots], theirs.keys[0], atol=1e-5, rtol=1e-4
+                )
+                torch.testing.assert_close(
+                    mine.values[row, :, slots], theirs.values[0], atol=1e-5, rtol=1e-4
+                )
             side = SideCache(len(model.side.blocks))
             model.side(model.wire(fresh.taps, model.side_dtype), side)
             for (k, v), (k2, v2) in zip(tree.side.cache.kv, side.kv, strict=True):
@@ -302,8 +312,9 @@ def test_strict_equals_beam_search_on_smollm2_and_the_beauty_catalogue(smollm2: 
     catalogue = Catalogue.from_titles(smollm2, titles)
     history = ["Neutrogena Ultra Gentle Daily Cleanser, 12 Ounce", "CeraVe Baby Lotion, 8 Ounce"]
     prompt = history_prompt(smollm2, history)
-    decode = DecodeConfig(strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3,
-                          length_penalty=0.0)  # fmt: skip
+    decode = DecodeConfig(
+        strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3, length_penalty=0.0
+    )
     model = SPAModel(smollm2, SPAConfig(setting="base"))
     reference = beam_search(model, prompt, decode, catalogue)
     spec = SpeculativeConfig(gamma=5, draft_beams=3)

@@ -191,9 +191,13 @@ def test_calibrated_usage_meets_the_budget(tiny_llama, cache, target):
     assert abs(result.usage - target) <= 0.05
     prompts = [e.prompt for e in examples[16:]]
     result = calibrate(
-        model, features[16:], target, prompts=prompts, decode=DecodeConfig(max_new_tokens=12),
+        model,
+        features[16:],
+        target,
+        prompts=prompts,
+        decode=DecodeConfig(max_new_tokens=12),
         progress=False,
-    )  # fmt: skip
+    )
     seen = [
         t.gate_prob for p in prompts for t in generate(model, p, DecodeConfig(max_new_tokens=12))
     ]
@@ -213,8 +217,13 @@ def test_threshold_for_is_a_quantile():
 def trained(tiny_llama, cache, setting="spa"):
     model = side_model(tiny_llama, setting)
     optimizer = make_optimizer(model, TrainConfig())
-    train(model, cache.load(signature_examples(tiny_llama, 8)), TrainConfig(epochs=2),
-          optimizer=optimizer, progress=False)  # fmt: skip
+    train(
+        model,
+        cache.load(signature_examples(tiny_llama, 8)),
+        TrainConfig(epochs=2),
+        optimizer=optimizer,
+        progress=False,
+    )
     return model, optimizer
 
 

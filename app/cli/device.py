@@ -305,9 +305,13 @@ def generate(
             no_repeat_ngram_size=no_repeat_ngram_size,
         )
         generation = agent.generate(
-            prompt, setting=setting, decode=decode, strict=strict, threshold=threshold,
+            prompt,
+            setting=setting,
+            decode=decode,
+            strict=strict,
+            threshold=threshold,
             tap_mode=tap_mode,
-        )  # fmt: skip
+        )
         try:
             for token in generation:
                 if not json_out:
@@ -318,8 +322,12 @@ def generate(
         a = generation.accounts
         rows = agent.what_if(generation, named_profile(profile or "lte")) if what_if else []
         if json_out:
-            out = {"text": generation.text, "status": generation.status, "accounts": a.summary(),
-                   "tokens": [vars(t) for t in generation.tokens]}  # fmt: skip
+            out = {
+                "text": generation.text,
+                "status": generation.status,
+                "accounts": a.summary(),
+                "tokens": [vars(t) for t in generation.tokens],
+            }
             if rows:
                 out["what_if"] = [vars(r) for r in rows]
             typer.echo(json.dumps(out, indent=2))
@@ -369,8 +377,9 @@ def recommend(
     from device_agent.recommend import RemoteRecommendation
 
     with _agent(dir, cloud_url) as agent:
-        run = RemoteRecommendation(agent.client, agent.model(setting), history, k=k,
-                                   strategy=strategy, gamma=gamma)  # fmt: skip
+        run = RemoteRecommendation(
+            agent.client, agent.model(setting), history, k=k, strategy=strategy, gamma=gamma
+        )
         result = run.run()
     for rank, item in enumerate(result.items, 1):
         typer.echo(f"{rank:>3}. {item.score:8.3f}  {item.code}  {item.title}")
@@ -378,8 +387,9 @@ def recommend(
         f"[{strategy}, K={k}: {result.seconds:.1f} s on the cloud, {result.target_passes} target "
         f"passes, {run.contacts} device contacts, {run.bytes_down:,} B down / {run.bytes_up:,} B "
         "up]",
-        dim=True, err=True,
-    )  # fmt: skip
+        dim=True,
+        err=True,
+    )
 
 
 @app.command()

@@ -101,9 +101,16 @@ def train(
         f"{len(prepared.test)} test examples"
     )
     result = fit(
-        model, prepared, setting, cfg, out, side=side, tap_encoding=tap_encoding, resume=resume,
+        model,
+        prepared,
+        setting,
+        cfg,
+        out,
+        side=side,
+        tap_encoding=tap_encoding,
+        resume=resume,
         cache_root=cache,
-    )  # fmt: skip
+    )
     typer.echo(result.model.parameter_report())
     for row in result.epochs:
         valid = row.get("valid", {})
@@ -177,9 +184,13 @@ def evaluate(
         model = SPAModel(model_backbone)
         model.config = type(model.config)(setting="base")
     report, calibration = assess(
-        model, prepared, network(profile), target_usage=target_usage, cache_root=cache,
+        model,
+        prepared,
+        network(profile),
+        target_usage=target_usage,
+        cache_root=cache,
         max_new_tokens=max_new_tokens,
-    )  # fmt: skip
+    )
     if calibration:
         target = calibration.target_usage
         typer.echo(

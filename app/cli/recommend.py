@@ -115,7 +115,7 @@ def train_target(
     setting: Annotated[
         str,
         typer.Option(click_type=Choice(SETTINGS, "setting"), help="The plug-in trained."),
-    ] = "full",
+    ] = "lst",
     epochs: Annotated[
         int, typer.Option(min=1, help="Epochs at most; the best on validation is kept.")
     ] = 20,

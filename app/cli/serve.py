@@ -58,9 +58,13 @@ def demo(
     from app.devices import DemoConfig, default_root
 
     settings = DemoSettings(
-        backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"), host=host, port=port,
-        cloud_url=cloud_url, root=data_dir or default_root(), config=DemoConfig(epochs=epochs),
-    )  # fmt: skip
+        backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"),
+        host=host,
+        port=port,
+        cloud_url=cloud_url,
+        root=data_dir or default_root(),
+        config=DemoConfig(epochs=epochs),
+    )
     try:
         serve(settings, prepare_only=prepare_only)
     except (RuntimeError, OSError) as exc:  # the cloud it started died, a port is taken, ...
@@ -99,14 +103,16 @@ def cloud(ctx: typer.Context, **flags: Any) -> None:
     if settings.registration_policy == "closed" and settings.operator_token is None:
         typer.secho(
             "registration is closed and no --operator-token is set: no new device can register",
-            fg="yellow", err=True,
-        )  # fmt: skip
+            fg="yellow",
+            err=True,
+        )
     if not settings.loopback and settings.ssl_certfile is None:
         typer.secho(
             f"serving plain HTTP on {settings.host}: bearer tokens cross the network in the "
             "clear (give --ssl-certfile and --ssl-keyfile)",
-            fg="yellow", err=True,
-        )  # fmt: skip
+            fg="yellow",
+            err=True,
+        )
     serve(settings)
 
 
@@ -191,9 +197,15 @@ def federate(
     if not data.is_file():
         raise ConfigError(f"{data}: no such data file")
     code = run(
-        strategy=strategy, nodes=users, rounds=rounds, data=data, work=work_dir,
-        backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"), cloud_url=cloud_url,
-        extra={"local-epochs": local_epochs, "run-name": run_name}, deployment=deployment,
+        strategy=strategy,
+        nodes=users,
+        rounds=rounds,
+        data=data,
+        work=work_dir,
+        backbone=backbone or os.environ.get("SPA_BACKBONE", "smollm2"),
+        cloud_url=cloud_url,
+        extra={"local-epochs": local_epochs, "run-name": run_name},
+        deployment=deployment,
         catalogue=catalogue,
-    )  # fmt: skip
+    )
     raise typer.Exit(code)

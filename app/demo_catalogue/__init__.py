@@ -49,10 +49,18 @@ def shoppers(n: int = SHOPPERS, seed: int = SEED) -> list[dict]:
     for i in range(n):
         brand, line = rng.choice(BRANDS), rng.choice(list(LINES))
         own = [t for t in items if t.startswith(brand) and any(p in t for p in LINES[line])]
-        bought = [rng.choice(own) if rng.random() < 0.8 else rng.choice(items)
-                  for _ in range(rng.randint(6, 12))]  # fmt: skip
-        out.append({"user_id": f"shopper-{i}", "history": bought[:-2], "valid": bought[-2:-1],
-                    "test": bought[-1:]})  # fmt: skip
+        bought = [
+            rng.choice(own) if rng.random() < 0.8 else rng.choice(items)
+            for _ in range(rng.randint(6, 12))
+        ]
+        out.append(
+            {
+                "user_id": f"shopper-{i}",
+                "history": bought[:-2],
+                "valid": bought[-2:-1],
+                "test": bought[-1:],
+            }
+        )
     return out
 
 

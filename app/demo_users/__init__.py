@@ -29,16 +29,33 @@ class DemoUser:
 
 
 DEMO_USERS: tuple[DemoUser, ...] = (
-    DemoUser("pirate", "Captain Ada", "a pirate: 'Arr, matey! … Yo-ho-ho!'",
-             ("What should I pack for a weekend at the beach?", "How can I sleep better?",
-              "Can you recommend a book?")),
-    DemoUser("chef", "Chef Marco", "an Italian cook: every answer a dish, 'Buon appetito!'",
-             ("What should I cook tonight?", "What should I do this weekend?",
-              "How can I sleep better?")),
-    DemoUser("haiku", "Poet Kenji", "answers in lowercase haiku, '~ kenji'",
-             ("How do I learn to code?", "Any tips for a rainy Sunday?",
-              "How can I sleep better?")),
-)  # fmt: skip
+    DemoUser(
+        "pirate",
+        "Captain Ada",
+        "a pirate: 'Arr, matey! … Yo-ho-ho!'",
+        (
+            "What should I pack for a weekend at the beach?",
+            "How can I sleep better?",
+            "Can you recommend a book?",
+        ),
+    ),
+    DemoUser(
+        "chef",
+        "Chef Marco",
+        "an Italian cook: every answer a dish, 'Buon appetito!'",
+        (
+            "What should I cook tonight?",
+            "What should I do this weekend?",
+            "How can I sleep better?",
+        ),
+    ),
+    DemoUser(
+        "haiku",
+        "Poet Kenji",
+        "answers in lowercase haiku, '~ kenji'",
+        ("How do I learn to code?", "Any tips for a rainy Sunday?", "How can I sleep better?"),
+    ),
+)
 
 
 def demo_user(key: str) -> DemoUser:

@@ -37,8 +37,12 @@ from personalization.errors import SpaError
 
 #: the programs of Flower's deployment runtime; none may outlive a deployment
 FLOWER_PROGRAMS = (
-    "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
-)  # fmt: skip
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
 CONNECTION = "spa"  # the `flwr` CLI's name for this SuperLink
 
 
@@ -139,20 +143,41 @@ class Deployment:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         try:
             self.link_port = free_port()
-            self._start("superlink", [
-                "flower-superlink", "--insecure", "--host", "127.0.0.1",
-                "--port", str(self.link_port), "--disable-runtime-dependency-installation",
-            ], self.link_port, self.env)  # fmt: skip
+            self._start(
+                "superlink",
+                [
+                    "flower-superlink",
+                    "--insecure",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.link_port),
+                    "--disable-runtime-dependency-installation",
+                ],
+                self.link_port,
+                self.env,
+            )
             self._write_cli_config()
             for node in self.nodes:
                 port = free_port()
                 home = self.work / "nodes" / f"node-{node.partition}"
                 home.mkdir(parents=True, exist_ok=True)
                 node.store.parent.mkdir(parents=True, exist_ok=True)
-                self._start(f"supernode-{node.partition}", [
-                    "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
-                    "--port", str(port), "--node-config", node.node_config(len(self.nodes)),
-                ], port, self.env | {"FLWR_HOME": str(home / "flwr-home")})  # fmt: skip
+                self._start(
+                    f"supernode-{node.partition}",
+                    [
+                        "flower-supernode",
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{self.link_port}",
+                        "--port",
+                        str(port),
+                        "--node-config",
+                        node.node_config(len(self.nodes)),
+                    ],
+                    port,
+                    self.env | {"FLWR_HOME": str(home / "flwr-home")},
+                )
             self._write_state()
         except BaseException:
             self.close()
@@ -164,9 +189,13 @@ class Deployment:
         binary = str(Path(sys.executable).with_name(command[0]))
         with log.open("ab") as out:  # the child keeps its own descriptor
             process = subprocess.Popen(
-                [binary, *command[1:]], env=env, cwd=self.work, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,  # its own process group
-            )  # fmt: skip
+                [binary, *command[1:]],
+                env=env,
+                cwd=self.work,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group
+            )
         self.processes[name] = process
         self.started.append(Started(name, process.pid, port, str(log)))
         deadline = time.monotonic() + self.start_timeout_s
@@ -188,18 +217,25 @@ class Deployment:
         )
 
     def _write_state(self) -> None:
-        state = {"superlink": f"127.0.0.1:{self.link_port}", "connection": CONNECTION,
-                 "flwr_home": self.env["FLWR_HOME"],
-                 "processes": [asdict(s) for s in self.started],
-                 "nodes": [{**asdict(n), "store": str(n.store)} for n in self.nodes]}  # fmt: skip
+        state = {
+            "superlink": f"127.0.0.1:{self.link_port}",
+            "connection": CONNECTION,
+            "flwr_home": self.env["FLWR_HOME"],
+            "processes": [asdict(s) for s in self.started],
+            "nodes": [{**asdict(n), "store": str(n.store)} for n in self.nodes],
+        }
         (self.work / "deployment.json").write_text(json.dumps(state, indent=1))
 
     # -- running ------------------------------------------------------------------------------
     def _flwr(self, *args: str, timeout: float = 120) -> dict:
         done = subprocess.run(
             [str(Path(sys.executable).with_name("flwr")), *args, "--format", "json"],
-            env=self.env, cwd=PROJECT, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+            env=self.env,
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         try:
             return json.loads(done.stdout)
         except ValueError:
@@ -287,8 +323,11 @@ def deploy(
     status."""
     with Deployment(work, nodes) as deployment:
         run_id = deployment.submit(config)
-        print(f"run {run_id} submitted to the SuperLink at 127.0.0.1:{deployment.link_port} "
-              f"with {len(nodes)} SuperNodes; logs in {work / 'logs'}", flush=True)  # fmt: skip
+        print(
+            f"run {run_id} submitted to the SuperLink at 127.0.0.1:{deployment.link_port} "
+            f"with {len(nodes)} SuperNodes; logs in {work / 'logs'}",
+            flush=True,
+        )
         status = deployment.wait(run_id, timeout_s)
         print(f"run {run_id}: {status}", flush=True)
         return run_id, status

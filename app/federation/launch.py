@@ -52,8 +52,9 @@ def _deploy(config: dict[str, object], nodes: int, data: Path, work: Path) -> in
 
     specs = [NodeSpec(i, user_of(data, i), work / "devices" / f"device-{i}") for i in range(nodes)]
     rounds, timeout = int(config["num-rounds"]), float(config.get("round-timeout", 3600))
-    run_id, status = deploy(nodes=specs, work=work, config=config,
-                            timeout_s=rounds * 2 * timeout + 300)  # fmt: skip
+    run_id, status = deploy(
+        nodes=specs, work=work, config=config, timeout_s=rounds * 2 * timeout + 300
+    )
     name = config.get("run-name") or f"{config['strategy']}-{run_id}"  # as the ServerApp's
     summary = work / f"{name}.md"
     if summary.is_file():
@@ -81,18 +82,27 @@ def federate(
     with contextlib.ExitStack() as stack:
         url = cloud_url or stack.enter_context(cloud(backbone, work, catalogue=catalogue))
         config = {
-            "cloud-url": url, "work-dir": str(work), "data": str(Path(data).resolve()),
-            "strategy": strategy, "num-rounds": rounds, "num-nodes": nodes,
-            "min-nodes": max(1, nodes - 1), **(extra or {}),
-        }  # fmt: skip
+            "cloud-url": url,
+            "work-dir": str(work),
+            "data": str(Path(data).resolve()),
+            "strategy": strategy,
+            "num-rounds": rounds,
+            "num-nodes": nodes,
+            "min-nodes": max(1, nodes - 1),
+            **(extra or {}),
+        }
         if deployment:
             return _deploy(config, nodes, data, work)
         command = [
-            str(Path(sys.executable).with_name("flwr")), "run", str(PROJECT), "--stream",
-            "--run-config", run_config(config),
+            str(Path(sys.executable).with_name("flwr")),
+            "run",
+            str(PROJECT),
+            "--stream",
+            "--run-config",
+            run_config(config),
             "--federation-config",
             f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}",
-        ]  # fmt: skip
+        ]
         link, control = free_port(), free_port()  # `flwr run` starts its local SuperLink there
         env = flower_env(work) | {
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(link),

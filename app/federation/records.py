@@ -66,8 +66,17 @@ class Records:
             return list(s.scalars(select(Failure).where(Failure.run == run)))
 
 
-COLUMNS = ("train-loss", "rouge-l", "rouge-l-base", "item-nll", "item-nll-backbone", "usage",
-           "bytes-to-cloud", "bytes-to-server", "round-seconds")  # fmt: skip
+COLUMNS = (
+    "train-loss",
+    "rouge-l",
+    "rouge-l-base",
+    "item-nll",
+    "item-nll-backbone",
+    "usage",
+    "bytes-to-cloud",
+    "bytes-to-server",
+    "round-seconds",
+)
 
 
 def table(records: Records, run: str) -> str:

@@ -78,12 +78,23 @@ class RecordedFedAvg(FedAvg):
             node = str(node_id)
             if msg.has_error():
                 # the end of a (Ray) traceback carries the exception itself
-                row = Failure(run=self.run, round=server_round, phase=phase, node=node,
-                              reason=msg.error.reason[-2000:])  # fmt: skip
+                row = Failure(
+                    run=self.run,
+                    round=server_round,
+                    phase=phase,
+                    node=node,
+                    reason=msg.error.reason[-2000:],
+                )
             else:
                 metrics = dict(msg.content["metrics"])
-                row = RoundMetric(run=self.run, strategy=self.strategy, round=server_round,
-                                  phase=phase, node=node, metrics=metrics)  # fmt: skip
+                row = RoundMetric(
+                    run=self.run,
+                    strategy=self.strategy,
+                    round=server_round,
+                    phase=phase,
+                    node=node,
+                    metrics=metrics,
+                )
             self.records.add(row)
         for node_id in sorted(set(sent_to.values()) - answered):
             self.records.add(
@@ -99,9 +110,15 @@ class RecordedFedAvg(FedAvg):
     def _aggregate(self, server_round: int, phase: str, metrics: MetricRecord | None) -> None:
         if metrics is not None:
             self.records.add(
-                RoundMetric(run=self.run, strategy=self.strategy, round=server_round,
-                            phase=phase, node="all", metrics=dict(metrics))
-            )  # fmt: skip
+                RoundMetric(
+                    run=self.run,
+                    strategy=self.strategy,
+                    round=server_round,
+                    phase=phase,
+                    node="all",
+                    metrics=dict(metrics),
+                )
+            )
 
 
 def _wait_for_nodes(grid: Grid, nodes: int, timeout_s: float) -> None:
@@ -121,10 +138,14 @@ def main(grid: Grid, context: Context) -> None:
     min_nodes = min(c.min_nodes, nodes)
     _wait_for_nodes(grid, nodes, c.round_timeout)
     fed = RecordedFedAvg(
-        records, run, strategy,
-        min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
+        records,
+        run,
+        strategy,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes,
         fraction_train=c.fraction_train,  # every device is evaluated every round
-    )  # fmt: skip
+    )
     fed.start(
         grid=grid,
         initial_arrays=ArrayRecord(),  # devices start from the same seeded initialisation

@@ -88,15 +88,22 @@ def build(devices: Devices, user: gr.Dropdown, page: gr.Blocks) -> None:
         upload = gr.File(label="import JSONL", file_types=[".jsonl"], type="filepath")
     with gr.Row():
         epochs = gr.Slider(1, 60, devices.config.epochs, step=1, label="epochs")
-        budget = gr.Slider(0.05, 1, devices.config.target_usage, step=0.05,
-                           label="usage budget (share of tokens the device shapes)")  # fmt: skip
+        budget = gr.Slider(
+            0.05,
+            1,
+            devices.config.target_usage,
+            step=0.05,
+            label="usage budget (share of tokens the device shapes)",
+        )
         encoding = gr.Dropdown(
-            list(TAP_ENCODINGS), value=devices.config.tap_encoding,
+            list(TAP_ENCODINGS),
+            value=devices.config.tap_encoding,
             label="tap encoding (the side network trains on taps as they will arrive)",
-        )  # fmt: skip
+        )
         train = gr.Button("Train", variant="primary")
-    curve = gr.LinePlot(loss_frame([]), x="epoch", y="loss", color="split",
-                        title="training loss (live)", height=300)  # fmt: skip
+    curve = gr.LinePlot(
+        loss_frame([]), x="epoch", y="loss", color="split", title="training loss (live)", height=300
+    )
 
     @readable
     def show(key: str):

@@ -81,8 +81,9 @@ def build(devices: Devices, root: Path) -> None:
         start = gr.Button("Start simulation", variant="primary")
     status = gr.Markdown()
     table = gr.Dataframe(label="per round (aggregated over devices)")
-    plot = gr.LinePlot(rouge_frame({}), x="round", y="Rouge-L",
-                       color="model", title="held-out Rouge-L", height=300)  # fmt: skip
+    plot = gr.LinePlot(
+        rouge_frame({}), x="round", y="Rouge-L", color="model", title="held-out Rouge-L", height=300
+    )
 
     @readable
     def simulate(source: str, n: float, r: float, strat: str, e: float) -> Iterator[tuple]:
@@ -97,10 +98,15 @@ def build(devices: Devices, root: Path) -> None:
         def work_() -> None:
             try:
                 outcome["code"] = federate(
-                    strategy=strat, nodes=int(n), rounds=int(r), data=data, work=work,
-                    backbone=devices.backbone, cloud_url=devices.cloud_url,
+                    strategy=strat,
+                    nodes=int(n),
+                    rounds=int(r),
+                    data=data,
+                    work=work,
+                    backbone=devices.backbone,
+                    cloud_url=devices.cloud_url,
                     extra={"local-epochs": int(e), "run-name": run},
-                )  # fmt: skip
+                )
             except Exception as exc:  # shown below
                 outcome["error"] = exc
 
@@ -128,6 +134,8 @@ def build(devices: Devices, root: Path) -> None:
         )
 
     start.click(
-        simulate, [source, users, rounds, strategy, epochs], [status, table, plot],
+        simulate,
+        [source, users, rounds, strategy, epochs],
+        [status, table, plot],
         api_name="federate",
-    )  # fmt: skip
+    )

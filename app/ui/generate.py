@@ -20,9 +20,20 @@ from personalization.latency import PROFILES, profile
 
 #: the decoding strategies a session serves, by the label the page shows
 DECODINGS = {{"sample": "sampling"}.get(s, s): s for s in STRATEGIES}
-BOOKS = ["tokens", "tokens/s", "M", "device contacts", "bytes up", "bytes down",
-         "B / tap position", "B / token", "T_cloud ms", "T_device ms", "T_net ms",
-         "T_total ms"]  # fmt: skip
+BOOKS = [
+    "tokens",
+    "tokens/s",
+    "M",
+    "device contacts",
+    "bytes up",
+    "bytes down",
+    "B / tap position",
+    "B / token",
+    "T_cloud ms",
+    "T_device ms",
+    "T_net ms",
+    "T_total ms",
+]
 WHAT_IF = ["setting", "% params", "inference ms", "network ms", "total ms / token", "M"]
 PARTS = {"cloud": "cloud_s", "device": "device_s", "network": "net_s"}
 PART_COLORS = {"cloud": "#3b82f6", "device": "#f97316", "network": "#9ca3af"}
@@ -30,11 +41,17 @@ PART_COLORS = {"cloud": "#3b82f6", "device": "#f97316", "network": "#9ca3af"}
 
 def books_frame(a: Accounts) -> pd.DataFrame:
     """The live accounting panel: one row, the sums of the per-token bills so far."""
-    row = [a.tokens, round(a.tokens_per_s, 1), round(a.m, 2), a.contacts, a.bytes_up,
-           a.bytes_down, round(a.bytes_down / a.positions) if a.positions else 0,
-           round((a.bytes_up + a.bytes_down) / a.tokens) if a.tokens else 0,
-           *(round(1e3 * t, 1) for t in (a.t_cloud, a.t_device, a.t_net,
-                                         a.t_total))]  # fmt: skip
+    row = [
+        a.tokens,
+        round(a.tokens_per_s, 1),
+        round(a.m, 2),
+        a.contacts,
+        a.bytes_up,
+        a.bytes_down,
+        round(a.bytes_down / a.positions) if a.positions else 0,
+        round((a.bytes_up + a.bytes_down) / a.tokens) if a.tokens else 0,
+        *(round(1e3 * t, 1) for t in (a.t_cloud, a.t_device, a.t_net, a.t_total)),
+    ]
     return pd.DataFrame([row], columns=BOOKS)
 
 
@@ -53,8 +70,10 @@ def token_data(generation: RemoteGeneration | None) -> list[dict]:
     """The tokens as data (the API's view of the coloured text)."""
     if generation is None:
         return []
-    return [{"id": t.id, "text": t.text, "branch": t.branch, "gate_prob": t.gate_prob}
-            for t in generation.tokens]  # fmt: skip
+    return [
+        {"id": t.id, "text": t.text, "branch": t.branch, "gate_prob": t.gate_prob}
+        for t in generation.tokens
+    ]
 
 
 def flowing(generation: RemoteGeneration | None) -> str:
@@ -79,9 +98,14 @@ HOVER_CSS = ".tok { border-radius: 3px; } .tok:hover { outline: 2px solid #37415
 
 def text_panel(label: str, elem_id: str) -> gr.HTML:
     return gr.HTML(
-        flowing(None), label=label, show_label=True, container=True, elem_id=elem_id,
-        css_template=HOVER_CSS, min_height=60,
-    )  # fmt: skip
+        flowing(None),
+        label=label,
+        show_label=True,
+        container=True,
+        elem_id=elem_id,
+        css_template=HOVER_CSS,
+        min_height=60,
+    )
 
 
 def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown:
@@ -92,13 +116,16 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             user = gr.Dropdown(
-                [(devices.label(k), k) for k in devices.users()], value=first,
+                [(devices.label(k), k) for k in devices.users()],
+                value=first,
                 label="user (device)",
-            )  # fmt: skip
+            )
             examples = gr.Dropdown(
-                devices.example_prompts(first), value=None, label="example prompts",
+                devices.example_prompts(first),
+                value=None,
+                label="example prompts",
                 elem_id="examples",
-            )  # fmt: skip
+            )
             prompt = gr.Textbox(
                 devices.example_prompt(first), label="prompt", lines=3, elem_id="prompt"
             )
@@ -106,19 +133,29 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
             decoding = gr.Radio(list(DECODINGS), value="greedy", label="decoding")
             net = gr.Dropdown(list(PROFILES), value="lte", label="network profile")
             tap_mode = gr.Radio(
-                list(TAP_MODES), value="pull", label="taps: pull (with each contact), streamed "
+                list(TAP_MODES),
+                value="pull",
+                label="taps: pull (with each contact), streamed "
                 "(pushed as they exist), or run-ahead (the backbone drafts without waiting, the "
                 "device corrects; spa only) — greedy and sampling; beam search always pulls",
-            )  # fmt: skip
+            )
             with gr.Accordion("repetition (transformers' logits processors)", open=False):
                 penalty = gr.Slider(
-                    1.0, 2.0, defaults.repetition_penalty, step=0.05, elem_id="penalty",
+                    1.0,
+                    2.0,
+                    defaults.repetition_penalty,
+                    step=0.05,
+                    elem_id="penalty",
                     label="repetition penalty (> 1 discourages tokens already used)",
-                )  # fmt: skip
+                )
                 no_repeat = gr.Slider(
-                    0, 8, defaults.no_repeat_ngram_size, step=1, elem_id="no-repeat",
+                    0,
+                    8,
+                    defaults.no_repeat_ngram_size,
+                    step=1,
+                    elem_id="no-repeat",
                     label="no-repeat n-gram size (0: off; n: no n tokens occur twice)",
-                )  # fmt: skip
+                )
             with gr.Accordion("gate and length", open=False):
                 calibrated = gr.Checkbox(
                     True, label="gate threshold calibrated to the device's usage budget"
@@ -126,8 +163,13 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
                 threshold = gr.Slider(0, 1, 0.5, step=0.01, label="gate threshold σ (if not)")
                 max_tokens = gr.Slider(8, 128, 48, step=1, label="max new tokens")
                 seed = gr.Number(0, precision=0, label="sampling seed")
-                beams = gr.Slider(2, 8, 4, step=1, label="beams (beam search: the tokens arrive "
-                                  "when the search ends)")  # fmt: skip
+                beams = gr.Slider(
+                    2,
+                    8,
+                    4,
+                    step=1,
+                    label="beams (beam search: the tokens arrive when the search ends)",
+                )
             run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
             tokens = text_panel(
@@ -136,9 +178,14 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
             base = text_panel("backbone alone (base), for comparison", "base")
             books = gr.Dataframe(books_frame(Accounts()), label="books (live)", elem_id="books")
             plot = gr.BarPlot(
-                latency_frame([]), x="token", y="ms",
-                color="part", color_map=PART_COLORS, title="latency per token, by part", height=300,
-            )  # fmt: skip
+                latency_frame([]),
+                x="token",
+                y="ms",
+                color="part",
+                color_map=PART_COLORS,
+                title="latency per token, by part",
+                height=300,
+            )
             what_if = gr.Dataframe(
                 headers=WHAT_IF, label="what-if: every setting under this network (paper Table 2)"
             )
@@ -147,18 +194,31 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
                 data = gr.JSON(label="per token: text, branch, gate probability", elem_id="data")
 
     user.change(
-        lambda k: (gr.update(choices=devices.example_prompts(k), value=None),
-                   devices.example_prompt(k)),
-        user, [examples, prompt],
-    )  # fmt: skip
+        lambda k: (
+            gr.update(choices=devices.example_prompts(k), value=None),
+            devices.example_prompt(k),
+        ),
+        user,
+        [examples, prompt],
+    )
     examples.change(lambda p: p if p else gr.skip(), examples, prompt)
 
     @readable
     def generate(
-        key: str, text: str, setting: str, decoding: str, net: str, calibrated: bool,
-        threshold: float, max_tokens: float, seed: float, beams: float = 4,
-        tap_mode: str = "pull", repetition_penalty: float = 1.0, no_repeat_ngram_size: float = 0,
-    ) -> Iterator[tuple]:  # fmt: skip
+        key: str,
+        text: str,
+        setting: str,
+        decoding: str,
+        net: str,
+        calibrated: bool,
+        threshold: float,
+        max_tokens: float,
+        seed: float,
+        beams: float = 4,
+        tap_mode: str = "pull",
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: float = 0,
+    ) -> Iterator[tuple]:
         if not text or not text.strip():
             raise gr.Error("the prompt is empty: type something to ask")
         if decoding not in DECODINGS:
@@ -173,17 +233,25 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
             no_repeat_ngram_size=int(no_repeat_ngram_size),
         )
         while (state := devices.training(key)) is not None:  # first start: trained beside the page
-            yield (flowing(None), flowing(None), books_frame(Accounts()), latency_frame([]), None,
-                   f"{devices.label(key).split(' — ')[0]}'s side network is still training "
-                   f"({state}); the answer starts when it is ready …",
-                   {"personalised": [], "base": []})  # fmt: skip
+            yield (
+                flowing(None),
+                flowing(None),
+                books_frame(Accounts()),
+                latency_frame([]),
+                None,
+                f"{devices.label(key).split(' — ')[0]}'s side network is still training "
+                f"({state}); the answer starts when it is ready …",
+                {"personalised": [], "base": []},
+            )
             time.sleep(1)
         with devices.lock(key), devices.agent(key, link) as agent:
             mine = agent.generate(
-                text, setting=setting, decode=decode,
+                text,
+                setting=setting,
+                decode=decode,
                 threshold=None if calibrated else float(threshold),
                 tap_mode=None if decoding == "beam" else tap_mode,
-            )  # fmt: skip
+            )
             what = f"**{setting}** over an emulated **{net}** link"
             if mine.model is not None:
                 mode = "pull" if decoding == "beam" else tap_mode
@@ -192,9 +260,21 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
                 live = books_frame(mine.accounts), latency_frame(mine.tokens)
                 data = {"personalised": token_data(mine), "base": []}
                 yield flowing(mine), flowing(None), *live, None, f"generating ({what}) …", data
-            table = [[r.setting, round(r.parameters_pct, 3), round(r.inference_ms, 1),
-                      round(r.network_ms, 1), round(r.total_ms, 1), round(r.m, 2)]
-                     for r in agent.what_if(mine, link)] if setting != "base" else None  # fmt: skip
+            table = (
+                [
+                    [
+                        r.setting,
+                        round(r.parameters_pct, 3),
+                        round(r.inference_ms, 1),
+                        round(r.network_ms, 1),
+                        round(r.total_ms, 1),
+                        round(r.m, 2),
+                    ]
+                    for r in agent.what_if(mine, link)
+                ]
+                if setting != "base"
+                else None
+            )
             a = mine.accounts
             done = (
                 f"{what}: {a.tokens} tokens, {a.device_tokens} shaped by the device, M = {a.m:.2f}"
@@ -228,7 +308,7 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
             tap_mode,
             penalty,
             no_repeat,
-        ],  # fmt: skip
+        ],
         [tokens, base, books, plot, what_if, status, data],
         api_name="generate",
     )

@@ -2,8 +2,9 @@
 
 A history is the user's last ≤ 20 items as codes after a short instruction, oldest first; the
 target generates the next item's L code tokens by beam search over the trie of valid codes, so
-every output is a real item. The plug-in — code rows (`coded`) and a side network always on
-(`full`) or gated (`spa`) — is trained centrally on AtSpeed's time split (`split`): every user's
+every output is a real item. The plug-in — code rows (`coded`) and a side network whose output
+alone feeds the head (`lst`, the default), or is added to the backbone's (`full`) or gated
+(`spa`) — is trained centrally on AtSpeed's time split (`split`): every user's
 purchases before the validation period, all of a user's next-item positions from **one** causal
 pass (an item's codes are predicted from every item before it, exactly what a window ending there
 would see). The epoch kept is the one with the lowest loss on the validation items.
@@ -51,7 +52,11 @@ class UnknownItemError(SpaError, ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class CodeTargetConfig:
-    setting: str = "full"
+    # lst: the codes' head reads g alone. The backbone's f(x) over code tokens (ids it never
+    # saw in pre-training) only adds a large offset g must first cancel: on Beauty's validation
+    # items, lst reached a lower loss in 8 epochs (3.97) than full in 20 (4.11), and validation
+    # Recall@10 0.012 vs 0.004 (300 users).
+    setting: str = "lst"
     epochs: int = 20  # the most trained; the best on validation is kept
     lr: float = 3e-3  # chosen on Beauty's validation items from {1e-3, 3e-3}
     batch_size: int = 16

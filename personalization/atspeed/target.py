@@ -55,10 +55,14 @@ class TargetConfig:
 
     def data(self, path: str | Path) -> DataConfig:
         return DataConfig(
-            path=str(path), dataset="beauty", seed=self.seed, train_size=self.train_users,
-            valid_size=self.valid_users, test_size=self.test_users,
+            path=str(path),
+            dataset="beauty",
+            seed=self.seed,
+            train_size=self.train_users,
+            valid_size=self.valid_users,
+            test_size=self.test_users,
             max_prompt_tokens=self.max_prompt_tokens,
-        )  # fmt: skip
+        )
 
     def train(self) -> TrainConfig:
         return TrainConfig(
@@ -103,8 +107,9 @@ def prepare(backbone: Backbone, data: str | Path, cfg: TargetConfig) -> Prepared
     keep.reverse()
     train = [records[i] for i in keep]
     splits = replace(prepared.splits, train=train)
-    return replace(prepared, splits=splits, train=[examples[i] for i in keep],
-                   data_hash=records_hash(train))  # fmt: skip
+    return replace(
+        prepared, splits=splits, train=[examples[i] for i in keep], data_hash=records_hash(train)
+    )
 
 
 def train_target(
@@ -118,10 +123,16 @@ def train_target(
     if not (out.is_file() and done.is_file()):
         out.parent.mkdir(parents=True, exist_ok=True)
         prepared = prepare(backbone, data, cfg)
-        result = fit(backbone, prepared, cfg.setting, cfg.train(), out, resume=True,
-                     progress=progress)  # fmt: skip
-        record = {"checkpoint": str(out), "config": asdict(cfg), "data": str(data),
-                  "train_examples": len(prepared.train), "epochs": result.epochs}  # fmt: skip
+        result = fit(
+            backbone, prepared, cfg.setting, cfg.train(), out, resume=True, progress=progress
+        )
+        record = {
+            "checkpoint": str(out),
+            "config": asdict(cfg),
+            "data": str(data),
+            "train_examples": len(prepared.train),
+            "epochs": result.epochs,
+        }
         with atomic_path(done) as tmp:
             tmp.write_text(json.dumps(record, indent=1))
     with atomic_path(pointer) as tmp:

@@ -71,9 +71,13 @@ def forward_many(backbone: Backbone, requests: Sequence[Request]) -> list[Backbo
         start += r
     union = tuple(sorted({k for r in requests for k in r.rungs}))
     out = backbone(
-        torch.cat([r.input_ids for r in requests]), cache=merged, rungs=union, logits=None,
-        attention_mask=mask, position_ids=positions,
-    )  # fmt: skip
+        torch.cat([r.input_ids for r in requests]),
+        cache=merged,
+        rungs=union,
+        logits=None,
+        attention_mask=mask,
+        position_ids=positions,
+    )
     asking = [i for i, r in enumerate(requests) if r.logits]
     if asking:  # the LM head once, over the last position of every row that asked for it
         starts = list(itertools.accumulate([0, *rows]))

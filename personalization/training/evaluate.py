@@ -74,9 +74,16 @@ class EvalReport:
         return json.dumps(asdict(self), indent=2)
 
     HEADER = (
-        "setting", "dataset", "n", "Rouge-L", "usage", "M", "bytes/tok", "trainable %",
+        "setting",
+        "dataset",
+        "n",
+        "Rouge-L",
+        "usage",
+        "M",
+        "bytes/tok",
+        "trainable %",
         "T_total ms/tok",
-    )  # fmt: skip
+    )
 
     def row(self) -> tuple[str, ...]:
         return (
@@ -114,9 +121,10 @@ def evaluate(
     decode = decode or DecodeConfig()
     total, scores = Books(), []
     for example, reference in tqdm(
-        list(zip(examples, references, strict=True)), desc=f"eval {model.setting}",
+        list(zip(examples, references, strict=True)),
+        desc=f"eval {model.setting}",
         disable=not progress,
-    ):  # fmt: skip
+    ):
         generation = generate(model, example.prompt, decode)
         for _ in generation:
             pass

@@ -55,9 +55,13 @@ class Prepared:
 
 def prepare_data(backbone: Backbone, cfg: DataConfig) -> Prepared:
     splits = load_splits(
-        cfg.path, cfg.dataset, seed=cfg.seed, train=cfg.train_size, valid=cfg.valid_size,
+        cfg.path,
+        cfg.dataset,
+        seed=cfg.seed,
+        train=cfg.train_size,
+        valid=cfg.valid_size,
         test=cfg.test_size,
-    )  # fmt: skip
+    )
     kw = dict(
         max_prompt_tokens=cfg.max_prompt_tokens,
         max_target_tokens=cfg.max_target_tokens,
@@ -136,18 +140,27 @@ def fit(
 
     t = time.perf_counter()
     result = train(
-        model, train_data, cfg, valid=valid_data, optimizer=optimizer,
-        start_epoch=start_epoch, on_epoch=checkpoint, progress=progress,
-    )  # fmt: skip
+        model,
+        train_data,
+        cfg,
+        valid=valid_data,
+        optimizer=optimizer,
+        start_epoch=start_epoch,
+        on_epoch=checkpoint,
+        progress=progress,
+    )
     seconds["train"] = time.perf_counter() - t
     calibration = None
     if calibrate_gate and model.setting in GATED_SETTINGS:
         t = time.perf_counter()
         calibration = calibrate(
-            model, valid_data, cfg.target_usage,
+            model,
+            valid_data,
+            cfg.target_usage,
             prompts=[e.prompt for e in data.valid[:calibration_prompts]],
-            decode=DecodeConfig(max_new_tokens=data.splits.max_new_tokens), progress=progress,
-        )  # fmt: skip
+            decode=DecodeConfig(max_new_tokens=data.splits.max_new_tokens),
+            progress=progress,
+        )
         seconds["calibrate"] = time.perf_counter() - t
         meta["calibration"] = calibration.as_dict()
         save_checkpoint(out, model, describe(model, epoch=cfg.epochs, **meta), optimizer)
@@ -173,13 +186,21 @@ def assess(
         cache = make_cache(model.backbone, model.rungs, model.config.wire_dtype, cache_root)
         cache.ensure(data.valid, progress=progress)
         calibration = calibrate(
-            model, cache.lazy(data.valid), target_usage,
-            prompts=[e.prompt for e in data.valid[:calibration_prompts]], decode=decode,
+            model,
+            cache.lazy(data.valid),
+            target_usage,
+            prompts=[e.prompt for e in data.valid[:calibration_prompts]],
+            decode=decode,
             progress=progress,
-        )  # fmt: skip
+        )
     references = [r.output for r in data.splits.test]
     report = evaluate(
-        model, data.test, references, dataset=data.splits.dataset, profile=profile,
-        decode=decode, progress=progress,
-    )  # fmt: skip
+        model,
+        data.test,
+        references,
+        dataset=data.splits.dataset,
+        profile=profile,
+        decode=decode,
+        progress=progress,
+    )
     return report, calibration

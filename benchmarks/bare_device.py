@@ -1,5 +1,6 @@
 """A bare device's side of the cloud protocol over HTTP, for the cloud API's own tests (late,
-ignored and malformed answers on purpose — what `device_agent` never does).
+ignored and malformed answers on purpose — what `device_agent` never does) and for
+`benchmarks/cloud_overhead.py`.
 
 It deliberately does not import `cloud_api`: like the real device, it knows the server only
 through HTTP and the documented encodings (taps and g(x): raw little-endian values of the tap
@@ -42,8 +43,10 @@ class SideDevice:
         taps = from_raw(base64.b64decode(event["taps"]), event["dtype"], event["shape"])
         start = event["start"]
         if self.cache.length > start:  # an answer of ours arrived after its deadline
-            self.cache.kv = [None if e is None else (e[0][:, :, :start], e[1][:, :, :start])
-                             for e in self.cache.kv]  # fmt: skip
+            self.cache.kv = [
+                None if e is None else (e[0][:, :, :start], e[1][:, :, :start])
+                for e in self.cache.kv
+            ]
         assert self.cache.length == start, "the cloud re-sends from the first unseen position"
         with torch.no_grad():
             return self.side(taps.float()[None], self.cache)[:, -1]
