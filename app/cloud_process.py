@@ -36,6 +36,13 @@ def terminate(process: subprocess.Popen, grace_s: float) -> None:
         process.wait()
 
 
+def spa_cloud(port: int, backbone: str, database: Path) -> list[str]:
+    """The command line of `spa cloud` on `port` with its records in the SQLite file `database`."""
+    return [sys.executable, "-c", "from app.cli import main; main()", "cloud", "--port",
+            str(port), "--backbone", backbone, "--log-level", "warning",
+            "--database-url", f"sqlite:///{database}"]  # fmt: skip
+
+
 class CloudStartError(SpaError, RuntimeError):
     """The cloud this process started exited, or was not ready in time (its log says why)."""
 
@@ -54,20 +61,7 @@ def cloud(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     work.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-c",
-        "from app.cli import main; main()",
-        "cloud",
-        "--port",
-        str(port),
-        "--backbone",
-        backbone,
-        "--log-level",
-        "warning",
-        "--database-url",
-        f"sqlite:///{work / 'cloud.db'}",
-    ]
+    command = spa_cloud(port, backbone, work / "cloud.db")
     if catalogue is not None:
         command += ["--catalogue", str(Path(catalogue).resolve())]
     log = (work / "cloud.log").open("wb")

@@ -16,7 +16,6 @@ Writes benchmarks/results/cloud_concurrency.json (figures, config, hardware, dat
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import write_results
 from personalization.config import DEFAULT_TAP_ENCODING
 
@@ -170,19 +170,11 @@ def run(args) -> None:
     from personalization.backbone.loading import load_backbone
     from personalization.config import DecodeConfig
     from personalization.training.checkpoint import load_checkpoint
-    from personalization.training.experiment import DataConfig, prepare_data
 
     backbone = load_backbone(args.backbone)
     if args.prompts == "personachat":  # long: persona and dialogue history, up to 384 tokens
-        data = prepare_data(
-            backbone,
-            DataConfig(
-                path=str(Path(args.data) / "personachat.jsonl"),
-                train_size=40,
-                valid_size=20,
-                test_size=40,
-                max_prompt_tokens=384,
-            ),
+        data = harness.splits(
+            backbone, args.data, "personachat", train=40, valid=20, test=40, tokens=384
         )
         prompts = [list(e.prompt) for e in data.test]
     else:  # short chat questions (about 30 tokens with the chat template)
@@ -235,40 +227,35 @@ def run(args) -> None:
 
 def render(r: dict) -> str:
     """The results as Markdown (the docs' results page)."""
-    lines: list[str] = []
-    out = lines.append
-    out(f"Hardware: {r['hardware']}; {r['date']}\n")
-    out(
-        "| setting | sessions | tokens/s | × 1 session | p50 ms / token | p95 ms / token | "
-        "p95 ÷ alone | errors |"
-    )
-    out("|---|---|---|---|---|---|---|---|")
-    for setting, cells in r["cells"].items():
-        for n, c in cells.items():
-            out(
-                f"| {setting} | {n} | {c['tokens_per_s']:.1f} | {c['speedup']:.2f} | "
-                f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p95_vs_alone']:.2f} | "
-                f"{len(c['errors'])} |"
-            )
+    headers = ["setting", "sessions", "tokens/s", "× 1 session", "p50 ms / token",
+               "p95 ms / token", "p95 ÷ alone", "errors"]  # fmt: skip
+    rows = [
+        [
+            setting,
+            n,
+            f"{c['tokens_per_s']:.1f}",
+            f"{c['speedup']:.2f}",
+            f"{c['p50_ms']:.0f}",
+            f"{c['p95_ms']:.0f}",
+            f"{c['p95_vs_alone']:.2f}",
+            len(c["errors"]),
+        ]  # fmt: skip
+        for setting, cells in r["cells"].items()
+        for n, c in cells.items()
+    ]
+    text = harness.table(headers, rows)
     if "soak" in r:
         s = r["soak"]
-        out(
-            f"\nSoak: {s['devices']} devices × {s['seconds']:.0f} s: sessions finished "
+        text += (
+            f"\n\nSoak: {s['devices']} devices × {s['seconds']:.0f} s: sessions finished "
             f"{s['finished']}, HTTP errors {s['http_errors'] or 'none'}, responses ≥ 500: "
             f"{s['responses_5xx']}, other errors: {s['error_count']}."
         )
-    return "\n".join(lines)
-
-
-def table(path: Path) -> None:
-    print(render(json.loads(path.read_text())))
+    return text
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", nargs="?", default="run", choices=("run", "table"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data"))
-    parser.add_argument("--backbone", default="smollm2")
+    parser = harness.parser(__doc__, phases=("run",), data=True, backbone=True, results=RESULTS)
     parser.add_argument(
         "--checkpoint",
         default=str(ROOT / f".bench/wire/personachat-spa-{DEFAULT_TAP_ENCODING}.safetensors"),
@@ -286,12 +273,7 @@ def main() -> None:
     parser.add_argument("--soak-s", type=float, default=60.0)
     parser.add_argument("--soak-devices", type=int, default=32)
     parser.add_argument("--work", default=str(ROOT / ".bench/concurrency"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    if args.phase == "table":
-        table(args.out)
-    else:
-        run(args)
+    harness.run(parser, render, run=run)
 
 
 if __name__ == "__main__":

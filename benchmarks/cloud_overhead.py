@@ -19,7 +19,6 @@ when the cores are contended), which would otherwise swamp the figure being meas
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import threading
@@ -27,6 +26,7 @@ import time
 
 import torch
 
+from benchmarks import harness
 from benchmarks.bare_device import CloudClient, SideDevice
 from benchmarks.harness import hardware
 from cloud_api.server import ThreadedServer
@@ -41,8 +41,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="smollm2")
+    parser = harness.parser(__doc__, backbone=True)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

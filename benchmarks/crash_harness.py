@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def cloud_round(directory: Path, rng: random.Random, finished: set[str]) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cloud-every", type=int, default=10, help="every N-th kill: the cloud")

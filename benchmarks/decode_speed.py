@@ -9,12 +9,12 @@ ratios to plain generate. Each figure is the median of the repeats, measured in 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from benchmarks import harness
 from benchmarks.harness import hardware
 from personalization.backbone.loading import load_backbone
 from personalization.config import DecodeConfig, SPAConfig
@@ -25,8 +25,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="smollm2")
+    parser = harness.parser(__doc__, backbone=True)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -13,13 +13,13 @@ in the answer). Writes `benchmarks/results/demo_users.json`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
 from app.demo_users import DEMO_USERS
 from app.devices import DemoDecoding
+from benchmarks import harness
 from benchmarks.harness import write_results
 
 RESULTS = Path(__file__).parent / "results" / "demo_users.json"
@@ -141,7 +141,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:7860/")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--table", action="store_true", help="print the README table and stop")

@@ -12,7 +12,6 @@ Writes benchmarks/results/device_import.json (figures, config, hardware, date).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -23,15 +22,16 @@ from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
-import json, sys, time
+import json, resource, sys, time
 t = time.perf_counter()
 import device_agent.agent
 seconds = time.perf_counter() - t
-rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
 print(json.dumps({"rss_mb": rss, "seconds": seconds, "peft": "peft" in sys.modules,
                   "transformers": "transformers" in sys.modules}))
 """
@@ -69,7 +69,7 @@ def export(rev: str, into: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--against", help="a git revision to measure beside the working tree")
     parser.add_argument("--repeat", type=int, default=3, help="interpreters per tree (median)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/device_import.json")

@@ -11,13 +11,13 @@ before training: Python, torch, transformers imports) is what a phone-sized proc
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import hardware
 from benchmarks.servers import free_port, spawn, stop, wait_ready
 from device_agent.agent import DeviceAgent
@@ -34,9 +34,7 @@ def peak_rss_mb() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="smollm2")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser = harness.parser(__doc__, data=True, backbone=True)
     parser.add_argument("--users", type=int, default=6, help="PersonaChat users on this device")
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()

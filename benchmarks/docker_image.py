@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from app.cloud_process import free_port, terminate
+from benchmarks import harness
 from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,7 +321,7 @@ def check(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--base", help="BASE_IMAGE (default: python:3.11-slim, else Debian)")
     parser.add_argument("--tag", default="spa-demo")
     parser.add_argument(

@@ -27,12 +27,12 @@ benchmarks/results/federated.json, and `table` prints the Markdown tables from i
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import hardware, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def summarise(args) -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
     }
     write_results(results, args.out)
-    table(args.out)
+    harness.show(render, args.out)
 
 
 def central(args, data: Path) -> dict:
@@ -252,10 +252,6 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def table(path: Path) -> None:
-    print(render(json.loads(Path(path).read_text())))
-
-
 def _figure(row: dict, name: str) -> str:
     """A metric with its interval; – in a round that did not measure it."""
     if name not in row:
@@ -265,7 +261,7 @@ def _figure(row: dict, name: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
     parser.add_argument("phase", choices=("run", "table"))
     parser.add_argument("--task", choices=tuple(TASKS), default="beauty")
     parser.add_argument("--devices", type=int, default=None, help="64 (beauty), 32 (personachat)")
@@ -279,13 +275,10 @@ def main() -> None:
         help="beauty: the catalogue search every round, in the last only, or never",
     )
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--backbone", default="smollm2")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument("--work", default=str(ROOT / ".bench/federated"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.devices = args.devices or (64 if args.task == "beauty" else 32)
-    {"run": run, "table": lambda a: table(a.out)}[args.phase](args)
+    {"run": run, "table": lambda a: harness.show(render, a.out)}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ set grows — the gate's own (uncalibrated) usage, since the calibrated one is t
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import hardware, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def run(args) -> None:
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
         }
         _save(results, args.out)
-    table(args.out)
+    harness.show(render, args.out)
 
 
 def _cell(c: dict | None, what: str) -> str:
@@ -376,10 +376,6 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def table(path: Path) -> None:
-    print(render(_load(path)))
-
-
 def _paired(a: dict | None, b: dict | None) -> str:
     """The mean per-example difference a − b on the same test examples, with its bootstrap 95 %
     interval (tighter than comparing two separate intervals); – where a cell kept no scores."""
@@ -400,15 +396,13 @@ def _table7(c: dict | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the tables and stop")
     parser.add_argument(
         "--rescore",
         action="store_true",
         help="add per-example scores to finished cells without them",
     )
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
-    parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--epochs", type=int, default=15)
@@ -429,10 +423,9 @@ def main() -> None:
     parser.add_argument("--profile", default="lte")
     parser.add_argument("--skip", nargs="*", default=[], metavar="SETTING=REASON")
     parser.add_argument("--work", default=str(ROOT / ".bench/paper"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.table:
-        table(args.out)
+        harness.show(render, args.out)
     elif args.rescore:
         rescore(args)
     else:

@@ -26,7 +26,6 @@ benchmarks/results/recommend.json; its `summary` holds the figures issue 34 name
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks import harness
 from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -476,7 +476,7 @@ def summarise(args) -> None:
             }
     results["summary"] = summary
     write_results(results, args.out)
-    table(args.out)
+    harness.show(render, args.out)
 
 
 def render(r: dict) -> str:
@@ -510,22 +510,15 @@ def render(r: dict) -> str:
     return "\n".join([*lines, "", f"Summary: {summary}."])
 
 
-def table(path: Path) -> None:
-    """Print the tables (the docs' results page renders the same)."""
-    print(render(json.loads(Path(path).read_text())))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
     parser.add_argument("phase", choices=("codes", "train", "quality", "speed", "table"))
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument(
         "--eval-data",
         type=Path,
         default=None,
         help="score this Beauty-format file's users with models trained on --data",
     )
-    parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument(
         "--lrs",
@@ -553,14 +546,13 @@ def main() -> None:
     parser.add_argument("--teacher-beams", type=int, default=10)
     parser.add_argument("--draft-epochs", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / ".bench/recommend"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     phases = {
         "codes": codes,
         "train": train,
         "quality": quality,
         "speed": speed,
-        "table": lambda a: table(a.out),
+        "table": lambda a: harness.show(render, a.out),
     }
     phases[args.phase](args)
 

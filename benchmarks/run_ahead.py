@@ -24,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import write_results
 from personalization.config import DEFAULT_TAP_ENCODING
 
@@ -43,18 +44,16 @@ def _setup(args):
     """The backbone, the dataset's test prompts (as `spa eval` splits them) and the checkpoint."""
     from personalization.backbone.loading import load_backbone
     from personalization.training.checkpoint import load_checkpoint
-    from personalization.training.experiment import DataConfig, prepare_data
 
     backbone = load_backbone(args.backbone)
-    data = prepare_data(
+    data = harness.splits(
         backbone,
-        DataConfig(
-            path=str(Path(args.data) / f"{args.dataset}.jsonl"),
-            train_size=args.train_size,
-            valid_size=args.valid_size,
-            test_size=args.test_size,
-            max_prompt_tokens=args.max_prompt_tokens,
-        ),
+        args.data,
+        args.dataset,
+        train=args.train_size,
+        valid=args.valid_size,
+        test=args.test_size,
+        tokens=args.max_prompt_tokens,
     )
     ckpt = Path(args.work) / f"{args.dataset}-spa-{args.encoding}.safetensors"
     model = load_checkpoint(ckpt, backbone)[0].eval()
@@ -225,49 +224,57 @@ def quality(args) -> None:
 
 def render(r: dict) -> str:
     """The results as Markdown (the docs' results page)."""
-    lines: list[str] = []
-    out = lines.append
-    out(f"Hardware: {r.get('hardware')}; {r.get('date')}\n")
-    out(
-        "| profile | mode | wait ms / token | ÷ base | T_total ms / token (books) | ÷ base | "
-        "first token ms | corrections / token | withdrawn / token | bytes / token |"
-    )
-    out("|---|---|---|---|---|---|---|---|---|---|")
-    for name, cells in r.get("cost", {}).items():
-        for mode in MODES:
-            c = cells[mode]
-            out(
-                f"| {name} | {mode} | {c['wait_ms']:.1f} | {c['wait_vs_base']:.2f} | "
-                f"{c['t_total_ms']:.1f} | {c['t_total_vs_base']:.2f} | {c['first_token_ms']:.0f} | "
-                f"{c['corrections_per_token']:.2f} | {c['withdrawn_per_token']:.2f} | "
-                f"{c['bytes_per_token']:,.0f} |"
-            )
+    headers = ["profile", "mode", "wait ms / token", "÷ base", "T_total ms / token (books)",
+               "÷ base", "first token ms", "corrections / token", "withdrawn / token",
+               "bytes / token"]  # fmt: skip
+    rows = [
+        [
+            name,
+            mode,
+            f"{c['wait_ms']:.1f}",
+            f"{c['wait_vs_base']:.2f}",
+            f"{c['t_total_ms']:.1f}",
+            f"{c['t_total_vs_base']:.2f}",
+            f"{c['first_token_ms']:.0f}",
+            f"{c['corrections_per_token']:.2f}",
+            f"{c['withdrawn_per_token']:.2f}",
+            f"{c['bytes_per_token']:,.0f}",
+        ]  # fmt: skip
+        for name, cells in r.get("cost", {}).items()
+        for mode, c in ((m, cells[m]) for m in MODES)
+    ]
+    text = harness.table(headers, rows)
     if r.get("quality"):
-        out(
-            "\n| dataset | examples | spa Rouge-L [95 % CI] | run-ahead Rouge-L [95 % CI] | "
-            "identical outputs | corrections / token |"
+        ci = "{0[rouge_l]:.2f} [{0[rouge_l_ci][0]:.2f}, {0[rouge_l_ci][1]:.2f}]".format
+        quality = [
+            [
+                dataset,
+                c["examples"],
+                ci(c["spa"]),
+                ci(c["spa run-ahead"]),
+                c["identical_outputs"],
+                f"{c['spa run-ahead']['corrections_per_token']:.2f}",
+            ]  # fmt: skip
+            for dataset, c in r["quality"].items()
+        ]
+        text += "\n\n" + harness.table(
+            [
+                "dataset",
+                "examples",
+                "spa Rouge-L [95 % CI]",
+                "run-ahead Rouge-L [95 % CI]",
+                "identical outputs",
+                "corrections / token",
+            ],  # fmt: skip
+            quality,
         )
-        out("|---|---|---|---|---|---|")
-    for dataset, c in r.get("quality", {}).items():
-        s, ra = c["spa"], c["spa run-ahead"]
-        out(
-            f"| {dataset} | {c['examples']} | {s['rouge_l']:.2f} [{s['rouge_l_ci'][0]:.2f}, "
-            f"{s['rouge_l_ci'][1]:.2f}] | {ra['rouge_l']:.2f} [{ra['rouge_l_ci'][0]:.2f}, "
-            f"{ra['rouge_l_ci'][1]:.2f}] | {c['identical_outputs']} | "
-            f"{ra['corrections_per_token']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def table(path: Path) -> None:
-    print(render(_load(path)))
+    return text
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("cost", "quality", "table"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data"))
-    parser.add_argument("--backbone", default="smollm2")
+    parser = harness.parser(
+        __doc__, phases=("cost", "quality"), data=True, backbone=True, results=RESULTS
+    )
     parser.add_argument("--dataset", default="personachat")
     parser.add_argument("--encoding", default=DEFAULT_TAP_ENCODING)
     parser.add_argument("--train-size", type=int, default=40, help="as the checkpoint's split")
@@ -280,7 +287,6 @@ def main() -> None:
     parser.add_argument("--quality-examples", type=int, default=30)
     parser.add_argument("--quality-tokens", type=int, default=48)
     parser.add_argument("--work", default=str(ROOT / ".bench/wire"), help="checkpoints")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
@@ -288,13 +294,7 @@ def main() -> None:
         help="cost: the cloud and the device on one core each, as two machines (run-ahead runs "
         "them at the same time; sharing both cores would charge it the other's compute)",
     )
-    args = parser.parse_args()
-    if args.phase == "cost":
-        cost(args)
-    elif args.phase == "quality":
-        quality(args)
-    else:
-        table(args.out)
+    harness.run(parser, render, cost=cost, quality=quality)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from app.cloud_process import spa_cloud
 
 
 def free_port() -> int:
@@ -24,20 +25,7 @@ def free_port() -> int:
 def spawn(directory: Path, port: int, backbone: str = "tiny-llama", **env: str) -> subprocess.Popen:
     """`spa cloud` as its own process (tiny backbone, SQLite in `directory`), for tests that
     must kill or signal the server; `wait_ready` before use, `stop` after."""
-    command = [
-        sys.executable,
-        "-c",
-        "from app.cli import main; main()",
-        "cloud",
-        "--port",
-        str(port),
-        "--backbone",
-        backbone,
-        "--log-level",
-        "warning",
-        "--database-url",
-        f"sqlite:///{directory / 'cloud.db'}",
-    ]
+    command = spa_cloud(port, backbone, directory / "cloud.db")
     env = os.environ | env
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -61,7 +49,8 @@ def stop(process: subprocess.Popen) -> str:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
-        return process.communicate(timeout=30)[0].decode()
+        out = process.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
         process.kill()
-        return process.communicate()[0].decode()
+        out = process.communicate()[0]
+    return out.decode() if isinstance(out, bytes) else out or ""

@@ -17,13 +17,13 @@ rerun skips finished rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks import harness
 from benchmarks.harness import write_results
 from benchmarks.paper_tables import data_config
 
@@ -86,38 +86,29 @@ def run(args) -> None:
         )
         results["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         write_results(results, args.out)
-    table(args.out)
+    harness.show(render, args.out)
 
 
 def render(r: dict) -> str:
-    """The results as Markdown (the docs' results page)."""
-    lines: list[str] = []
-    out = lines.append
-    out(f"Hardware: {r['hardware']}; {r['date']}; validation loss in nats per target token\n")
-    out(
-        "| dataset | train | width | lr | backbone | side @ 5 epochs | best (epoch) "
-        "| gain @ 5 | best gain | device labels |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
+    """The results as Markdown (the docs' results page): validation loss in nats per target
+    token."""
+    rows = []
     for row in r["rows"].values():
         losses = row["valid_loss"]
-        out(
-            f"| {row['dataset']} | {row['train_size']} | {row['width']} | {row['lr']:g} "
-            f"| {row['base_loss']:.3f} | {losses[min(4, len(losses) - 1)]:.3f} "
-            f"| {min(losses):.3f} ({row['best_epoch']}) | {row['gain_at_5']:+.3f} "
-            f"| {row['gain_best']:+.3f} | {row['device_best']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def table(path: Path) -> None:
-    print(render(json.loads(path.read_text())))
+        rows.append([
+            row["dataset"], row["train_size"], row["width"], f"{row['lr']:g}",
+            f"{row['base_loss']:.3f}", f"{losses[min(4, len(losses) - 1)]:.3f}",
+            f"{min(losses):.3f} ({row['best_epoch']})", f"{row['gain_at_5']:+.3f}",
+            f"{row['gain_best']:+.3f}", f"{row['device_best']:.2f}",
+        ])  # fmt: skip
+    headers = ["dataset", "train", "width", "lr", "backbone", "side @ 5 epochs", "best (epoch)",
+               "gain @ 5", "best gain", "device labels"]  # fmt: skip
+    return harness.table(headers, rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the table and stop")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
-    parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--datasets", nargs="+", default=["sciq", "coqa", "xsum"])
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 3e-3])
     parser.add_argument("--reductions", type=int, nargs="+", default=[8])
@@ -127,9 +118,8 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=50)
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    table(args.out) if args.table else run(args)
+    harness.show(render, args.out) if args.table else run(args)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ Writes benchmarks/results/soak.json (figures, config, hardware, date); progress 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import re
@@ -35,6 +33,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,19 +221,17 @@ def run(args) -> None:
     from device_agent.client import CloudClient
     from personalization.backbone.loading import load_backbone
     from personalization.training.checkpoint import load_checkpoint
-    from personalization.training.experiment import DataConfig, prepare_data
 
     torch.set_num_threads(1)  # the devices' side networks; the cloud has its own process
     backbone = load_backbone(args.backbone)
-    data = prepare_data(
+    data = harness.splits(
         backbone,
-        DataConfig(
-            path=str(Path(args.data) / "personachat.jsonl"),
-            train_size=40,
-            valid_size=20,
-            test_size=40,
-            max_prompt_tokens=args.max_prompt_tokens,
-        ),
+        args.data,
+        "personachat",
+        train=40,
+        valid=20,
+        test=40,
+        tokens=args.max_prompt_tokens,
     )
     prompts = [list(e.prompt) for e in data.test]
     model = load_checkpoint(Path(args.checkpoint), backbone)[0].eval()
@@ -321,7 +318,7 @@ def run(args) -> None:
         "rss_growth_2_to_end": at(args.minutes) / at(2.0) - 1,
     }
     write_results(results, args.out)
-    table(args.out)
+    harness.show(render, args.out)
 
 
 def render(r: dict) -> str:
@@ -329,7 +326,6 @@ def render(r: dict) -> str:
     lines: list[str] = []
     out = lines.append
     c = r["config"]
-    out(f"Hardware: {r['hardware']}; {r['date']}\n")
     weights = ", ".join(f"{b} {w}" for b, w in c["behaviour_weights"].items())
     out(
         f"{c['devices']} devices × {c['minutes']:g} min on {c['backbone']} "
@@ -360,15 +356,8 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def table(path: Path) -> None:
-    print(render(json.loads(path.read_text())))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", nargs="?", default="run", choices=("run", "table"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data"))
-    parser.add_argument("--backbone", default="smollm2")
+    parser = harness.parser(__doc__, phases=("run",), data=True, backbone=True, results=RESULTS)
     parser.add_argument(
         "--checkpoint",
         default=str(ROOT / "benchmarks/results/settings/personachat-spa.safetensors"),
@@ -380,12 +369,7 @@ def main() -> None:
     parser.add_argument("--resume-s", type=float, default=15.0)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--work", default=str(ROOT / ".bench/soak"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    if args.phase == "table":
-        table(args.out)
-    else:
-        run(args)
+    harness.run(parser, render, run=run)
 
 
 if __name__ == "__main__":

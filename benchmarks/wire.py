@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import write_results
 from personalization.config import TAP_ENCODINGS, TAP_MODES
 
@@ -49,17 +50,15 @@ def _save(results: dict, config: dict, path: Path = RESULTS) -> None:
 
 def _data(backbone, dataset: str, args: argparse.Namespace):
     """The dataset's seeded splits, as `spa train` / `spa eval` make them."""
-    from personalization.training.experiment import DataConfig, prepare_data
 
-    return prepare_data(
+    return harness.splits(
         backbone,
-        DataConfig(
-            path=str(Path(args.data) / f"{dataset}.jsonl"),
-            train_size=args.train_size,
-            valid_size=args.valid_size,
-            test_size=args.test_size,
-            max_prompt_tokens=args.max_prompt_tokens,
-        ),
+        args.data,
+        dataset,
+        train=args.train_size,
+        valid=args.valid_size,
+        test=args.test_size,
+        tokens=args.max_prompt_tokens,
     )
 
 
@@ -241,52 +240,53 @@ def _measure(client, model, prompts, decode, mode, generation) -> dict:
 
 
 def render(results: dict) -> str:
-    """The results as Markdown (the docs' results page)."""
-    lines: list[str] = []
-    out = lines.append
-    out(f"Hardware: {results.get('hardware')}; {results.get('date')}")
-    out(
-        "\n| dataset | encoding | B / tap position | B / token (in-process books) | "
-        "Rouge-L [95 % CI] | usage |"
-    )
-    out("|---|---|---|---|---|---|")
-    for dataset, cells in results.get("quality", {}).items():
-        for encoding, r in cells.items():
-            low, high = r["rouge_l_ci"]
-            out(
-                f"| {dataset} | {encoding} | {r['tap_bytes'] or '—'} | "
-                f"{r['bytes_per_token']:,.0f} | {r['rouge_l']:.2f} [{low:.2f}, {high:.2f}] | "
-                f"{r['usage']:.2f} |"
-            )
-    cost = results.get("cost", {})
+    """The results as Markdown (the docs' results page): quality per encoding, then cost."""
+    quality = [
+        [
+            dataset,
+            encoding,
+            r["tap_bytes"] or "—",
+            f"{r['bytes_per_token']:,.0f}",
+            f"{r['rouge_l']:.2f} [{r['rouge_l_ci'][0]:.2f}, {r['rouge_l_ci'][1]:.2f}]",
+            f"{r['usage']:.2f}",
+        ]  # fmt: skip
+        for dataset, cells in results.get("quality", {}).items()
+        for encoding, r in cells.items()
+    ]
+    parts = [harness.table(["dataset", "encoding", "B / tap position",
+                            "B / token (in-process books)", "Rouge-L [95 % CI]", "usage"],
+                           quality)]  # fmt: skip
+    cost = [
+        [
+            name,
+            key,
+            f"{r['bytes_per_position']:,.0f}",
+            f"{r['bytes_per_token']:,.0f}",
+            f"{r['M']:.2f}",
+            f"{1e3 * r['t_total_per_token']:.1f}",
+            f"{r.get('vs_base', 1):.2f}",
+            _maybe(r["first_device_token_s"]),
+            _maybe(r.get("first_device_vs_base_first")),
+        ]  # fmt: skip
+        for name, cells in results.get("cost", {}).items()
+        for key, r in cells.items()
+    ]
     if cost:
-        out(
-            "\n| profile | encoding / mode | B / tap position (wire) | B / token (wire) | M | "
-            "T_total ms / token | ÷ base | first device token s | ÷ base first token |"
-        )
-        out("|---|---|---|---|---|---|---|---|---|")
-    for name, cells in cost.items():
-        for key, r in cells.items():
-            first, ratio = r["first_device_token_s"], r.get("first_device_vs_base_first")
-            out(
-                f"| {name} | {key} | {r['bytes_per_position']:,.0f} | "
-                f"{r['bytes_per_token']:,.0f} | {r['M']:.2f} | "
-                f"{1e3 * r['t_total_per_token']:.1f} | {r.get('vs_base', 1):.2f} | "
-                f"{'—' if first is None else f'{first:.2f}'} | "
-                f"{'—' if ratio is None else f'{ratio:.2f}'} |"
-            )
-    return "\n".join(lines)
+        headers = ["profile", "encoding / mode", "B / tap position (wire)", "B / token (wire)",
+                   "M", "T_total ms / token", "÷ base", "first device token s",
+                   "÷ base first token"]  # fmt: skip
+        parts.append(harness.table(headers, cost))
+    return "\n\n".join(parts)
 
 
-def table(path: Path) -> None:
-    print(render(_load(path)))
+def _maybe(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("quality", "cost", "table"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data"))
-    parser.add_argument("--backbone", default="smollm2")
+    parser = harness.parser(
+        __doc__, phases=("quality", "cost"), data=True, backbone=True, results=RESULTS
+    )
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--encodings", nargs="+", default=list(TAP_ENCODINGS))
     parser.add_argument("--train-size", type=int, default=300)
@@ -298,18 +298,11 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
     parser.add_argument("--work", default=str(ROOT / ".bench/wire"), help="checkpoints")
     parser.add_argument("--cache", default=None, help="feature cache root")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cost-dataset", default="personachat")
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES))
     parser.add_argument("--prompts", type=int, default=3, help="test prompts per cost cell")
     parser.add_argument("--tokens", type=int, default=24, help="tokens per cost generation")
-    args = parser.parse_args()
-    if args.phase == "quality":
-        quality(args)
-    elif args.phase == "cost":
-        cost(args)
-    else:
-        table(args.out)
+    harness.run(parser, render, quality=quality, cost=cost)
 
 
 if __name__ == "__main__":

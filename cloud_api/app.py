@@ -205,9 +205,7 @@ def revoke_own_token(request: Request, device: Device) -> Response:
 
 @_v1.delete("/devices/{device_id}", status_code=204, tags=["devices"], responses={403: _FORBIDDEN})
 def revoke_token(
-    request: Request,
-    credentials: Credentials,
-    device_id: Annotated[str, Path(max_length=32)],
+    request: Request, credentials: Credentials, device_id: Annotated[str, Path(max_length=32)]
 ) -> Response:
     """The operator revokes a device's token."""
     request.app.state.access.require_operator(credentials, "revoking another device's token")
@@ -343,7 +341,7 @@ async def events(
             while (line := await queue.get()) is not END:
                 yield line
         finally:
-            session.detach(stream)
+            session.events.detach(stream)
 
     return StreamingResponse(lines(), media_type=NDJSON)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cloud_api.errors import ApiError
-from cloud_api.sessions import Session, SideRequest
+from cloud_api.sessions import Session, tap_fields
 from cloud_api.settings import CloudSettings
 from personalization.atspeed.code_target import (
     CodeRecommender,
@@ -196,13 +196,13 @@ class RecommendSession(Session):
         self._keep = index
 
     def __call__(self, taps: torch.Tensor, mask: torch.Tensor, real: torch.Tensor):
-        self._attached.wait()  # paused while the device is away (cancel wakes it)
-        with self._lock:
-            if self._stop or self._unanswered:
-                return None
-            rows, positions = taps.shape[:2]
-            request = SideRequest(len(self._requests) + 1, 0, positions, int(real.sum()))
-            self._requests[request.id] = request
+        self.events.attached.wait()  # paused while the device is away (cancel wakes it)
+        if self._stop or self._unanswered:
+            return None
+        rows, positions = taps.shape[:2]
+        request = self.requests.open(0, positions, int(real.sum()))
+        if self._stop:  # after opening: a cancel either saw this request or is seen here
+            return None
         keep, self._keep = self._keep, None
         sent = self._emit(
             TreeRequestEvent(
@@ -212,7 +212,7 @@ class RecommendSession(Session):
                 mask_shape=list(mask.shape),
                 real=wire.b64encode(wire.pack_bits(real)),
                 keep=None if keep is None else keep.tolist(),
-                **self._taps(0, taps, 0),
+                **tap_fields(self.model.codec, self.tap_dtype, 0, taps, 0),
             )
         )
         self.totals.device_contacts += 1
@@ -224,38 +224,27 @@ class RecommendSession(Session):
         return request.g
 
     # ---- the search thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        started = time.perf_counter()
-        status, reason = "finished", ""
-        try:
-            self.records.update_session(self.id, status="running")
-            self._emit(StartEvent(**dict(self.facts())))
-            t0 = time.perf_counter()
-            result = self.codes.recommend(
-                self.history,
-                self.config,
-                self.draft,
-                exclude_purchased=self.exclude_purchased,
-                model=self.model,
-                side=self,
-            )
-            seconds = time.perf_counter() - t0
-            if not self._stop:
-                self._emit(
-                    RecommendedEvent(
-                        items=items(self.codes, result.items[0]),
-                        target_passes=result.target_passes,
-                        seconds=seconds,
-                        acceptance=None
-                        if self.config.strategy == "beam" or result.stats is None
-                        else result.stats.acceptance,
-                    )
+    def _decode(self) -> None:
+        self._emit(StartEvent(**dict(self.facts())))
+        t0 = time.perf_counter()
+        result = self.codes.recommend(
+            self.history,
+            self.config,
+            self.draft,
+            exclude_purchased=self.exclude_purchased,
+            model=self.model,
+            side=self,
+        )
+        seconds = time.perf_counter() - t0
+        if not self._stop:
+            self._emit(
+                RecommendedEvent(
+                    items=items(self.codes, result.items[0]),
+                    target_passes=result.target_passes,
+                    seconds=seconds,
+                    acceptance=None
+                    if self.config.strategy == "beam" or result.stats is None
+                    else result.stats.acceptance,
                 )
-            self.totals.cloud_s = seconds - self.totals.device_wait_s
-        except Exception as exc:  # a bug must end this session cleanly, not the server
-            log.exception("recommendation session %s failed", self.id)
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
-        if self._stop:
-            status, reason = self._stop
-        self.totals.wall_s = time.perf_counter() - started
-        self._end(status, reason)
+            )
+        self.totals.cloud_s = seconds - self.totals.device_wait_s

@@ -18,7 +18,7 @@ import threading
 import time
 
 from cloud_api.errors import ApiError
-from cloud_api.sessions import Session
+from cloud_api.sessions import Session, tap_fields
 from personalization.decoding import Detokenizer
 from personalization.run_ahead import Draft, Drafter
 from protocol import wire
@@ -76,35 +76,25 @@ class RunAheadSession(Session):
             return epoch
 
     # ---- the decoding thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        started = time.perf_counter()
-        status, reason = "finished", ""
+    def _decode(self) -> str | None:
+        drafter = Drafter(self.model, self.prompt_ids, self.decode)
+        ids = self.prompt_ids if drafter.process else None  # the device's verdicts need them
+        self._emit(StartEvent(**dict(self.facts()), prompt_ids=ids))
         try:
-            self.records.update_session(self.id, status="running")
-            drafter = Drafter(self.model, self.prompt_ids, self.decode)
-            ids = self.prompt_ids if drafter.process else None  # the device's verdicts need them
-            self._emit(StartEvent(**dict(self.facts()), prompt_ids=ids))
-            try:
-                self._loop_drafts(drafter)
-            finally:
-                self.totals.tokens = len(drafter.tokens)
-        except Exception as exc:  # a bug must end this session cleanly, not the server
-            log.exception("session %s failed", self.id)
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
-        if self._stop:
-            status, reason = self._stop
-        elif status == "finished" and not self.run_ahead.verified:
-            reason = (
+            self._loop_drafts(drafter)
+        finally:
+            self.totals.tokens = len(drafter.tokens)
+        if not self.run_ahead.verified:
+            return (
                 f"the device sent no verdict on the last drafts within {self.deadline_s:g} s: "
                 "they stand as the backbone drafted them"
             )
-        self.totals.wall_s = time.perf_counter() - started
-        self._end(status, reason)
+        return None
 
     def _loop_drafts(self, drafter: Drafter) -> None:
         eos, limit = self.model.backbone.eos_token_ids, self.decode.max_new_tokens
         while True:
-            self._attached.wait()  # paused while the device is away (cancel wakes it)
+            self.events.attached.wait()  # paused while the device is away (cancel wakes it)
             if self._stop:
                 return
             self._apply_correction(drafter)
@@ -142,7 +132,7 @@ class RunAheadSession(Session):
             f=wire.b64encode(wire.encode(draft.f, self.tap_dtype)),
             cloud_ms=round(1e3 * draft.cloud_s, 3),
             last=draft.index + 1 >= limit or draft.token in eos,
-            **self._taps(draft.start, draft.taps, 0),
+            **tap_fields(self.model.codec, self.tap_dtype, draft.start, draft.taps, 0),
         )
         with self._lock:
             self._drafted = draft.index

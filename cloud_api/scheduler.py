@@ -61,11 +61,7 @@ class StepScheduler:
     """One thread, one backbone pass at a time, as many sessions per pass as are ready."""
 
     def __init__(
-        self,
-        backbone: Backbone,
-        compute: threading.Lock,
-        max_batch: int = 16,
-        wait_s: float = 0.02,
+        self, backbone: Backbone, compute: threading.Lock, max_batch: int = 16, wait_s: float = 0.02
     ):
         self.backbone, self.compute, self.max_batch = backbone, compute, max_batch
         self.wait_s = wait_s  # how long a decoding round waits for the active rows to return
@@ -190,6 +186,10 @@ class BatchedBackbone:
 
     def __init__(self, backbone: Backbone, scheduler: StepScheduler):
         self.__dict__["_backbone"], self.__dict__["_scheduler"] = backbone, scheduler
+
+    @property
+    def scheduler(self) -> StepScheduler:
+        return self.__dict__["_scheduler"]
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["_backbone"], name)

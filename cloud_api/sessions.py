@@ -29,43 +29,29 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch import Tensor
 
 from cloud_api.db import LIVE, Records, now
 from cloud_api.errors import ApiError
+from cloud_api.event_log import END, EventLog
+from cloud_api.ledger import Ledger, StepCost
+from cloud_api.side_requests import SideRequest, SideRequests
 from personalization.config import DecodeConfig, TapMode
 from personalization.decoding import generate
 from personalization.latency import Books, round_trips_per_step
 from personalization.model import Ask, SPAModel
 from protocol import wire
-from protocol.events import (
-    DoneEvent,
-    SideRequestEvent,
-    StartEvent,
-    TapsEvent,
-    TokenEvent,
-)
+from protocol.events import DoneEvent, Event, SideRequestEvent, StartEvent, TapsEvent, TokenEvent
 from protocol.messages import RunAheadTotals, SessionFacts, SessionTotals
 
 log = logging.getLogger("cloud_api.sessions")
 
-END = None  # queue sentinel: the stream is over
-
-
-class SideRequest:
-    """One ask for g(x): waiting → answered | expired | cancelled (under the session's lock)."""
-
-    def __init__(self, request_id: int, start: int, positions: int, rows: int = 1):
-        self.id, self.start, self.positions, self.rows = request_id, start, positions, rows
-        self.state = "waiting"
-        self.g: Tensor | None = None
-        self.done = threading.Event()
-
 
 class Session:
-    """One device's generation (see the module docstring for the life cycle)."""
+    """One device's generation (see the module docstring for the life cycle): the decoding
+    thread, with its event stream (`EventLog`), its asks for g(x) (`SideRequests`) and its books
+    (`ledger`: the totals, and the token being made)."""
 
     def __init__(
         self,
@@ -85,29 +71,24 @@ class Session:
         self.id, self.device_id = session_id, device_id
         self.model, self.prompt_ids, self.decode = model, prompt_ids, decode
         self.deadline_s, self.strict, self.tap_mode = deadline_s, strict, tap_mode
-        self.streamed = tap_mode == "streamed"
         self.resume_s = resume_s
         self.tap_dtype = model.config.wire_dtype
         self.hidden_size = model.backbone.hidden_size
         self.records, self.on_end = records, on_end
         self.status = "created"
-        self.totals = SessionTotals()  # what it cost so far (recorded when it ends)
+        self.ledger = Ledger()  # what it cost so far (recorded when it ends), and this token
         self.books = Books()  # the decoding's own books (its steps give M)
         self.run_ahead: RunAheadTotals | None = None  # what run-ahead did (its subclass)
         self.last_active = time.monotonic()
+        self.events = EventLog(session_id, on_loop_gone=self._server_gone)
+        self.requests = SideRequests(session_id, deadline_s, self.tap_dtype, self.hidden_size)
         self._lock = threading.Lock()
-        self._requests: dict[int, SideRequest] = {}
-        self._acked = 0  # tap positions the device has confirmed by answering
-        self._pushed = 0  # streamed mode: tap positions sent so far
         self._stop: tuple[str, str] | None = None  # (status, reason) asked for by cancel / TTL
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue | None = None
-        self._log: list[bytes] = []  # every event line sent: what a resumed stream replays
-        self._streams = 0  # event streams opened (the attached one is number `_streams`)
-        self._attached = threading.Event()  # a device is reading the events
-        self._detached_at: float | None = None
         self._thread: threading.Thread | None = None
-        self._step = _StepCost()
+
+    @property
+    def totals(self) -> SessionTotals:
+        return self.ledger.totals
 
     # ---- called from the API ---------------------------------------------------------------
     def open_stream(
@@ -123,20 +104,7 @@ class Session:
                     f"session {self.id} is {self.status}: its events stream once; a device "
                     "whose stream broke resumes it with ?after=<event lines read>",
                 )
-            if after is not None and after > len(self._log):
-                raise ApiError(
-                    422, f"after={after}, but session {self.id} has sent {len(self._log)} events"
-                )
-            old, self._loop, self._queue = self._queue, loop, asyncio.Queue()
-            for line in self._log[after or 0 :]:
-                self._queue.put_nowait(line)
-            if self.status not in LIVE:
-                self._queue.put_nowait(END)
-            if old is not None:  # a stream the server has not yet seen break ends here
-                old.put_nowait(END)
-            self._streams += 1
-            self._detached_at = None
-            self._attached.set()
+            opened = self.events.attach(loop, after, ended=self.status not in LIVE)
             start = self.status == "created"
             if start:
                 self.status = "running"
@@ -145,54 +113,17 @@ class Session:
                 )
         if start:
             self._thread.start()
-        return self._streams, self._queue
-
-    def detach(self, stream: int) -> None:
-        """Event stream `stream` closed: pause (at the next token) until the device resumes."""
-        with self._lock:
-            if stream == self._streams and self.status in LIVE:
-                self._attached.clear()
-                self._detached_at = time.monotonic()
-
-    def detached_s(self) -> float:
-        """How long no device has read this session's events (0 while one does)."""
-        at = self._detached_at
-        return 0.0 if at is None else time.monotonic() - at
+        return opened
 
     def answer(self, request_id: int, data: bytes, dtype: str) -> None:
         """Accept the device's g(x) for a side request (raw bytes in `dtype`), or refuse it."""
-        with self._lock:
-            if self.status not in LIVE:
-                raise ApiError(409, f"session {self.id} is {self.status}; it takes no answers")
-            request = self._requests.get(request_id)
-            if request is None:
-                raise ApiError(
-                    404, f"side request {request_id} was never made in session {self.id}"
-                )
-            if request.state == "answered":
-                raise ApiError(409, f"side request {request_id} was already answered")
-            if request.state == "expired":
-                raise ApiError(
-                    409,
-                    f"side request {request_id} expired: its deadline ({self.deadline_s:g} s) "
-                    f"passed and the token fell back to the backbone; the next side request "
-                    f"re-sends the taps from position {request.start}",
-                )
-            if request.state != "waiting":
-                raise ApiError(409, f"side request {request_id} was {request.state}")
-            if dtype != self.tap_dtype:
-                raise ApiError(
-                    422, f"g must be {self.tap_dtype} (the session's tap dtype), got {dtype}"
-                )
-            try:
-                g = wire.decode(data, dtype, (request.rows, self.hidden_size), what="g(x)")
-            except wire.WireError as exc:
-                raise ApiError(422, str(exc)) from None
-            request.state, request.g = "answered", g
-            self.totals.bytes_from_device += len(data)
-            self._step.bytes_from_device += len(data)
-            self.last_active = time.monotonic()
-            request.done.set()
+        if self.status not in LIVE:
+            raise ApiError(409, f"session {self.id} is {self.status}; it takes no answers")
+        self.requests.answer(request_id, data, dtype, self._received)
+
+    def _received(self, size: int) -> None:
+        self.ledger.received(size)
+        self.last_active = time.monotonic()
 
     def cancel(self, status: str = "cancelled", reason: str = "cancelled by the device") -> bool:
         """Stop the session (False if it had already ended); a waiting side request is dropped."""
@@ -200,12 +131,9 @@ class Session:
             if self.status not in LIVE or self._stop is not None:
                 return False
             self._stop = (status, reason)
-            for request in self._requests.values():
-                if request.state == "waiting":
-                    request.state = "cancelled"
-                    request.done.set()
-            self._attached.set()  # a paused session wakes up to end
             running = self._thread is not None
+        self.requests.cancel_waiting()
+        self.events.attached.set()  # a paused session wakes up to end
         if not running:  # never streamed: nothing else will end it
             self._end(status, reason)
         return True
@@ -213,33 +141,19 @@ class Session:
     def idle_s(self) -> float:
         return time.monotonic() - self.last_active
 
+    def _server_gone(self) -> None:
+        self._stop = self._stop or ("cancelled", "server shutting down")
+
     # ---- the decoding thread -------------------------------------------------------------------
     def _run(self) -> None:
+        """The life cycle every kind of session shares around its `_decode`: recorded as
+        running, a bug ends the session cleanly (not the server), a cancel wins, `done` last."""
         started = time.perf_counter()
         status, reason = "finished", ""
         try:
             self.records.update_session(self.id, status="running")
-            stream = self._push if self.streamed else None
-            generation = generate(
-                self.model, self.prompt_ids, self.decode, device=self._ask, stream=stream
-            )
-            books, tokens = generation.books, iter(generation)
-            self.books = books
-            self._emit(StartEvent(**dict(self.facts())))
-            for index in range(self.decode.max_new_tokens):
-                self._attached.wait()  # paused while the device is away (cancel wakes it)
-                if self._stop:
-                    break
-                self._step = _StepCost()
-                cloud_before = books.t_cloud
-                token = next(tokens, None)
-                if token is None:  # a token already computed is still emitted; a cancel
-                    break  # stops the session at the next token boundary (checked above)
-                step = self._step
-                step.cloud_s = books.t_cloud - cloud_before
-                self._account(token.branch, step)
-                self._emit(self._token_event(index, token, step))
-        except Exception as exc:  # a bug must end this session cleanly, not the server
+            reason = self._decode() or ""
+        except Exception as exc:
             log.exception("session %s failed", self.id)
             status, reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
         if self._stop:
@@ -247,79 +161,17 @@ class Session:
         self.totals.wall_s = time.perf_counter() - started
         self._end(status, reason)
 
-    def _ask(self, ask: Ask) -> Tensor | None:
-        """The `Device` of this session: publish a side request, wait for g(x) or the deadline.
-        Beam search sends its B rows (the shared prompt once) and how rows were reordered."""
-        rows, positions = ask.taps.shape[:2]
-        with self._lock:
-            if self._stop:
-                return None
-            start = self._pushed if self.streamed else self._acked  # streamed: nothing pending
-            request = SideRequest(len(self._requests) + 1, start, positions, rows)
-            self._requests[request.id] = request
-        sent = self._emit(
-            SideRequestEvent(
-                request_id=request.id,
-                at=self._pushed - 1 if self.streamed else request.start + positions - 1,
-                reorder=None if ask.reorder is None else ask.reorder.tolist(),
-                deadline_s=self.deadline_s,
-                **self._taps(request.start, ask.taps, ask.shared),
-            )
-        )
-        self.totals.device_contacts += 1
-        self.totals.tap_positions += ask.shared + rows * (positions - ask.shared)
-        self.totals.bytes_to_device += sent
-        self._step.bytes_to_device += sent
-        self._step.request_id = request.id
-        if not self._await(request):
-            return None
-        with self._lock:
-            self._acked = request.start + positions
-        return request.g
+    def _decode(self) -> str | None:
+        """Decode, emitting each token (each kind of session its own way); returns a remark
+        for `done` (None: nothing to say)."""
+        raise NotImplementedError
 
     def _await(self, request: SideRequest) -> bool:
         """Wait up to the deadline for the device's answer (this session queues no pass
-        meanwhile); a request still waiting then expires, and counts as a fallback."""
-        waited = time.perf_counter()
-        request.done.wait(self.deadline_s)
-        wait_s = time.perf_counter() - waited
-        self.totals.device_wait_s += wait_s
-        self._step.device_wait_s += wait_s
-        with self._lock:
-            if request.state == "waiting":
-                request.state = "expired"
-            if request.state != "answered":
-                self.totals.fallbacks += request.state == "expired"
-                return False
-        return True
-
-    def _push(self, taps: Tensor) -> None:
-        """Streamed mode: new positions' taps go to the device as soon as they exist."""
-        sent = self._emit(TapsEvent(**self._taps(self._pushed, taps, 0)))
-        self._pushed += taps.shape[1]
-        self.totals.tap_positions += taps.shape[1]
-        self.totals.bytes_to_device += sent
-        self._step.bytes_to_device += sent
-
-    def _taps(self, start: int, taps: Tensor, shared: int) -> dict:
-        """The fields of an event that carries taps [rows, t, R, H] in the session's encoding."""
-        rows, positions, rungs, hidden = taps.shape
-        codec = self.model.codec
-        return {
-            "start": start,
-            "positions": positions,
-            "shape": [positions, rungs, hidden],
-            "rows": rows,
-            "shared": shared,
-            "dtype": self.tap_dtype,
-            "encoding": codec.name,
-            "taps": wire.b64encode(wire.encode_taps(taps, shared, codec)),
-        }
-
-    def _account(self, branch: str, step: _StepCost) -> None:
-        self.totals.tokens += 1
-        self.totals.device_tokens += branch == "device"
-        self.totals.cloud_s += step.cloud_s
+        meanwhile); a request that expires counts as a fallback."""
+        state, seconds = self.requests.wait(request)
+        self.ledger.waited(seconds, expired=state == "expired")
+        return state == "answered"
 
     def facts(self) -> SessionFacts:
         return SessionFacts(
@@ -333,20 +185,6 @@ class Session:
             tap_encoding=self.model.config.tap_encoding,
             tap_mode=self.tap_mode,
             deadline_s=self.deadline_s,
-        )
-
-    def _token_event(self, index: int, token, step: _StepCost) -> TokenEvent:
-        return TokenEvent(
-            index=index,
-            id=token.id,
-            text=token.text,
-            branch=token.branch,
-            gate_prob=None if self.strict else token.gate_prob,
-            request_id=step.request_id,
-            cloud_ms=round(1e3 * step.cloud_s, 3),
-            device_wait_ms=round(1e3 * step.device_wait_s, 3),
-            bytes_to_device=step.bytes_to_device,
-            bytes_from_device=step.bytes_from_device,
         )
 
     def _end(self, status: str, reason: str) -> None:
@@ -364,52 +202,119 @@ class Session:
         except Exception:  # the database must not take the stream down with it
             log.exception("could not record session %s", self.id)
         self.on_end(self)
-        steps = self.books.steps
-        m = round_trips_per_step(totals.device_contacts, steps)
-        self._emit(
-            DoneEvent(
-                status=status,
-                reason=reason,
-                steps=steps,
-                M=m,
-                totals=totals,
-                run_ahead=self.run_ahead,
-            )
+        m = round_trips_per_step(totals.device_contacts, self.books.steps)
+        done = DoneEvent(
+            status=status,
+            reason=reason,
+            steps=self.books.steps,
+            M=m,
+            totals=totals,
+            run_ahead=self.run_ahead,
         )
-        self._put(END)
+        self._emit(done)
+        self.events.put(END)
 
-    # ---- events ----------------------------------------------------------------------------------
-    def _emit(
-        self, event: StartEvent | TapsEvent | SideRequestEvent | TokenEvent | DoneEvent
-    ) -> int:
+    def _emit(self, event: Event) -> int:
         """Queue one NDJSON line for the device; returns its size in bytes."""
         line = event.to_line()
-        self._put(line)
+        self.events.put(line)
         self.last_active = time.monotonic()
         return len(line)
 
-    def _put(self, item: bytes | None) -> None:
-        with self._lock:  # logged and queued in one step: a resume replays exactly the rest
-            if item is not END:
-                self._log.append(item)
-            loop, queue = self._loop, self._queue
-        if loop is None or queue is None:
-            return
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone: the server is shutting down
-            self._stop = self._stop or ("cancelled", "server shutting down")
+
+class GenerationSession(Session):
+    """Decoding with `personalization.decoding.generate`: the tokens of in-process decoding, the
+    device asked (a side request) where σ = 1, taps pulled with each ask or streamed as they
+    exist."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.streamed = self.tap_mode == "streamed"
+        self._acked = 0  # tap positions the device has confirmed by answering
+        self._pushed = 0  # streamed mode: tap positions sent so far
+
+    def _decode(self) -> None:
+        stream = self._push if self.streamed else None
+        generation = generate(
+            self.model, self.prompt_ids, self.decode, device=self._ask, stream=stream
+        )
+        books, tokens = generation.books, iter(generation)
+        self.books = books
+        self._emit(StartEvent(**dict(self.facts())))
+        for index in range(self.decode.max_new_tokens):
+            self.events.attached.wait()  # paused while the device is away (cancel wakes it)
+            if self._stop:
+                return None
+            self.ledger.next_token()
+            cloud_before = books.t_cloud
+            token = next(tokens, None)
+            if token is None:  # a token already computed is still emitted; a cancel
+                return None  # stops the session at the next token boundary (checked above)
+            step = self.ledger.token(token.branch, books.t_cloud - cloud_before)
+            self._emit(token_event(index, token, step, self.strict))
+        return None
+
+    def _ask(self, ask: Ask) -> Tensor | None:
+        """The `Device` of this session: publish a side request, wait for g(x) or the deadline.
+        Beam search sends its B rows (the shared prompt once) and how rows were reordered."""
+        rows, positions = ask.taps.shape[:2]
+        start = self._pushed if self.streamed else self._acked  # streamed: nothing pending
+        request = self.requests.open(start, positions, rows)
+        if self._stop:  # after opening: a cancel either saw this request or is seen here
+            return None
+        sent = self._emit(
+            SideRequestEvent(
+                request_id=request.id,
+                at=self._pushed - 1 if self.streamed else request.start + positions - 1,
+                reorder=None if ask.reorder is None else ask.reorder.tolist(),
+                deadline_s=self.deadline_s,
+                **tap_fields(self.model.codec, self.tap_dtype, request.start, ask.taps, ask.shared),
+            )
+        )
+        self.ledger.asked(request.id, ask.shared + rows * (positions - ask.shared))
+        self.ledger.sent(sent)
+        if not self._await(request):
+            return None
+        self._acked = request.start + positions
+        return request.g
+
+    def _push(self, taps: Tensor) -> None:
+        """Streamed mode: new positions' taps go to the device as soon as they exist."""
+        fields = tap_fields(self.model.codec, self.tap_dtype, self._pushed, taps, 0)
+        self.ledger.sent(self._emit(TapsEvent(**fields)))
+        self._pushed += taps.shape[1]
+        self.totals.tap_positions += taps.shape[1]
 
 
-@dataclass
-class _StepCost:
-    """What producing one token cost (the token event's timings and bytes)."""
+def tap_fields(codec, dtype: str, start: int, taps: Tensor, shared: int) -> dict:
+    """The fields of an event that carries taps [rows, t, R, H] in the session's encoding."""
+    rows, positions, rungs, hidden = taps.shape
+    return {
+        "start": start,
+        "positions": positions,
+        "shape": [positions, rungs, hidden],
+        "rows": rows,
+        "shared": shared,
+        "dtype": dtype,
+        "encoding": codec.name,
+        "taps": wire.b64encode(wire.encode_taps(taps, shared, codec)),
+    }
 
-    cloud_s: float = 0.0
-    device_wait_s: float = 0.0
-    bytes_to_device: int = 0
-    bytes_from_device: int = 0
-    request_id: int | None = None
+
+def token_event(index: int, token, step: StepCost, strict: bool) -> TokenEvent:
+    """A token with its share of the bill (strict: the gate's p stays on the device)."""
+    return TokenEvent(
+        index=index,
+        id=token.id,
+        text=token.text,
+        branch=token.branch,
+        gate_prob=None if strict else token.gate_prob,
+        request_id=step.request_id,
+        cloud_ms=round(1e3 * step.cloud_s, 3),
+        device_wait_ms=round(1e3 * step.device_wait_s, 3),
+        bytes_to_device=step.bytes_to_device,
+        bytes_from_device=step.bytes_from_device,
+    )
 
 
 class Registry:
@@ -459,7 +364,7 @@ class Registry:
         without resuming; returns how many ended."""
         live = list(self._sessions.values())
         idle = [s for s in live if s.idle_s() > self.ttl_s]
-        gone = [s for s in live if s.detached_s() > self.resume_s and s not in idle]
+        gone = [s for s in live if s.events.detached_s() > self.resume_s and s not in idle]
         reason = f"idle for more than {self.ttl_s:g} s (SPA_CLOUD_SESSION_TTL_S)"
         left = (
             f"the device closed its event stream and did not resume it within "

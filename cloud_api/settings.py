@@ -49,9 +49,7 @@ class CloudSettings(BaseSettings):
         description="Default encoding of taps in sessions (personalization.codecs).",
     )
     tap_mode: TapMode = Field(
-        "pull",
-        description="Default tap mode: pull (taps ride on side requests), streamed (pushed as "
-        "they exist) or run-ahead (the backbone drafts, the device corrects; spa only).",
+        "pull", description="Default tap mode: pull (on asks), streamed (pushed) or run-ahead."
     )
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 413.")
     max_new_tokens: int = Field(256, ge=1, description="A session asking for more gets 422.")

@@ -8,19 +8,16 @@ with Retry-After.
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import uuid
 
-import torch
-
-from cloud_api import __version__, training
+from cloud_api import __version__, admission, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
 from cloud_api.recommend import Recommender, RecommendSession, item_prompt
 from cloud_api.run_ahead import RunAheadSession
 from cloud_api.scheduler import BatchedBackbone, Stats, StepScheduler
-from cloud_api.sessions import Registry, Session
+from cloud_api.sessions import GenerationSession, Registry, Session
 from cloud_api.settings import CloudSettings
 from personalization.atspeed.recommend import RecommendConfig
 from personalization.backbone.frozen import Backbone
@@ -29,24 +26,12 @@ from personalization.baselines import baseline_parameters
 from personalization.config import (
     GATED_SETTINGS,
     SERVED_SETTINGS,
-    SIDE_SETTINGS,
     STRATEGIES,
     TAP_ENCODINGS,
     TAP_MODES,
-    DecodeConfig,
-    SideConfig,
-    SPAConfig,
 )
-from personalization.model import SPAModel
 from protocol import PROTOCOL_VERSION, wire
-from protocol.messages import (
-    GateIn,
-    Info,
-    RecommendIn,
-    RecommendOut,
-    RecommendSessionIn,
-    SessionIn,
-)
+from protocol.messages import Info, RecommendIn, RecommendOut, RecommendSessionIn, SessionIn
 
 log = logging.getLogger("cloud_api")
 
@@ -94,34 +79,7 @@ class Cloud:
         raise ApiError(503, "the backbone is still loading; retry shortly", {"Retry-After": "2"})
 
     def info(self) -> Info:
-        f = self.require_backbone()
-        return Info(
-            version=__version__,
-            protocol_version=PROTOCOL_VERSION,
-            backbone=f.name,
-            fingerprint=f.fingerprint,
-            num_layers=f.num_layers,
-            hidden_size=f.hidden_size,
-            vocab_size=f.vocab_size,
-            eos_token_ids=sorted(f.eos_token_ids),
-            chat_template=bool(f.chat_template),
-            rungs_offered=list(range(1, f.num_layers + 1)),
-            default_rungs=list(training.check_rungs(None, f.num_layers)),
-            tap_dtype=self.settings.tap_dtype,
-            tap_dtypes=list(wire.DTYPES),
-            tap_encoding=self.settings.tap_encoding,
-            tap_encodings=list(TAP_ENCODINGS),
-            tap_mode=self.settings.tap_mode,
-            tap_modes=list(TAP_MODES),
-            settings=list(SERVED_SETTINGS),
-            strategies=list(STRATEGIES),
-            limits=self.settings.limits(),
-            parameters={
-                "backbone": f.num_parameters,
-                "lora": baseline_parameters(f, "lora"),
-                "adapter": baseline_parameters(f, "adapter"),
-            },
-        )
+        return server_info(self.require_backbone(), self.settings)
 
     def head(self, dtype: str) -> bytes:
         """The frozen head, encoded once per dtype."""
@@ -157,175 +115,77 @@ class Cloud:
     def open_session(self, device_id: str, body: SessionIn) -> Session:
         """Validate a session request against the backbone and the limits, then register it."""
         f, limits = self.require_backbone(), self.settings
-        if body.conversation is not None:
-            try:
-                prompt = f.encode_chat([m.model_dump() for m in body.conversation])
-            except ValueError as exc:
-                raise ApiError(422, f"prompt: {exc}") from None
-        elif isinstance(body.prompt, list):
-            training.check_ids(body.prompt, f.vocab_size, "prompt")
-            prompt = list(body.prompt)
-        else:
-            prompt = f.encode_prompt(body.prompt, system=body.system, chat=body.chat)
-        if len(prompt) > limits.max_prompt_tokens:
-            raise ApiError(
-                413,
-                f"the prompt has {len(prompt)} tokens; the limit is {limits.max_prompt_tokens} "
-                "(SPA_CLOUD_MAX_PROMPT_TOKENS)",
-            )
-        decoding = body.decoding
-        max_new_tokens = decoding.max_new_tokens or min(64, limits.max_new_tokens)
-        if max_new_tokens > limits.max_new_tokens:
-            raise ApiError(
-                422,
-                f"decoding.max_new_tokens {max_new_tokens} is over the limit "
-                f"{limits.max_new_tokens} (SPA_CLOUD_MAX_NEW_TOKENS)",
-            )
-        deadline = body.deadline_s or min(limits.default_deadline_s, limits.max_deadline_s)
-        if deadline > limits.max_deadline_s:
-            raise ApiError(
-                422,
-                f"deadline_s {deadline:g} is over the limit {limits.max_deadline_s:g} "
-                "(SPA_CLOUD_MAX_DEADLINE_S)",
-            )
+        prompt = admission.prompt_ids(f, body, limits)
+        decode = admission.decode_config(body.decoding, limits)
+        deadline = admission.deadline(body.deadline_s, limits)
         rungs = training.check_rungs(body.rungs, f.num_layers)
-        dtype = body.tap_dtype or limits.tap_dtype
         gated = body.setting in GATED_SETTINGS
         # strict: the gate stays on the device, which is asked every token (σ = 1, M = 1)
         threshold = 0.0 if gated and body.strict else body.threshold
-        seed = decoding.seed
-        if decoding.strategy == "sample" and seed is None:
-            seed = secrets.randbelow(2**31)  # reported, so the device can replay the run
-        model = self._device_model(
-            self.batched(),  # its passes share batches with every other session's
-            body,
-            rungs,
-            threshold,
-            None if body.strict else body.gate,
-        )
-        decode = DecodeConfig(
-            strategy=decoding.strategy,
-            max_new_tokens=max_new_tokens,
-            temperature=decoding.temperature,
-            top_p=decoding.top_p,
-            seed=seed,
-            num_beams=decoding.num_beams,
-            repetition_penalty=decoding.repetition_penalty,
-            no_repeat_ngram_size=decoding.no_repeat_ngram_size,
-        )
-        mode = self._tap_mode(body, rungs, f.num_layers)
-        kind = RunAheadSession if mode == "run-ahead" else Session
+        # its passes share batches with every other session's
+        model = admission.device_model(self.batched(), body, rungs, threshold, limits)
+        mode = admission.tap_mode(body, rungs, f.num_layers, limits.tap_mode)
+        kind = RunAheadSession if mode == "run-ahead" else GenerationSession
         session = kind(
-            session_id=self._new_session_id(),
-            device_id=device_id,
-            model=model,
-            prompt_ids=prompt,
-            decode=decode,
-            deadline_s=deadline,
+            **self._session_fields(device_id, model, prompt, decode, deadline),
             strict=body.strict and gated,
             tap_mode=mode,
-            resume_s=limits.resume_s,
-            records=self.records,
-            on_end=self.registry.remove,
         )
-        self.registry.add(session)  # 429 beyond the cap
-        try:
-            self.records.add_session(
-                SessionRow(
-                    id=session.id,
-                    device_id=device_id,
-                    setting=body.setting,
-                    strategy=decoding.strategy,
-                    strict=session.strict,
-                    threshold=threshold,
-                    rungs=",".join(map(str, rungs)),
-                    tap_dtype=dtype,
-                    deadline_s=deadline,
-                    prompt_tokens=len(prompt),
-                    max_new_tokens=max_new_tokens,
-                )
-            )
-        except Exception:
-            self.registry.remove(session)
-            raise
-        return session
-
-    def _device_model(
-        self,
-        backbone,
-        body: SessionIn | RecommendSessionIn,
-        rungs: list[int],
-        threshold: float,
-        gate: GateIn | None,
-    ) -> SPAModel:
-        """The cloud's half of a device's model: the backbone, the gate's weights (when sent),
-        and a width-1 side network that carries only the rungs and the dtype (the cloud never
-        runs g)."""
-        f = self.require_backbone()
-        side = SideConfig(
-            hidden_size=f.hidden_size, num_layers=f.num_layers, rungs=rungs, reduction=f.hidden_size
-        )
-        config = SPAConfig(
-            setting=body.setting,
-            threshold=threshold,
-            wire_dtype=body.tap_dtype or self.settings.tap_dtype,
-            tap_encoding=body.tap_encoding or self.settings.tap_encoding,
-        )
-        model = SPAModel(backbone, config, side)
-        if body.setting in GATED_SETTINGS and gate is not None:
-            weight, bias = _gate_tensors(gate, f.hidden_size)
-            with torch.no_grad():
-                model.gate.linear.weight.copy_(weight)
-                model.gate.linear.bias.copy_(bias)
-        return model
+        return self._admit(session, body.decoding.strategy, threshold)
 
     def open_recommendation(self, device_id: str, body: RecommendSessionIn) -> RecommendSession:
         """A recommendation ranked by the backbone with the device's side network (over a
         session's event stream); validated like a session, capped with them."""
         f, limits = self.require_backbone(), self.settings
-        deadline = body.deadline_s or min(limits.default_deadline_s, limits.max_deadline_s)
-        if deadline > limits.max_deadline_s:
-            raise ApiError(
-                422,
-                f"deadline_s {deadline:g} is over the limit {limits.max_deadline_s:g} "
-                "(SPA_CLOUD_MAX_DEADLINE_S)",
-            )
+        deadline = admission.deadline(body.deadline_s, limits)
         rungs = training.check_rungs(body.rungs, f.num_layers)
         codes, draft = self.recommender().parts()
-        model = self._device_model(codes.backbone, body, rungs, body.threshold, body.gate)
+        model = admission.device_model(codes.backbone, body, rungs, body.threshold, limits)
         config = RecommendConfig(strategy=body.strategy, k=body.k, gamma=body.gamma)
+        prompt, decode = item_prompt(codes, body.history), config.decode(codes.catalogue)
         session = RecommendSession(
+            **self._session_fields(device_id, model, prompt, decode, deadline),
+            strict=False,
             codes=codes,
             history=body.history,
             exclude_purchased=body.exclude_purchased,
             draft=draft,
             config=config,
-            session_id=self._new_session_id(),
-            device_id=device_id,
-            model=model,
-            prompt_ids=item_prompt(codes, body.history),
-            decode=config.decode(codes.catalogue),
-            deadline_s=deadline,
-            strict=False,
-            resume_s=limits.resume_s,
-            records=self.records,
-            on_end=self.registry.remove,
         )
-        self.registry.add(session)  # 429 beyond the cap
+        return self._admit(session, f"recommend-{body.strategy}", body.threshold)
+
+    def _session_fields(self, device_id, model, prompt, decode, deadline) -> dict:
+        """What every kind of session is opened with."""
+        return {
+            "session_id": self._new_session_id(),
+            "device_id": device_id,
+            "model": model,
+            "prompt_ids": prompt,
+            "decode": decode,
+            "deadline_s": deadline,
+            "resume_s": self.settings.resume_s,
+            "records": self.records,
+            "on_end": self.registry.remove,
+        }
+
+    def _admit(self, session: Session, strategy: str, threshold: float) -> Session:
+        """Register a session (429 beyond the cap) and record it; neither or both."""
+        self.registry.add(session)
+        model = session.model
         try:
             self.records.add_session(
                 SessionRow(
                     id=session.id,
-                    device_id=device_id,
-                    setting=body.setting,
-                    strategy=f"recommend-{body.strategy}",
-                    strict=False,
-                    threshold=body.threshold,
-                    rungs=",".join(map(str, rungs)),
+                    device_id=session.device_id,
+                    setting=model.setting,
+                    strategy=strategy,
+                    strict=session.strict,
+                    threshold=threshold,
+                    rungs=",".join(map(str, model.rungs)),
                     tap_dtype=model.config.wire_dtype,
-                    deadline_s=deadline,
+                    deadline_s=session.deadline_s,
                     prompt_tokens=len(session.prompt_ids),
-                    max_new_tokens=codes.codes.length,
+                    max_new_tokens=session.decode.max_new_tokens,
                 )
             )
         except Exception:
@@ -340,23 +200,6 @@ class Cloud:
             return uuid.uuid4().hex
         return f"{replica}-{uuid.uuid4().hex[: 31 - len(replica)]}"
 
-    def _tap_mode(self, body: SessionIn, rungs: list[int], num_layers: int) -> str:
-        """The session's tap mode: its own, else the server's default where the session can
-        take it (run-ahead: spa without gate weights, greedy or sampling; no side: pull)."""
-        mode = body.tap_mode or self.settings.tap_mode
-        if body.setting not in SIDE_SETTINGS:
-            return "pull"
-        if mode == "run-ahead" and body.tap_mode is None:
-            able = body.setting == "spa" and body.gate is None and body.decoding.strategy != "beam"
-            mode = mode if able else "pull"
-        if mode == "run-ahead" and rungs[-1] != num_layers:
-            raise ApiError(
-                422,
-                f"run-ahead needs the last rung {num_layers} among the rungs: the device "
-                "reads f(x) there",
-            )
-        return mode
-
     def batched(self) -> BatchedBackbone:
         """The backbone sessions decode with: its passes batched by the step scheduler."""
         with self.compute:
@@ -370,7 +213,7 @@ class Cloud:
 
     def scheduler_stats(self) -> Stats:
         """What the step scheduler did so far (all zero before the first session)."""
-        return Stats() if self._batched is None else self._batched._scheduler.stats
+        return Stats() if self._batched is None else self._batched.scheduler.stats
 
     def owned_session(self, session_id: str, device_id: str, *, ended: bool = False) -> Session:
         """A live session of this device (with `ended`, also one still resumable); another
@@ -386,30 +229,36 @@ class Cloud:
     def close(self) -> None:
         self.registry.cancel_all("the server is shutting down")
         if self._batched is not None:
-            self._batched._scheduler.close()
+            self._batched.scheduler.close()
         self.records.close()
 
 
-def _gate_tensors(gate: GateIn, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate's weight [2, H] and bias [2] from lists or base64 fp32, checked."""
-
-    def read(value: list | str, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        if isinstance(value, str):
-            try:
-                data = wire.b64decode(value, what=what)
-                return wire.decode(data, "float32", shape, what=what)
-            except wire.WireError as exc:
-                raise ApiError(422, str(exc)) from None
-        try:
-            x = torch.tensor(value, dtype=torch.float32)
-        except (ValueError, TypeError):
-            raise ApiError(
-                422, f"{what} must have shape {list(shape)}, got a ragged list"
-            ) from None
-        if tuple(x.shape) != shape:
-            raise ApiError(422, f"{what} must have shape {list(shape)}, got {list(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ApiError(422, f"{what}: contains values too large for float32")
-        return x
-
-    return read(gate.weight, (2, hidden), "gate.weight"), read(gate.bias, (2,), "gate.bias")
+def server_info(f: Backbone, settings: CloudSettings) -> Info:
+    """What `GET /v1/info` tells a device: the backbone's facts, the offers and limits."""
+    return Info(
+        version=__version__,
+        protocol_version=PROTOCOL_VERSION,
+        backbone=f.name,
+        fingerprint=f.fingerprint,
+        num_layers=f.num_layers,
+        hidden_size=f.hidden_size,
+        vocab_size=f.vocab_size,
+        eos_token_ids=sorted(f.eos_token_ids),
+        chat_template=bool(f.chat_template),
+        rungs_offered=list(range(1, f.num_layers + 1)),
+        default_rungs=list(training.check_rungs(None, f.num_layers)),
+        tap_dtype=settings.tap_dtype,
+        tap_dtypes=list(wire.DTYPES),
+        tap_encoding=settings.tap_encoding,
+        tap_encodings=list(TAP_ENCODINGS),
+        tap_mode=settings.tap_mode,
+        tap_modes=list(TAP_MODES),
+        settings=list(SERVED_SETTINGS),
+        strategies=list(STRATEGIES),
+        limits=settings.limits(),
+        parameters={
+            "backbone": f.num_parameters,
+            "lora": baseline_parameters(f, "lora"),
+            "adapter": baseline_parameters(f, "adapter"),
+        },
+    )

@@ -18,13 +18,7 @@ from device_agent.client import ClientConfig, CloudClient
 from device_agent.errors import DeviceError, NotTrained, StoreError
 from device_agent.generation import RemoteGeneration
 from device_agent.store import Store
-from device_agent.trainer import (
-    DeviceTrainConfig,
-    Progress,
-    frozen_head,
-    start_model,
-    train_device,
-)
+from device_agent.trainer import DeviceTrainConfig, Progress, frozen_head, start_model, train_device
 from personalization.backbone.embedded import cache_dir
 from personalization.config import GATED_SETTINGS, SERVED_SETTINGS, DecodeConfig, TapMode
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
@@ -55,11 +49,7 @@ class DeviceAgent:
         self.store = Store(root)
         url = cloud_url or self.store.get("cloud_url")
         self.client = CloudClient(
-            url,
-            self.store.get("token"),
-            profile=profile,
-            config=client_config,
-            transport=transport,
+            url, self.store.get("token"), profile=profile, config=client_config, transport=transport
         )
         self._model: tuple[int, SPAModel] | None = None  # (checkpoint id, model)
 

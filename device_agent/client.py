@@ -20,13 +20,7 @@ from pathlib import Path
 import httpx
 import torch
 from pydantic import BaseModel
-from tenacity import (
-    retry,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from device_agent.errors import CloudError, CloudUnreachable, ProtocolMismatch
 from device_agent.netem import EmulatedLink

@@ -26,12 +26,7 @@ from torch import Tensor, nn
 
 from personalization.baselines import CONTACTS_PER_LAYER, adapter_backbone, lora_backbone
 from personalization.codecs import Basis, TapCodec, basis_for, make_codec, rank_of
-from personalization.config import (
-    GATED_SETTINGS,
-    SIDE_SETTINGS,
-    SideConfig,
-    SPAConfig,
-)
+from personalization.config import GATED_SETTINGS, SIDE_SETTINGS, SideConfig, SPAConfig
 from personalization.errors import ConfigError
 from personalization.latency import Books
 from personalization.side import Gate, SideNetwork

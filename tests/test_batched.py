@@ -37,8 +37,7 @@ def test_requests_of_different_lengths_are_refused(tiny_llama):
     a, b = tiny_llama.new_cache(), tiny_llama.new_cache()
     with pytest.raises(ValueError, match="same number of positions"):
         forward_many(
-            tiny_llama,
-            [Request(torch.tensor([[1, 2]]), a), Request(torch.tensor([[3]]), b)],
+            tiny_llama, [Request(torch.tensor([[1, 2]]), a), Request(torch.tensor([[3]]), b)]
         )
 
 
@@ -53,8 +52,7 @@ def test_logits_of_the_last_position_come_from_one_head_pass(tiny_llama):
     ]
     asked = [True, False, True]
     out = forward_many(
-        tiny_llama,
-        [Request(i, c, logits=a) for i, c, a in zip(steps, caches, asked, strict=True)],
+        tiny_llama, [Request(i, c, logits=a) for i, c, a in zip(steps, caches, asked, strict=True)]
     )
     assert out[1].logits is None
     for k in (0, 2):

@@ -89,15 +89,7 @@ def trained(cloud, tmp_path_factory):
     imported = device("history", "import", _items_file(base / "items.jsonl"), "--dir", root)
     assert imported.exit_code == 0, imported.output
     result = device(
-        "train",
-        "--epochs",
-        "3",
-        "--calibration-prompts",
-        "2",
-        "--batch-size",
-        "4",
-        "--dir",
-        root,
+        "train", "--epochs", "3", "--calibration-prompts", "2", "--batch-size", "4", "--dir", root
     )
     assert result.exit_code == 0, result.output
     return root, result

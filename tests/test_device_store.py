@@ -13,13 +13,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from device_agent.errors import DeviceError, StoreError
-from device_agent.history import (
-    TEXT_INSTRUCTION,
-    pair_item,
-    read_items,
-    text_item,
-    user_items,
-)
+from device_agent.history import TEXT_INSTRUCTION, pair_item, read_items, text_item, user_items
 from device_agent.store import SCHEMA_VERSION, Store
 from personalization.training.data import BEAUTY_INSTRUCTION, PERSONACHAT_INSTRUCTION
 

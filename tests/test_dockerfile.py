@@ -13,13 +13,12 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from cloud_server import free_port
+from cloud_server import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -95,12 +94,7 @@ def test_the_image_steps_build_and_serve(tmp_path):
             time.sleep(1)
         assert healthy, "the HEALTHCHECK never passed"
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            output = server.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            server.kill()
-            output = server.communicate()[0]
+        output = stop(server)
     assert "demo users ready (cached)" in output  # trained at build time, not at start
     assert "UI ready at" in output and server.returncode == 0, output
     serve_openai(work, env)
@@ -138,10 +132,5 @@ def serve_openai(work: Path, env: dict) -> None:
         )
         assert reply.usage.completion_tokens >= 1 and reply.usage.spa["setting"] == "spa"
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            output = server.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            server.kill()
-            output = server.communicate()[0]
+        output = stop(server)
     assert "demo users ready (cached)" in output, output

@@ -20,13 +20,7 @@ from personalization.atspeed.code_target import (
     train_code_target,
 )
 from personalization.atspeed.coded import coded_backbone
-from personalization.atspeed.codes import (
-    CodeConfig,
-    ItemCodes,
-    build_codes,
-    cached_codes,
-    separate,
-)
+from personalization.atspeed.codes import CodeConfig, ItemCodes, build_codes, cached_codes, separate
 from personalization.atspeed.draft import Draft, DraftConfig
 from personalization.atspeed.recommend import (
     RecommendConfig,
@@ -332,12 +326,7 @@ def test_content_baseline_ranks_by_title_similarity():
 def test_a_draft_distils_on_codes(target, users):
     """AtSpeed-S / AtSpeed-R alignment runs on the code trie: the draft's distribution moves
     toward the target's at the code prefixes the target's beam search visits."""
-    from personalization.atspeed.distill import (
-        DistillConfig,
-        distill,
-        draft_logprobs,
-        teacher_data,
-    )
+    from personalization.atspeed.distill import DistillConfig, distill, draft_logprobs, teacher_data
 
     prompts = [target.prompt(u.history[:-1]) for u in users[:6]]
     truths = [target.tokens([u.history[-1]]) for u in users[:6]]

@@ -29,6 +29,7 @@ from personalization.training.train import TrainConfig
 SIGNATURE = "~zq sig~"
 FAST = DeviceTrainConfig(train=TrainConfig(epochs=30, lr=3e-3, batch_size=8), calibration_prompts=2)
 PROMPT = "Tell me about topic 3."
+SPA = [sys.executable, "-c", "from app.cli import main; main()"]  # the `spa` command
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +59,7 @@ def serving(root: Path, *args: str) -> Iterator[str]:
     goes to serve.log beside the device, for a failing test to show)."""
     port = free_port()
     log = root.parent / "serve.log"
-    command = [
-        sys.executable,
-        "-c",
-        "from app.cli import main; main()",
-        "device",
-        "serve",
-        "--dir",
-        str(root),
-        "--port",
-        str(port),
-        *args,
-    ]
+    command = [*SPA, "device", "serve", "--dir", str(root), "--port", str(port), *args]
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -259,17 +249,7 @@ def test_an_api_key_is_required_when_set_and_beyond_localhost(device, cloud):
         assert "API key" in e.value.message
         assert openai.OpenAI(base_url=url, api_key="s3cret").models.list().data
     refused = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from app.cli import main; main()",
-            "device",
-            "serve",
-            "--dir",
-            str(device),
-            "--host",
-            "0.0.0.0",
-        ],
+        [*SPA, "device", "serve", "--dir", str(device), "--host", "0.0.0.0"],
         capture_output=True,
         text=True,
         timeout=60,

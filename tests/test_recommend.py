@@ -421,7 +421,7 @@ def test_http_recommendation_equals_in_process(tmp_path, tiny_llama, shop):
                 assert [i.score for i in got.items] == pytest.approx(
                     [i.score for i in want], abs=1e-4
                 )
-                assert got.target == f"{path.name} (full)" and got.target_passes > 0
+                assert got.target == f"{path.name} (lst)" and got.target_passes > 0
                 again = client.recommend(
                     RecommendIn(history=history, k=4, strategy=strategy, gamma=2)
                 )  # a repeat is answered from the cloud's memory, unchanged

@@ -137,8 +137,7 @@ def evaluate(
         Path | None, typer.Option(help="A trained checkpoint; omit with --setting base.")
     ] = None,
     setting: Annotated[
-        str | None,
-        typer.Option(click_type=SETTING, help="'base' to score the backbone alone."),
+        str | None, typer.Option(click_type=SETTING, help="'base' to score the backbone alone.")
     ] = None,
     backbone: Backbone = None,
     dataset: Dataset = None,

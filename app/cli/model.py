@@ -9,14 +9,7 @@ from typing import Annotated
 import typer
 
 from app.cli.options import SETTING, Backbone, Choice, NoRepeatNgram, RepetitionPenalty
-from app.cli.speculative import (
-    PREFIX,
-    DraftBeams,
-    DraftCheckpoint,
-    DraftLayers,
-    Gamma,
-    load_draft,
-)
+from app.cli.speculative import PREFIX, DraftBeams, DraftCheckpoint, DraftLayers, Gamma, load_draft
 from personalization.config import SPECULATIVE_STRATEGIES, STRATEGIES
 from personalization.errors import ConfigError
 

@@ -113,8 +113,7 @@ def train_target(
     catalogue: Catalogue = ...,
     backbone: Backbone = None,
     setting: Annotated[
-        str,
-        typer.Option(click_type=Choice(SETTINGS, "setting"), help="The plug-in trained."),
+        str, typer.Option(click_type=Choice(SETTINGS, "setting"), help="The plug-in trained.")
     ] = "lst",
     epochs: Annotated[
         int, typer.Option(min=1, help="Epochs at most; the best on validation is kept.")

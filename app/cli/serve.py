@@ -179,7 +179,7 @@ def federate(
         Path | None,
         typer.Option(
             help="Beauty: the item titles the started cloud recommends among (its trained "
-            "target, if any, is what the devices are compared with).",
+            "target, if any, is what the devices are compared with)."
         ),
     ] = None,
     deployment: Annotated[

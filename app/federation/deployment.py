@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from app.cloud_process import free_port
 from app.federation.env import PROJECT, flower_env, run_config
@@ -81,47 +82,32 @@ def _become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
-def _stat(pid: int | str) -> tuple[str, int]:
-    """A process's state letter and parent PID, from /proc (raises OSError once it is gone)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
-
-
 def flower_descendants(root: int | None = None) -> dict[int, str]:
     """Flower processes below `root` (default: this process), by PID → program name."""
-    root = root or os.getpid()
-    parents: dict[int, int] = {}
-    names: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parents[int(entry.name)] = _stat(entry.name)[1]
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            names[int(entry.name)] = next((p for p in FLOWER_PROGRAMS if p in cmdline), "")
-    below = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - below
-        below |= frontier
-    return {pid: names[pid] for pid in below if names.get(pid)}
+    out = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(root or os.getpid()).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                cmdline = " ".join(child.cmdline())
+                name = next((p for p in FLOWER_PROGRAMS if p in cmdline), "")
+                if name:
+                    out[child.pid] = name
+    return out
 
 
 def _reap_zombies() -> None:
     """Reap our dead children that nobody waits for (Flower processes orphaned to us by a
     killed SuperNode: a zombie has no command line left to be recognised by)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError, ChildProcessError):
-            if _stat(entry.name) == ("Z", os.getpid()):
-                os.waitpid(int(entry.name), os.WNOHANG)
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
 
 
 def _alive(pid: int) -> bool:
     try:
-        return _stat(pid)[0] != "Z"
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
@@ -313,11 +299,7 @@ class Deployment:
 
 
 def deploy(
-    *,
-    nodes: list[NodeSpec],
-    work: Path,
-    config: dict[str, object],
-    timeout_s: float,
+    *, nodes: list[NodeSpec], work: Path, config: dict[str, object], timeout_s: float
 ) -> tuple[int, str]:
     """Start a deployment, run the app once on it, stop everything; returns the run's ID and
     status."""

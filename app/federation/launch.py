@@ -12,38 +12,35 @@ machine would share and the first would stop under it) — and stops that SuperL
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import psutil
 
 from app.cloud_process import cloud, free_port
 from app.federation.env import PROJECT, flower_env, run_config
 
 
 def superlinks(port: int) -> set[int]:
-    """PIDs of the running `flower-superlink` processes serving `port` (from /proc)."""
+    """PIDs of the running `flower-superlink` processes serving `port`."""
     pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if any(a.endswith(b"flower-superlink") for a in argv) and b"%d" % port in argv:
-                    pids.add(int(entry.name))
+    for process in psutil.process_iter(["cmdline"]):
+        argv = process.info["cmdline"] or []
+        if any(a.endswith("flower-superlink") for a in argv) and str(port) in argv:
+            pids.add(process.pid)
     return pids
 
 
 def stop(pid: int, grace_s: float = 15.0) -> None:
     """SIGTERM a process that is not our child, wait for it to go, SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except psutil.TimeoutExpired:
+            process.kill()
 
 
 def _deploy(config: dict[str, object], nodes: int, data: Path, work: Path) -> int:

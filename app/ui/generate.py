@@ -116,9 +116,7 @@ def build(devices: Devices, defaults: DemoDecoding | None = None) -> gr.Dropdown
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             user = gr.Dropdown(
-                [(devices.label(k), k) for k in devices.users()],
-                value=first,
-                label="user (device)",
+                [(devices.label(k), k) for k in devices.users()], value=first, label="user (device)"
             )
             examples = gr.Dropdown(
                 devices.example_prompts(first),

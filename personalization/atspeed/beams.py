@@ -129,10 +129,7 @@ class SearchResult:
 
 
 def beam_search(
-    model: SPAModel,
-    prompt: Sequence[int],
-    config: DecodeConfig,
-    catalogue: Catalogue | None = None,
+    model: SPAModel, prompt: Sequence[int], config: DecodeConfig, catalogue: Catalogue | None = None
 ) -> SearchResult:
     """The target's own beam search: one incremental `Stepper` pass per step over all live beams
     (KV caches reordered with the beams), the reference speculative search must reproduce."""

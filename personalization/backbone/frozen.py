@@ -20,11 +20,7 @@ from dataclasses import dataclass
 import torch
 from jinja2 import TemplateError
 from torch import Tensor, nn
-from transformers import (
-    DynamicCache,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from personalization.errors import SpaError
 
