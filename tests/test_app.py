@@ -27,6 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 CHROMIUM = os.environ.get("SPA_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("SPA_TEST_ARTIFACTS", "test-artifacts"))
 
+WHAT_IF_ROWS = ["base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"]
+
 
 def shop_target(directory: Path) -> tuple[Path, Path, Path]:
     """The demo's own shop (no shared data) and a code target trained on it, as `spa demo`
@@ -161,16 +163,7 @@ def test_generation_streams_tokens_with_branches_and_books(demo):
     assert row["T_total ms"] == pytest.approx(parts, abs=0.2)
     assert len(final["plot"]["data"]) == 3 * 24  # every token, split in cloud / device / network
     what_if = final["what_if"]["data"]
-    assert [r[0] for r in what_if] == [
-        "base",
-        "lora",
-        "adapter",
-        "lst",
-        "full",
-        "choice",
-        "spa",
-        "spa run-ahead",
-    ]
+    assert [r[0] for r in what_if] == WHAT_IF_ROWS
     assert what_if[0][5] == 0 and what_if[0][3] == 0  # base: no contacts, no network time
     assert f"{device_tokens} shaped by the device" in status
 

@@ -24,6 +24,11 @@ from personalization.latency import PROFILES
 runner = CliRunner(env={"COLUMNS": "250"})
 
 
+def spa(command: str):
+    """`spa …` through typer's runner (the words of `command`; no argument has a space)."""
+    return runner.invoke(cli, command.split())
+
+
 def test_help_lists_commands():
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0
@@ -159,26 +164,9 @@ def test_train_then_eval(tmp_path):
     second = runner.invoke(cli, args)
     assert "backbone passes: 0" in second.output  # the feature cache answered everything
     out = tmp_path / "report.json"
-    result = runner.invoke(
-        cli,
-        [
-            "eval",
-            str(data),
-            "--checkpoint",
-            str(ckpt),
-            "-b",
-            "tiny-llama",
-            "--valid-size",
-            "4",
-            "--test-size",
-            "4",
-            "--profile",
-            "3g",
-            "--json",
-            str(out),
-            "--cache",
-            str(cache),
-        ],
+    result = spa(
+        f"eval {data} --checkpoint {ckpt} -b tiny-llama --valid-size 4 --test-size 4 "
+        f"--profile 3g --json {out} --cache {cache}"
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -190,43 +178,12 @@ def test_train_then_eval(tmp_path):
 
 def test_eval_refuses_a_checkpoint_of_another_backbone(tmp_path):
     data, ckpt = _xsum_file(tmp_path), tmp_path / "full.safetensors"
-    trained = runner.invoke(
-        cli,
-        [
-            "train",
-            str(data),
-            "-o",
-            str(ckpt),
-            "-b",
-            "tiny-llama",
-            "--setting",
-            "full",
-            "--valid-size",
-            "4",
-            "--test-size",
-            "4",
-            "--epochs",
-            "1",
-            "--cache",
-            str(tmp_path),
-        ],
+    trained = spa(
+        f"train {data} -o {ckpt} -b tiny-llama --setting full --valid-size 4 --test-size 4 "
+        f"--epochs 1 --cache {tmp_path}"
     )
     assert trained.exit_code == 0, trained.output
-    result = runner.invoke(
-        cli,
-        [
-            "eval",
-            str(data),
-            "--checkpoint",
-            str(ckpt),
-            "-b",
-            "tiny-gpt2",
-            "--test-size",
-            "4",
-            "--valid-size",
-            "4",
-        ],
-    )
+    result = spa(f"eval {data} --checkpoint {ckpt} -b tiny-gpt2 --test-size 4 --valid-size 4")
     assert result.exit_code == 2
     assert "was trained on backbone 'tiny-llama'" in result.output
     assert "Traceback" not in result.output
@@ -234,22 +191,8 @@ def test_eval_refuses_a_checkpoint_of_another_backbone(tmp_path):
 
 def test_base_eval_and_input_errors(tmp_path):
     data = _xsum_file(tmp_path)
-    base = runner.invoke(
-        cli,
-        [
-            "eval",
-            str(data),
-            "--setting",
-            "base",
-            "-b",
-            "tiny-llama",
-            "--test-size",
-            "3",
-            "--valid-size",
-            "2",
-            "--max-new-tokens",
-            "4",
-        ],
+    base = spa(
+        f"eval {data} --setting base -b tiny-llama --test-size 3 --valid-size 2 --max-new-tokens 4"
     )
     assert base.exit_code == 0, base.output
     assert "| base | xsum | 3 |" in base.output

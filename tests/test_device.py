@@ -20,6 +20,7 @@ import personalization.training.checkpoint as checkpoint_module
 from device_agent.agent import DeviceAgent
 from device_agent.client import ClientConfig, CloudClient
 from device_agent.errors import CloudError, CloudUnreachable, ProtocolMismatch
+from device_agent.tap_modes import Streamed
 from device_agent.trainer import DeviceTrainConfig
 from personalization.config import DecodeConfig
 from personalization.latency import NetworkProfile
@@ -29,6 +30,8 @@ from protocol.messages import Info, SessionIn
 
 SIGNATURE = "~zq sig~"
 FAST = DeviceTrainConfig(train=TrainConfig(epochs=30, lr=3e-3, batch_size=8), calibration_prompts=2)
+
+WHAT_IF_ROWS = ["base", "lora", "adapter", "lst", "full", "choice", "spa", "spa run-ahead"]
 
 
 def _history(n: int = 24) -> list[dict]:
@@ -219,7 +222,9 @@ def test_streamed_taps_give_the_tokens_of_pull_mode(trained, strict):
     assert s.accounts.positions == len(s.tokens) - 1 + s.session.prompt_tokens
 
 
-def test_a_device_that_stalls_in_streamed_mode_resumes_with_correct_answers(trained, tiny_llama):
+def test_a_device_that_stalls_in_streamed_mode_resumes_with_correct_answers(
+    trained, tiny_llama, monkeypatch
+):
     """The device misses one deadline (the cloud falls back to f's token) and catches up: every
     later token is what the same checkpoint gives in-process when that one answer is missing."""
     from personalization.decoding import generate
@@ -234,15 +239,15 @@ def test_a_device_that_stalls_in_streamed_mode_resumes_with_correct_answers(trai
         remote = agent.generate(
             prompt, threshold=0.0, decode=decode, tap_mode="streamed", deadline_s=1.0
         )
-        answer, calls = remote._side, []
+        answer, calls = Streamed.side, []
 
-        def stalling(*args):
+        def stalling(mode, event):
             calls.append(1)
             if len(calls) == 2:
                 time.sleep(1.5)  # past the deadline: the cloud moves on
-            return answer(*args)
+            return answer(mode, event)
 
-        remote._side = stalling
+        monkeypatch.setattr(Streamed, "side", stalling)
         got = [(t.id, t.branch) for t in remote]
     from dataclasses import replace
 
@@ -342,16 +347,7 @@ def test_what_if_table_has_every_device_setting_with_paper_contacts(trained):
         net = NetworkProfile("test", 0.1, 10e6, 10e6)
         rows = {r.setting: r for r in agent.what_if(generation, net)}
         L = agent.client.info().num_layers
-        assert list(rows) == [
-            "base",
-            "lora",
-            "adapter",
-            "lst",
-            "full",
-            "choice",
-            "spa",
-            "spa run-ahead",
-        ]
+        assert list(rows) == WHAT_IF_ROWS
         assert rows["base"].m == 0 and rows["base"].network_ms == 0
         assert min(r.total_ms for r in rows.values()) == rows["base"].total_ms
         assert (rows["lora"].m, rows["adapter"].m, rows["full"].m) == (L, 2 * L, 1.0)

@@ -255,6 +255,11 @@ def test_purchased_items_are_left_out_of_the_trie_not_of_the_search(target, user
 def test_strict_speculative_search_equals_beam_search_on_codes(target, users, k, gamma, n):
     draft = Draft(target.backbone, DraftConfig(layers=1))
     prompts = [target.prompt(u.history) for u in users[:3]]
+
+    def search(strategy: str):
+        config = RecommendConfig(strategy=strategy, k=k, gamma=gamma, draft_beams=n)
+        return recommend(target.model, target.catalogue, prompts, config, draft)
+
     beam = recommend(target.model, target.catalogue, prompts, RecommendConfig(k=k))
     history = users[0].history  # and on a view without one user's purchases
     beam_view = target.recommend(history, RecommendConfig(k=k))
@@ -264,24 +269,12 @@ def test_strict_speculative_search_equals_beam_search_on_codes(target, users, k,
         draft,
     )
     assert [i.title for i in strict_view.items[0]] == [i.title for i in beam_view.items[0]]
-    strict = recommend(
-        target.model,
-        target.catalogue,
-        prompts,
-        RecommendConfig(strategy="speculative-strict", k=k, gamma=gamma, draft_beams=n),
-        draft,
-    )
+    strict = search("speculative-strict")
     for b, s in zip(beam.items, strict.items, strict=True):
         assert [i.title for i in s] == [i.title for i in b]
         assert [i.score for i in s] == pytest.approx([i.score for i in b], abs=1e-4)
     assert strict.target_passes <= beam.target_passes
-    relaxed = recommend(
-        target.model,
-        target.catalogue,
-        prompts,
-        RecommendConfig(strategy="speculative-relaxed", k=k, gamma=gamma, draft_beams=n),
-        draft,
-    )
+    relaxed = search("speculative-relaxed")
     assert all(len(r) == k and all(i.title in target.index for i in r) for r in relaxed.items)
 
 

@@ -111,19 +111,22 @@ def test_a_device_that_never_corrects_gets_base(server, token, backbone):
     assert remote.accounts.corrections == 0 and remote.accounts.contacts == 1  # the last verdict
 
 
-def test_a_silent_device_never_stalls_the_cloud(server, token, backbone):
-    """A device that reads the drafts and never answers: the cloud drafts every token without
-    waiting, then waits one deadline for the last verdict and ends, drafts unverified."""
-    model = _model(backbone)
-    body = {
+def _run_ahead_body(backbone, *, deadline_s: float, tokens: int) -> dict:
+    """A run-ahead session request, as a device without gate weights sends it."""
+    return {
         "prompt": _prompt(backbone),
         "setting": "spa",
         "tap_mode": "run-ahead",
-        "rungs": list(model.rungs),
-        "tap_dtype": "float32",
-        "deadline_s": 0.5,
-        "decoding": {"max_new_tokens": NEW_TOKENS},
+        "rungs": list(_model(backbone).rungs),
+        "deadline_s": deadline_s,
+        "decoding": {"max_new_tokens": tokens},
     }
+
+
+def test_a_silent_device_never_stalls_the_cloud(server, token, backbone):
+    """A device that reads the drafts and never answers: the cloud drafts every token without
+    waiting, then waits one deadline for the last verdict and ends, drafts unverified."""
+    body = _run_ahead_body(backbone, deadline_s=0.5, tokens=NEW_TOKENS) | {"tap_dtype": "float32"}
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
         sid = http.post("/v1/sessions", json=body).json()["session_id"]
@@ -141,15 +144,7 @@ def test_a_silent_device_never_stalls_the_cloud(server, token, backbone):
 
 
 def test_stale_and_malformed_verdicts_are_refused(server, token, backbone):
-    model = _model(backbone)
-    body = {
-        "prompt": _prompt(backbone),
-        "setting": "spa",
-        "tap_mode": "run-ahead",
-        "rungs": list(model.rungs),
-        "deadline_s": 5.0,
-        "decoding": {"max_new_tokens": 4},
-    }
+    body = _run_ahead_body(backbone, deadline_s=5.0, tokens=4)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
         gate = {"weight": [[0.0] * 64] * 2, "bias": [0.0, 0.0]}

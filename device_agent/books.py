@@ -1,0 +1,96 @@
+"""A remote generation's books on the device: each token's share of the bill (`TokenCost`), the
+running totals (`Accounts`), and what the side requests since the last token cost (`Pending`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from personalization.latency import round_trips_per_step
+
+
+@dataclass
+class TokenCost:
+    """One generated token and its share of the bill (seconds, bytes)."""
+
+    index: int
+    id: int
+    text: str
+    branch: str  # cloud | device | fallback
+    gate_prob: float | None
+    cloud_s: float = 0.0
+    device_s: float = 0.0
+    net_s: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    contacts: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.cloud_s + self.device_s + self.net_s
+
+
+@dataclass
+class Accounts:
+    """Running totals of a generation; `T_total` is exactly the sum of its parts."""
+
+    tokens: int = 0
+    steps: int = 0  # decoding steps: one per streamed token, the cloud's count once it is done
+    device_tokens: int = 0
+    fallbacks: int = 0
+    contacts: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    t_cloud: float = 0.0
+    t_device: float = 0.0
+    t_net: float = 0.0
+    wall_s: float = 0.0  # stream opened → last event, measured on the device
+    positions: int = 0  # tap positions received
+    t_device_ahead: float = 0.0  # streamed taps: side-network seconds spent before being asked
+    resumes: int = 0  # times the event stream broke and was resumed where it stopped
+    corrections: int = 0  # run-ahead: drafts the device replaced with its own token
+    withdrawn: int = 0  # run-ahead: drafts the cloud computed and threw away after corrections
+
+    def add(self, token: TokenCost) -> None:
+        self.tokens += 1
+        self.steps += 1
+        self.device_tokens += token.branch in ("device", "correction")
+        self.corrections += token.branch == "correction"
+        self.fallbacks += token.branch == "fallback"
+        self.contacts += token.contacts
+        self.bytes_down += token.bytes_down
+        self.bytes_up += token.bytes_up
+        self.t_cloud += token.cloud_s
+        self.t_device += token.device_s
+        self.t_net += token.net_s
+
+    @property
+    def m(self) -> float:
+        return round_trips_per_step(self.contacts, self.steps)
+
+    @property
+    def t_total(self) -> float:
+        return self.t_cloud + self.t_device + self.t_net
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def summary(self) -> dict:
+        return asdict(self) | {
+            "M": self.m,
+            "t_total": self.t_total,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+@dataclass
+class Pending:
+    """Side requests answered since the last token event."""
+
+    device_s: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    contacts: int = 0
+    gate_prob: float | None = None  # strict mode: the device's own gate decided
+    sigma: bool = True
