@@ -89,7 +89,7 @@ def _run(client, model, prompt, decode, mode) -> dict:
         "corrections": a.corrections,
         "withdrawn": a.withdrawn,
         "contacts": a.contacts,
-        "bytes": a.bytes_down + a.bytes_up,
+        "bytes": a.bytes_to_device + a.bytes_from_device,
     }
 
 

@@ -200,7 +200,7 @@ def cost(args: argparse.Namespace) -> None:
 
 def _measure(client, model, prompts, decode, mode, generation) -> dict:
     """Generate every prompt once; totals per token, first (device) token latency per prompt."""
-    tokens = t_total = bytes_down = bytes_up = positions = 0.0
+    tokens = t_total = bytes_to_device = bytes_from_device = positions = 0.0
     firsts, device_firsts, contacts = [], [], 0
     for prompt in prompts:
         run = generation(
@@ -223,16 +223,16 @@ def _measure(client, model, prompts, decode, mode, generation) -> dict:
         a = run.accounts
         tokens += a.tokens
         t_total += a.t_total
-        bytes_down += a.bytes_down
-        bytes_up += a.bytes_up
-        positions += a.positions
+        bytes_to_device += a.bytes_to_device
+        bytes_from_device += a.bytes_from_device
+        positions += a.tap_positions
         contacts += a.contacts
     return {
         "tokens": tokens,
         "contacts": contacts,
         "M": contacts / max(tokens, 1),
-        "bytes_per_token": (bytes_down + bytes_up) / max(tokens, 1),
-        "bytes_per_position": bytes_down / positions if positions else 0.0,
+        "bytes_per_token": (bytes_to_device + bytes_from_device) / max(tokens, 1),
+        "bytes_per_position": bytes_to_device / positions if positions else 0.0,
         "t_total_per_token": t_total / max(tokens, 1),
         "first_token_s": sum(firsts) / len(firsts),
         "first_device_token_s": sum(device_firsts) / len(device_firsts) if device_firsts else None,

@@ -193,13 +193,14 @@ class DeviceAgent:
         tau = net.rtt_s
         if contacts:  # measured: network time per contact minus its bytes' serialisation
             tau = sum(
-                t.net_s / t.contacts - net.transfer_s(t.bytes_down, t.bytes_up) / t.contacts
+                t.net_s / t.contacts
+                - net.transfer_s(t.bytes_to_device, t.bytes_from_device) / t.contacts
                 for t in contacts
             ) / len(contacts)
         n = max(a.tokens, 1)
         measured = Measured(
             t_cloud=a.t_cloud / n,
-            t_side=a.t_device / max(a.positions, 1),
+            t_side=a.t_device / max(a.tap_positions, 1),
             tau=max(tau, 0.0),
             usage=a.m
             if generation.setting in GATED_SETTINGS
@@ -208,7 +209,7 @@ class DeviceAgent:
             hidden_size=info.hidden_size,
             wire_bytes=model.wire_bytes,
             # measured: what one tap position cost on the wire (encoding, base64, JSON framing)
-            tap_bytes=a.bytes_down / a.positions if a.positions else model.tap_bytes,
+            tap_bytes=a.bytes_to_device / a.tap_positions if a.tap_positions else model.tap_bytes,
             backbone_parameters=info.parameters["backbone"],
             corrections=a.corrections / n if generation.tap_mode == "run-ahead" else None,
             parameters={

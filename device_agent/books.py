@@ -4,9 +4,9 @@ running totals (`Accounts`), and what the side requests since the last token cos
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from personalization.latency import round_trips_per_step
+from personalization.latency import Books
 
 
 @dataclass
@@ -21,8 +21,8 @@ class TokenCost:
     cloud_s: float = 0.0
     device_s: float = 0.0
     net_s: float = 0.0
-    bytes_down: int = 0
-    bytes_up: int = 0
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
     contacts: int = 0
 
     @property
@@ -31,21 +31,13 @@ class TokenCost:
 
 
 @dataclass
-class Accounts:
-    """Running totals of a generation; `T_total` is exactly the sum of its parts."""
+class Accounts(Books):
+    """Running totals of a generation: the latency model's `Books` (tokens, steps, contacts,
+    tap positions, bytes each way, T_cloud + T_device + T_net = T_total) and what only a remote
+    device sees."""
 
-    tokens: int = 0
-    steps: int = 0  # decoding steps: one per streamed token, the cloud's count once it is done
-    device_tokens: int = 0
     fallbacks: int = 0
-    contacts: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    t_cloud: float = 0.0
-    t_device: float = 0.0
-    t_net: float = 0.0
     wall_s: float = 0.0  # stream opened → last event, measured on the device
-    positions: int = 0  # tap positions received
     t_device_ahead: float = 0.0  # streamed taps: side-network seconds spent before being asked
     resumes: int = 0  # times the event stream broke and was resumed where it stopped
     corrections: int = 0  # run-ahead: drafts the device replaced with its own token
@@ -58,30 +50,18 @@ class Accounts:
         self.corrections += token.branch == "correction"
         self.fallbacks += token.branch == "fallback"
         self.contacts += token.contacts
-        self.bytes_down += token.bytes_down
-        self.bytes_up += token.bytes_up
+        self.bytes_to_device += token.bytes_to_device
+        self.bytes_from_device += token.bytes_from_device
         self.t_cloud += token.cloud_s
         self.t_device += token.device_s
         self.t_net += token.net_s
-
-    @property
-    def m(self) -> float:
-        return round_trips_per_step(self.contacts, self.steps)
-
-    @property
-    def t_total(self) -> float:
-        return self.t_cloud + self.t_device + self.t_net
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
     def summary(self) -> dict:
-        return asdict(self) | {
-            "M": self.m,
-            "t_total": self.t_total,
-            "tokens_per_s": self.tokens_per_s,
-        }
+        return super().summary() | {"tokens_per_s": self.tokens_per_s}
 
 
 @dataclass
@@ -89,8 +69,8 @@ class Pending:
     """Side requests answered since the last token event."""
 
     device_s: float = 0.0
-    bytes_down: int = 0
-    bytes_up: int = 0
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
     contacts: int = 0
     gate_prob: float | None = None  # strict mode: the device's own gate decided
     sigma: bool = True

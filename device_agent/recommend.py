@@ -34,8 +34,8 @@ class RemoteRecommendation:
     status: str = "created"
     error: str = ""
     contacts: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
     session_id: str | None = field(default=None)
 
     def body(self) -> RecommendSessionIn:
@@ -67,7 +67,7 @@ class RemoteRecommendation:
         cache = m.side.new_cache()
         try:
             for event, size in self.client.events(sid):
-                self.bytes_down += size
+                self.bytes_to_device += size
                 if isinstance(event, TreeRequestEvent):
                     if event.keep is not None:
                         index = torch.tensor(event.keep, dtype=torch.long)
@@ -76,7 +76,9 @@ class RemoteRecommendation:
                         ]
                     taps = event.decode_taps(m.codec).to(m.side_dtype)
                     g = m.wire(m.side(taps, cache, event.decode_mask()))[event.decode_real()]
-                    self.bytes_up += self.client.answer(sid, event.request_id, g, event.dtype)
+                    self.bytes_from_device += self.client.answer(
+                        sid, event.request_id, g, event.dtype
+                    )
                     self.contacts += 1
                 elif isinstance(event, RecommendedEvent):
                     self.result = event

@@ -52,14 +52,16 @@ class Pull:
     def on(self, event: Event, size: int) -> TokenCost | None:
         """One event of the session (`size` bytes): the token to show, if it brings one."""
         if isinstance(event, SideRequestEvent):
-            self.pending.bytes_down += size
+            self.pending.bytes_to_device += size
             self.pending.contacts += 1
             t = time.perf_counter()
             g = self.side(event)
             self.pending.device_s += time.perf_counter() - t
             gen = self.gen
             sid = gen.session.session_id
-            self.pending.bytes_up += gen.client.answer(sid, event.request_id, g, event.dtype)
+            self.pending.bytes_from_device += gen.client.answer(
+                sid, event.request_id, g, event.dtype
+            )
             return None
         if isinstance(event, TokenEvent):
             return self.shown(token_cost(event, self.pending))
@@ -98,7 +100,7 @@ class Pull:
         self._before = (list(cache.kv), start)
         if event.reorder is not None:
             cache.reorder(torch.tensor(event.reorder))
-        self.gen.accounts.positions += shared + rows * (positions - shared)
+        self.gen.accounts.tap_positions += shared + rows * (positions - shared)
         g = model.side(taps.to(model.side_dtype), cache)[:, -1]
         return self.strict(g, taps[:, -1])
 
@@ -123,7 +125,7 @@ class Streamed(Pull):
 
     def on(self, event: Event, size: int) -> TokenCost | None:
         if isinstance(event, TapsEvent):
-            self.pending.bytes_down += size
+            self.pending.bytes_to_device += size
             t = time.perf_counter()
             self.feed(event)
             self.gen.accounts.t_device_ahead += time.perf_counter() - t
@@ -140,7 +142,7 @@ class Streamed(Pull):
         taps = event.decode_taps(model.codec)
         g = model.side(taps.to(model.side_dtype), cache)[:, -1]
         self._ready = (event.start + event.positions - 1, g, taps[:, -1])
-        self.gen.accounts.positions += event.positions
+        self.gen.accounts.tap_positions += event.positions
 
     def side(self, event: SideRequestEvent) -> torch.Tensor:
         if self._ready is None:  # nothing streamed yet (a prompt-only ask): as pulled
@@ -171,7 +173,7 @@ class RunAhead(Pull):
 
     def on(self, event: Event, size: int) -> TokenCost | None:
         if isinstance(event, DraftEvent | CorrectedEvent):
-            self.pending.bytes_down += size
+            self.pending.bytes_to_device += size
             token = self.decide(event)
             return None if token is None else self.shown(token)
         return super().on(event, size)
@@ -180,7 +182,7 @@ class RunAhead(Pull):
         if self._ack is not None:  # the last draft stands: say so, once shown
             gen = self.gen
             sent, _ = gen.client.verdict(gen.session.session_id, self._ack)
-            gen.accounts.bytes_up += sent
+            gen.accounts.bytes_from_device += sent
             gen.accounts.contacts += 1
             self._ack = None
 
@@ -208,11 +210,11 @@ class RunAhead(Pull):
         )
         pending.device_s += time.perf_counter() - t
         pending.gate_prob, pending.sigma = p, sigma
-        gen.accounts.positions += event.positions
+        gen.accounts.tap_positions += event.positions
         if token != event.id:
             body = VerdictIn(epoch=event.epoch, index=event.index, token=token)
             sent, taken = gen.client.verdict(gen.session.session_id, body)
-            pending.bytes_up += sent
+            pending.bytes_from_device += sent
             pending.contacts += 1
             if taken:
                 self._epoch = None  # wait for the cloud's `corrected`
@@ -239,8 +241,8 @@ class RunAhead(Pull):
             cloud_s=cloud_s,
             device_s=device_s,
             net_s=wait - cloud_s - device_s,
-            bytes_down=pending.bytes_down,
-            bytes_up=pending.bytes_up,
+            bytes_to_device=pending.bytes_to_device,
+            bytes_from_device=pending.bytes_from_device,
             contacts=pending.contacts,
         )
 
@@ -260,8 +262,8 @@ def token_cost(event: TokenEvent, pending: Pending) -> TokenCost:
         cloud_s=event.cloud_ms / 1000,
         device_s=pending.device_s,
         net_s=max(0.0, wait - pending.device_s),
-        bytes_down=pending.bytes_down,
-        bytes_up=pending.bytes_up,
+        bytes_to_device=pending.bytes_to_device,
+        bytes_from_device=pending.bytes_from_device,
         contacts=pending.contacts,
     )
 

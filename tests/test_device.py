@@ -95,13 +95,20 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
 
         a = generation.accounts
         assert a.tokens == len(tokens) and a.device_tokens >= len(_signature_tokens(tokens))
-        for part in ("cloud_s", "device_s", "net_s", "bytes_down", "bytes_up", "contacts"):
+        for part in (
+            "cloud_s",
+            "device_s",
+            "net_s",
+            "bytes_to_device",
+            "bytes_from_device",
+            "contacts",
+        ):
             total = {
                 "cloud_s": a.t_cloud,
                 "device_s": a.t_device,
                 "net_s": a.t_net,
-                "bytes_down": a.bytes_down,
-                "bytes_up": a.bytes_up,
+                "bytes_to_device": a.bytes_to_device,
+                "bytes_from_device": a.bytes_from_device,
                 "contacts": a.contacts,
             }[part]
             assert sum(getattr(t, part) for t in tokens) == pytest.approx(total, abs=1e-9)
@@ -112,8 +119,8 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
         # the device's books agree with the cloud's own record of the session
         record = agent.client.session_record(generation.session.session_id)
         assert record.device_contacts == a.contacts
-        assert record.bytes_to_device == a.bytes_down
-        assert record.bytes_from_device == a.bytes_up
+        assert record.bytes_to_device == a.bytes_to_device
+        assert record.bytes_from_device == a.bytes_from_device
         assert record.tokens == a.tokens
         assert record.cloud_s == pytest.approx(a.t_cloud, abs=1e-3 * a.tokens)
 
@@ -161,7 +168,7 @@ def test_beam_search_over_http_equals_in_process_beam_search(
     assert [t.branch for t in got] == [t.branch for t in want]
     assert "device" in {t.branch for t in got}
     assert remote.accounts.contacts == expected.books.contacts > 1
-    assert remote.accounts.positions == expected.books.tap_positions  # shared prompt sent once
+    assert remote.accounts.tap_positions == expected.books.tap_positions  # shared prompt sent once
     assert remote.status == "finished"
 
 
@@ -194,7 +201,7 @@ def test_compact_tap_encodings_train_and_serve_the_same_inputs(
     assert [t.id for t in got] == [t.id for t in want]
     assert [t.branch for t in got] == [t.branch for t in want] == ["device"] * len(want)
     assert [t.gate_prob for t in got] == pytest.approx([t.gate_prob for t in want], abs=1e-5)
-    assert remote.accounts.positions == expected.books.tap_positions
+    assert remote.accounts.tap_positions == expected.books.tap_positions
     assert remote.session.tap_encoding == encoding
     with DeviceAgent(tmp_path / "dev") as agent:  # the same, with the taps streamed
         streamed = agent.generate(prompt, threshold=0.0, decode=decode, tap_mode="streamed")
@@ -219,7 +226,7 @@ def test_streamed_taps_give_the_tokens_of_pull_mode(trained, strict):
     assert s.accounts.contacts == p.accounts.contacts
     assert s.session.tap_mode == "streamed" and p.session.tap_mode == "pull"
     # streamed taps arrive ahead of need: each contact carries none
-    assert s.accounts.positions == len(s.tokens) - 1 + s.session.prompt_tokens
+    assert s.accounts.tap_positions == len(s.tokens) - 1 + s.session.prompt_tokens
 
 
 def test_a_device_that_stalls_in_streamed_mode_resumes_with_correct_answers(
@@ -312,7 +319,7 @@ def test_a_device_whose_event_stream_drops_resumes_it_with_the_same_answer(train
 
     with DeviceAgent(trained) as agent:
         want, unbroken = run(agent)
-    size = unbroken.accounts.bytes_down  # cuts inside the start event, taps, requests, tokens
+    size = unbroken.accounts.bytes_to_device  # cuts inside the start event, taps, requests, tokens
     cuts = [100, size // 3, 40, size // 4]
     with DeviceAgent(trained, transport=_Dropping(cuts)) as agent:
         got, remote = run(agent)
@@ -508,11 +515,11 @@ def test_emulated_rtt_shows_in_measured_network_time(trained):
         tokens = list(generation)
         a = generation.accounts
         assert a.contacts == len(tokens) and a.m == 1.0
-        expected = a.contacts * net.rtt_s + net.transfer_s(a.bytes_down, a.bytes_up)
+        expected = a.contacts * net.rtt_s + net.transfer_s(a.bytes_to_device, a.bytes_from_device)
         # the link never delivers faster than the profile; HTTP and a busy machine add a little
         # (a bound, not a timing: how much it adds belongs to benchmarks)
         assert 0.95 * expected <= a.t_net <= 2 * expected, (a.t_net, expected)
-        assert agent.client.link.bytes_down >= a.bytes_down  # the link counted what crossed it
+        assert agent.client.link.bytes_down >= a.bytes_to_device  # the link counted what crossed it
 
 
 def test_delay_line_charges_one_way_latency_once_per_burst():

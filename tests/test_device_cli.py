@@ -340,8 +340,8 @@ def _check_accounts(out: dict, max_tokens: int) -> dict:
     assert a["t_device"] == pytest.approx(sum(t["device_s"] for t in tokens), abs=1e-9)
     assert a["t_net"] == pytest.approx(sum(t["net_s"] for t in tokens), abs=1e-9)
     assert a["contacts"] == sum(t["contacts"] for t in tokens)
-    assert a["bytes_down"] == sum(t["bytes_down"] for t in tokens)
-    assert a["bytes_up"] == sum(t["bytes_up"] for t in tokens)
+    assert a["bytes_to_device"] == sum(t["bytes_to_device"] for t in tokens)
+    assert a["bytes_from_device"] == sum(t["bytes_from_device"] for t in tokens)
     assert a["device_tokens"] == sum(t["branch"] == "device" for t in tokens)
     assert a["fallbacks"] == sum(t["branch"] == "fallback" for t in tokens)
     assert a["M"] == pytest.approx(a["contacts"] / a["tokens"])
@@ -359,7 +359,9 @@ def test_generate_with_the_side_network(trained):
     )
     a = _check_accounts(out, 8)
     assert {t["branch"] for t in out["tokens"]} <= {"cloud", "device", "fallback"}
-    assert a["contacts"] >= 1 and a["bytes_up"] > 0 and a["positions"] > 0  # the device answered
+    assert (
+        a["contacts"] >= 1 and a["bytes_from_device"] > 0 and a["tap_positions"] > 0
+    )  # the device answered
     assert all(t["gate_prob"] is not None for t in out["tokens"])
     after = stdout_json(device("status", "--json", "--dir", root))["generations"]
     assert after == before + 1
@@ -431,7 +433,12 @@ def test_generate_base_setting_on_a_trained_device(trained):
     )
     a = _check_accounts(out, 8)
     assert {t["branch"] for t in out["tokens"]} == {"cloud"}
-    assert (a["contacts"], a["bytes_up"], a["device_tokens"], a["t_device"]) == (0, 0, 0, 0)
+    assert (a["contacts"], a["bytes_from_device"], a["device_tokens"], a["t_device"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
 
 
 def test_generate_what_if(trained):

@@ -112,7 +112,7 @@ def test_chat_gives_exactly_the_tokens_of_the_device_agent(api, device):
     usage = reply.usage
     assert usage.completion_tokens == len(ids)
     assert usage.total_tokens == usage.prompt_tokens + len(ids) and usage.prompt_tokens > 0
-    assert usage.spa["contacts"] >= 1 and usage.spa["bytes_down"] > 0 and usage.spa["M"] > 0
+    assert usage.spa["contacts"] >= 1 and usage.spa["bytes_to_device"] > 0 and usage.spa["M"] > 0
 
 
 def test_streamed_seeded_sampling_equals_the_device_agent(api, device):

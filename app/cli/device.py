@@ -336,7 +336,7 @@ def generate(
             f"\n\n{a.tokens} tokens ({a.device_tokens} device, {a.corrections} corrections, "
             f"{a.fallbacks} fallback) · "
             f"{a.tokens_per_s:.1f} tok/s · M {a.m:.2f} · {a.contacts} contacts · "
-            f"{a.bytes_down:,} B down / {a.bytes_up:,} B up\n"
+            f"{a.bytes_to_device:,} B down / {a.bytes_from_device:,} B up\n"
             f"T_cloud {1e3 * a.t_cloud:.1f} ms + T_device {1e3 * a.t_device:.1f} ms + "
             f"T_net {1e3 * a.t_net:.1f} ms = T_total {1e3 * a.t_total:.1f} ms "
             f"(wall {1e3 * a.wall_s:.1f} ms)"
@@ -385,8 +385,8 @@ def recommend(
         typer.echo(f"{rank:>3}. {item.score:8.3f}  {item.code}  {item.title}")
     typer.secho(
         f"[{strategy}, K={k}: {result.seconds:.1f} s on the cloud, {result.target_passes} target "
-        f"passes, {run.contacts} device contacts, {run.bytes_down:,} B down / {run.bytes_up:,} B "
-        "up]",
+        f"passes, {run.contacts} device contacts, {run.bytes_to_device:,} B down / "
+        f"{run.bytes_from_device:,} B up]",
         dim=True,
         err=True,
     )

@@ -46,10 +46,10 @@ def books_frame(a: Accounts) -> pd.DataFrame:
         round(a.tokens_per_s, 1),
         round(a.m, 2),
         a.contacts,
-        a.bytes_up,
-        a.bytes_down,
-        round(a.bytes_down / a.positions) if a.positions else 0,
-        round((a.bytes_up + a.bytes_down) / a.tokens) if a.tokens else 0,
+        a.bytes_from_device,
+        a.bytes_to_device,
+        round(a.bytes_to_device / a.tap_positions) if a.tap_positions else 0,
+        round((a.bytes_from_device + a.bytes_to_device) / a.tokens) if a.tokens else 0,
         *(round(1e3 * t, 1) for t in (a.t_cloud, a.t_device, a.t_net, a.t_total)),
     ]
     return pd.DataFrame([row], columns=BOOKS)
