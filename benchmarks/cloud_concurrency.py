@@ -255,7 +255,7 @@ def render(r: dict) -> str:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, phases=("run",), data=True, backbone=True, results=RESULTS)
+    parser = harness.parser(__doc__, work=".bench/concurrency", phases=("run",), results=RESULTS)
     parser.add_argument(
         "--checkpoint",
         default=str(ROOT / f".bench/wire/personachat-spa-{DEFAULT_TAP_ENCODING}.safetensors"),
@@ -272,7 +272,6 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--soak-s", type=float, default=60.0)
     parser.add_argument("--soak-devices", type=int, default=32)
-    parser.add_argument("--work", default=str(ROOT / ".bench/concurrency"))
     harness.run(parser, render, run=run)
 
 

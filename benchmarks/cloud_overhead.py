@@ -41,7 +41,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, backbone=True)
+    parser = harness.parser(__doc__, data=False)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -174,7 +174,7 @@ def cloud_round(directory: Path, rng: random.Random, finished: set[str]) -> dict
 
 
 def main() -> None:
-    parser = harness.parser(__doc__)
+    parser = harness.parser(__doc__, data=False, backbone=False)
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cloud-every", type=int, default=10, help="every N-th kill: the cloud")

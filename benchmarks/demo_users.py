@@ -141,7 +141,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__)
+    parser = harness.parser(__doc__, data=False, backbone=False)
     parser.add_argument("--url", default="http://127.0.0.1:7860/")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--table", action="store_true", help="print the README table and stop")

@@ -69,7 +69,7 @@ def export(rev: str, into: Path) -> Path:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__)
+    parser = harness.parser(__doc__, data=False, backbone=False)
     parser.add_argument("--against", help="a git revision to measure beside the working tree")
     parser.add_argument("--repeat", type=int, default=3, help="interpreters per tree (median)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/device_import.json")

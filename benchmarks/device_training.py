@@ -34,7 +34,7 @@ def peak_rss_mb() -> float:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, data=True, backbone=True)
+    parser = harness.parser(__doc__)
     parser.add_argument("--users", type=int, default=6, help="PersonaChat users on this device")
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()

@@ -321,7 +321,7 @@ def check(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__)
+    parser = harness.parser(__doc__, data=False, backbone=False)
     parser.add_argument("--base", help="BASE_IMAGE (default: python:3.11-slim, else Debian)")
     parser.add_argument("--tag", default="spa-demo")
     parser.add_argument(

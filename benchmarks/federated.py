@@ -261,7 +261,7 @@ def _figure(row: dict, name: str) -> str:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
+    parser = harness.parser(__doc__, work=".bench/federated", results=RESULTS)
     parser.add_argument("phase", choices=("run", "table"))
     parser.add_argument("--task", choices=tuple(TASKS), default="beauty")
     parser.add_argument("--devices", type=int, default=None, help="64 (beauty), 32 (personachat)")
@@ -275,7 +275,6 @@ def main() -> None:
         help="beauty: the catalogue search every round, in the last only, or never",
     )
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--work", default=str(ROOT / ".bench/federated"))
     args = parser.parse_args()
     args.devices = args.devices or (64 if args.task == "beauty" else 32)
     {"run": run, "table": lambda a: harness.show(render, a.out)}[args.phase](args)

@@ -43,13 +43,15 @@ def parser(
     doc: str,
     *,
     phases: tuple[str, ...] = (),
-    data: bool = False,
-    backbone: bool = False,
+    data: bool = True,
+    backbone: bool = True,
     results: Path | None = None,
+    work: str | None = None,
 ) -> argparse.ArgumentParser:
     """A benchmark's command line: its docstring's first paragraph as the description, its
     `phases` (the first the default) plus `table`, and the options benchmarks share — `--data`
-    (the shared data folder), `--backbone`, `--out` (the results file it writes)."""
+    (the shared data folder), `--backbone`, `--out` (the results file it writes), `--work` (its
+    intermediate files, under the repository)."""
     p = argparse.ArgumentParser(
         description=doc.strip().split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -61,6 +63,8 @@ def parser(
         p.add_argument("--backbone", default="smollm2", help="the frozen backbone")
     if results is not None:
         p.add_argument("--out", type=Path, default=results, help="the results file")
+    if work is not None:
+        p.add_argument("--work", default=str(ROOT / work), help="intermediate files")
     return p
 
 
@@ -95,3 +99,12 @@ def splits(backbone, folder: Path, dataset: str, *, train: int, valid: int, test
         path=path, train_size=train, valid_size=valid, test_size=test, max_prompt_tokens=tokens
     )
     return prepare_data(backbone, config)
+
+
+def splits_of(backbone, args: argparse.Namespace, dataset: str):
+    """`splits` with the sizes of a benchmark's own options (--train-size, --valid-size,
+    --test-size, --max-prompt-tokens)."""
+    return splits(
+        backbone, args.data, dataset, train=args.train_size, valid=args.valid_size,
+        test=args.test_size, tokens=args.max_prompt_tokens,
+    )  # fmt: skip

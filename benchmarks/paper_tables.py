@@ -396,7 +396,7 @@ def _table7(c: dict | None) -> str:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
+    parser = harness.parser(__doc__, work=".bench/paper", results=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the tables and stop")
     parser.add_argument(
         "--rescore",
@@ -422,7 +422,6 @@ def main() -> None:
     parser.add_argument("--target-usage", type=float, default=0.5)
     parser.add_argument("--profile", default="lte")
     parser.add_argument("--skip", nargs="*", default=[], metavar="SETTING=REASON")
-    parser.add_argument("--work", default=str(ROOT / ".bench/paper"))
     args = parser.parse_args()
     if args.table:
         harness.show(render, args.out)

@@ -525,7 +525,7 @@ def render(r: dict) -> str:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
+    parser = harness.parser(__doc__, results=RESULTS)
     parser.add_argument("phase", choices=("codes", "train", "quality", "speed", "table"))
     parser.add_argument(
         "--eval-data",

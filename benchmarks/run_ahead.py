@@ -46,15 +46,7 @@ def _setup(args):
     from personalization.training.checkpoint import load_checkpoint
 
     backbone = load_backbone(args.backbone)
-    data = harness.splits(
-        backbone,
-        args.data,
-        args.dataset,
-        train=args.train_size,
-        valid=args.valid_size,
-        test=args.test_size,
-        tokens=args.max_prompt_tokens,
-    )
+    data = harness.splits_of(backbone, args, args.dataset)
     ckpt = Path(args.work) / f"{args.dataset}-spa-{args.encoding}.safetensors"
     model = load_checkpoint(ckpt, backbone)[0].eval()
     return backbone, data, model
@@ -273,7 +265,7 @@ def render(r: dict) -> str:
 
 def main() -> None:
     parser = harness.parser(
-        __doc__, phases=("cost", "quality"), data=True, backbone=True, results=RESULTS
+        __doc__, work=".bench/wire", phases=("cost", "quality"), results=RESULTS
     )
     parser.add_argument("--dataset", default="personachat")
     parser.add_argument("--encoding", default=DEFAULT_TAP_ENCODING)
@@ -286,7 +278,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="tokens per cost generation")
     parser.add_argument("--quality-examples", type=int, default=30)
     parser.add_argument("--quality-tokens", type=int, default=48)
-    parser.add_argument("--work", default=str(ROOT / ".bench/wire"), help="checkpoints")
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,

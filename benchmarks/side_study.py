@@ -107,7 +107,7 @@ def render(r: dict) -> str:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, data=True, backbone=True, results=RESULTS)
+    parser = harness.parser(__doc__, results=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the table and stop")
     parser.add_argument("--datasets", nargs="+", default=["sciq", "coqa", "xsum"])
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 3e-3])

@@ -357,7 +357,7 @@ def render(r: dict) -> str:
 
 
 def main() -> None:
-    parser = harness.parser(__doc__, phases=("run",), data=True, backbone=True, results=RESULTS)
+    parser = harness.parser(__doc__, work=".bench/soak", phases=("run",), results=RESULTS)
     parser.add_argument(
         "--checkpoint",
         default=str(ROOT / "benchmarks/results/settings/personachat-spa.safetensors"),
@@ -368,7 +368,6 @@ def main() -> None:
     parser.add_argument("--max-sessions", type=int, default=64)
     parser.add_argument("--resume-s", type=float, default=15.0)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--work", default=str(ROOT / ".bench/soak"))
     harness.run(parser, render, run=run)
 
 

@@ -51,15 +51,7 @@ def _save(results: dict, config: dict, path: Path = RESULTS) -> None:
 def _data(backbone, dataset: str, args: argparse.Namespace):
     """The dataset's seeded splits, as `spa train` / `spa eval` make them."""
 
-    return harness.splits(
-        backbone,
-        args.data,
-        dataset,
-        train=args.train_size,
-        valid=args.valid_size,
-        test=args.test_size,
-        tokens=args.max_prompt_tokens,
-    )
+    return harness.splits_of(backbone, args, dataset)
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -285,7 +277,7 @@ def _maybe(x: float | None) -> str:
 
 def main() -> None:
     parser = harness.parser(
-        __doc__, phases=("quality", "cost"), data=True, backbone=True, results=RESULTS
+        __doc__, work=".bench/wire", phases=("quality", "cost"), results=RESULTS
     )
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--encodings", nargs="+", default=list(TAP_ENCODINGS))
@@ -296,7 +288,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target-usage", type=float, default=0.5)
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
-    parser.add_argument("--work", default=str(ROOT / ".bench/wire"), help="checkpoints")
     parser.add_argument("--cache", default=None, help="feature cache root")
     parser.add_argument("--cost-dataset", default="personachat")
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES))

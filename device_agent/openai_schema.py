@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from personalization.config import SERVED_SETTINGS, Setting, TapMode
+from personalization.config import SERVED_SETTINGS, TapMode
 from personalization.latency import PROFILES
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -24,26 +24,14 @@ class SpaOptions(BaseModel):
     """SPA's own knobs, sent as `extra_body={"spa": {...}}` by the OpenAI clients."""
 
     model_config = ConfigDict(extra="forbid")
-    setting: Setting | None = Field(None, description="Overrides the model name's setting.")
+    setting: Literal[SERVED_SETTINGS] | None = Field(
+        None, description="Overrides the model name's setting."
+    )
     tap_mode: TapMode | None = Field(None, description="pull, streamed or run-ahead.")
-    profile: str | None = Field(None, description="Emulate a network: " + ", ".join(PROFILES))
+    profile: Literal[tuple(PROFILES)] | None = Field(None, description="Emulate a network.")
     strict: bool = Field(False, description="Keep the gate on the device (asked every token).")
     threshold: Finite | None = Field(None, description="Gate threshold; default: calibrated.")
     deadline_s: Finite | None = Field(None, gt=0, description="How long the cloud waits for g(x).")
-
-    @field_validator("setting")
-    @classmethod
-    def _served(cls, value: str | None) -> str | None:
-        if value is not None and value not in SERVED_SETTINGS:
-            raise ValueError(f"choose one of {', '.join(SERVED_SETTINGS)}")
-        return value
-
-    @field_validator("profile")
-    @classmethod
-    def _profile(cls, value: str | None) -> str | None:
-        if value is not None and value not in PROFILES:
-            raise ValueError(f"unknown network profile; choose one of {', '.join(PROFILES)}")
-        return value
 
 
 class TextPart(BaseModel):

@@ -325,19 +325,8 @@ def test_a_trained_code_target_learns_the_walks(shop, monkeypatch):
     cases = test_cases(users)[:8]
     ours = []
     for case in cases:
-        args = [
-            "recommend",
-            "--user",
-            case.user,
-            "--data",
-            str(data),
-            "--catalogue",
-            str(items),
-            "-b",
-            "tiny-llama",
-            "-k",
-            "3",
-        ]
+        args = f"recommend --user {case.user} --data {data} --catalogue {items} -b tiny-llama -k 3"
+        args = args.split()
         out = runner.invoke(cli, args)
         assert out.exit_code == 0, out.output
         ours.append([title for _, title in _ranked(out.output)])
