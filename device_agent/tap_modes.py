@@ -14,12 +14,15 @@ is its own. `RemoteGeneration` opens the session, reads the events and owns the 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from device_agent.books import Pending, TokenCost
+from device_agent.books import Accounts, Pending, TokenCost
+from device_agent.client import CloudClient
 from device_agent.errors import DeviceError
+from personalization.config import DecodeConfig
+from personalization.model import SPAModel
 from personalization.run_ahead import verdict
 from protocol.events import (
     CorrectedEvent,
@@ -30,16 +33,25 @@ from protocol.events import (
     TapsEvent,
     TokenEvent,
 )
-from protocol.messages import VerdictIn
+from protocol.messages import SessionOut, VerdictIn
 
-if TYPE_CHECKING:
-    from device_agent.generation import RemoteGeneration
+
+class Generation(Protocol):
+    """What a mode reads of the generation it serves (`RemoteGeneration`)."""
+
+    client: CloudClient
+    model: SPAModel | None
+    decode: DecodeConfig
+    strict: bool
+    session: SessionOut | None
+    accounts: Accounts
+    tokens: list[TokenCost]
 
 
 class Pull:
     """Taps on request: answer each side request with g(x) of its last position."""
 
-    def __init__(self, generation: RemoteGeneration, started: float):
+    def __init__(self, generation: Generation, started: float):
         self.gen = generation
         model = generation.model
         self.cache = model.side.new_cache() if model is not None else None
@@ -119,7 +131,7 @@ class Streamed(Pull):
     """Taps pushed as they exist: the side network runs over them on arrival, so a side request
     finds g of the newest position ready."""
 
-    def __init__(self, generation: RemoteGeneration, started: float):
+    def __init__(self, generation: Generation, started: float):
         super().__init__(generation, started)
         self._ready: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (position, g, taps)
 
@@ -158,7 +170,7 @@ class RunAhead(Pull):
     by a correction (shown when the cloud confirms it); drafts of a withdrawn epoch are
     skipped."""
 
-    def __init__(self, generation: RemoteGeneration, started: float):
+    def __init__(self, generation: Generation, started: float):
         super().__init__(generation, started)
         seed = generation.decode.seed
         self._rng = None if seed is None else torch.Generator().manual_seed(seed + 1)
