@@ -384,7 +384,7 @@ def _features_seconds(runs) -> float:
     seconds = [t.seconds["features"] for _, t, _ in runs]
     for record in runs[0][1].path.parent.glob("*.json"):
         row = json.loads(record.read_text())
-        if isinstance(row, dict) and row.get("codes") in codes and "seconds" in row:
+        if isinstance(row, dict) and isinstance(row.get("codes"), str) and row["codes"] in codes:
             seconds.append(row["seconds"].get("features", 0.0))
     computed = [x for x in seconds if x > 5]
     return min(computed) if computed else max(seconds)

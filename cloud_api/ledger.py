@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from personalization.latency import Books
 from protocol.messages import SessionTotals
 
 
@@ -20,11 +21,36 @@ class StepCost:
     request_id: int | None = None
 
 
+@dataclass
+class SessionBooks(Books):
+    """A session's books: the latency model's `Books` (contacts, tap positions, bytes each way,
+    T_cloud) and what only the cloud sees; reported in the protocol's names by `totals`."""
+
+    fallbacks: int = 0  # side requests whose deadline passed
+    device_wait_s: float = 0.0  # from each side request to its answer
+    wall_s: float = 0.0  # stream opened → done
+
+    def totals(self) -> SessionTotals:
+        """As the protocol reports them (the `done` event, the session's record)."""
+        return SessionTotals(
+            tokens=self.tokens,
+            device_tokens=self.device_tokens,
+            device_contacts=self.contacts,
+            fallbacks=self.fallbacks,
+            tap_positions=self.tap_positions,
+            bytes_to_device=self.bytes_to_device,
+            bytes_from_device=self.bytes_from_device,
+            cloud_s=self.t_cloud,
+            device_wait_s=self.device_wait_s,
+            wall_s=self.wall_s,
+        )
+
+
 class Ledger:
-    """A session's books: `totals` so far and `step`, the token being made."""
+    """A session's running `books` and `step`, the token being made."""
 
     def __init__(self):
-        self.totals = SessionTotals()
+        self.books = SessionBooks()
         self.step = StepCost()
 
     def next_token(self) -> StepCost:
@@ -32,28 +58,28 @@ class Ledger:
         return self.step
 
     def sent(self, size: int) -> None:
-        self.totals.bytes_to_device += size
+        self.books.bytes_to_device += size
         self.step.bytes_to_device += size
 
     def received(self, size: int) -> None:
-        self.totals.bytes_from_device += size
+        self.books.bytes_from_device += size
         self.step.bytes_from_device += size
 
     def asked(self, request_id: int, positions: int) -> None:
         """A side request for `positions` tap positions (all rows)."""
-        self.totals.device_contacts += 1
-        self.totals.tap_positions += positions
+        self.books.contacts += 1
+        self.books.tap_positions += positions
         self.step.request_id = request_id
 
     def waited(self, seconds: float, expired: bool) -> None:
-        self.totals.device_wait_s += seconds
+        self.books.device_wait_s += seconds
         self.step.device_wait_s += seconds
-        self.totals.fallbacks += expired
+        self.books.fallbacks += expired
 
     def token(self, branch: str, cloud_s: float) -> StepCost:
         """The token made: its branch and the cloud's compute for it."""
         self.step.cloud_s = cloud_s
-        self.totals.tokens += 1
-        self.totals.device_tokens += branch == "device"
-        self.totals.cloud_s += cloud_s
+        self.books.tokens += 1
+        self.books.device_tokens += branch == "device"
+        self.books.t_cloud += cloud_s
         return self.step

@@ -215,9 +215,9 @@ class RecommendSession(Session):
                 **tap_fields(self.model.codec, self.tap_dtype, 0, taps, 0),
             )
         )
-        self.totals.device_contacts += 1
-        self.totals.tap_positions += rows * positions
-        self.totals.bytes_to_device += sent
+        self.ledger.books.contacts += 1
+        self.ledger.books.tap_positions += rows * positions
+        self.ledger.books.bytes_to_device += sent
         if not self._await(request):
             self._unanswered = True  # its side cache missed this pass: ask no more
             return None
@@ -247,4 +247,4 @@ class RecommendSession(Session):
                     else result.stats.acceptance,
                 )
             )
-        self.totals.cloud_s = seconds - self.totals.device_wait_s
+        self.ledger.books.t_cloud = seconds - self.ledger.books.device_wait_s

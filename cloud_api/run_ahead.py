@@ -69,8 +69,8 @@ class RunAheadSession(Session):
                 self._confirmed = max(self._confirmed, index)
             else:
                 self._correction = (index, token)
-            self.totals.device_contacts += 1
-            self.totals.bytes_from_device += size
+            self.ledger.books.contacts += 1
+            self.ledger.books.bytes_from_device += size
             self.last_active = time.monotonic()
             self._verdict.set()
             return epoch
@@ -83,7 +83,7 @@ class RunAheadSession(Session):
         try:
             self._loop_drafts(drafter)
         finally:
-            self.totals.tokens = len(drafter.tokens)
+            self.ledger.books.tokens = len(drafter.tokens)
         if not self.run_ahead.verified:
             return (
                 f"the device sent no verdict on the last drafts within {self.deadline_s:g} s: "
@@ -140,9 +140,9 @@ class RunAheadSession(Session):
         sent = self._emit(event)
         self.books.steps += 1
         self.run_ahead.drafts += 1
-        self.totals.tap_positions += positions
-        self.totals.bytes_to_device += sent
-        self.totals.cloud_s += draft.cloud_s
+        self.ledger.books.tap_positions += positions
+        self.ledger.books.bytes_to_device += sent
+        self.ledger.books.t_cloud += draft.cloud_s
 
     def _apply_correction(self, drafter: Drafter) -> None:
         with self._lock:
@@ -163,8 +163,8 @@ class RunAheadSession(Session):
             self._corrected_last = True
         self.run_ahead.corrections += 1
         self.run_ahead.withdrawn += withdrawn
-        self.totals.device_tokens += 1
-        self.totals.cloud_s += cloud_s
+        self.ledger.books.device_tokens += 1
+        self.ledger.books.t_cloud += cloud_s
         self._emit(
             CorrectedEvent(
                 index=index,

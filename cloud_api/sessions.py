@@ -88,7 +88,8 @@ class Session:
 
     @property
     def totals(self) -> SessionTotals:
-        return self.ledger.totals
+        """What it cost so far, in the protocol's names (a snapshot)."""
+        return self.ledger.books.totals()
 
     # ---- called from the API ---------------------------------------------------------------
     def open_stream(
@@ -158,7 +159,7 @@ class Session:
             status, reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
         if self._stop:
             status, reason = self._stop
-        self.totals.wall_s = time.perf_counter() - started
+        self.ledger.books.wall_s = time.perf_counter() - started
         self._end(status, reason)
 
     def _decode(self) -> str | None:
@@ -194,7 +195,7 @@ class Session:
             if self.status not in LIVE:
                 return
             self.status = status
-        totals = self.totals.model_copy()
+        totals = self.totals
         try:
             self.records.update_session(
                 self.id, status=status, reason=reason[:200], finished_at=now(), **dict(totals)
@@ -283,7 +284,7 @@ class GenerationSession(Session):
         fields = tap_fields(self.model.codec, self.tap_dtype, self._pushed, taps, 0)
         self.ledger.sent(self._emit(TapsEvent(**fields)))
         self._pushed += taps.shape[1]
-        self.totals.tap_positions += taps.shape[1]
+        self.ledger.books.tap_positions += taps.shape[1]
 
 
 def tap_fields(codec, dtype: str, start: int, taps: Tensor, shared: int) -> dict:
