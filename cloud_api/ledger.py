@@ -4,7 +4,7 @@ session ends, summed in `done`) and the token being made (its `token` event's ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from personalization.latency import Books
 from protocol.messages import SessionTotals
@@ -32,18 +32,12 @@ class SessionBooks(Books):
 
     def totals(self) -> SessionTotals:
         """As the protocol reports them (the `done` event, the session's record)."""
-        return SessionTotals(
-            tokens=self.tokens,
-            device_tokens=self.device_tokens,
-            device_contacts=self.contacts,
-            fallbacks=self.fallbacks,
-            tap_positions=self.tap_positions,
-            bytes_to_device=self.bytes_to_device,
-            bytes_from_device=self.bytes_from_device,
-            cloud_s=self.t_cloud,
-            device_wait_s=self.device_wait_s,
-            wall_s=self.wall_s,
-        )
+        values = {_WIRE_NAMES.get(k, k): v for k, v in asdict(self).items()}
+        return SessionTotals(**{k: v for k, v in values.items() if k in SessionTotals.model_fields})
+
+
+#: the protocol's names of the books' figures, where they differ
+_WIRE_NAMES = {"contacts": "device_contacts", "t_cloud": "cloud_s"}
 
 
 class Ledger:

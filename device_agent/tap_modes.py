@@ -156,6 +156,7 @@ class Streamed(Pull):
         self._ready = (event.start + event.positions - 1, g, taps[:, -1])
         self.gen.accounts.tap_positions += event.positions
 
+    @torch.no_grad()
     def side(self, event: SideRequestEvent) -> torch.Tensor:
         if self._ready is None:  # nothing streamed yet (a prompt-only ask): as pulled
             return super().side(event)
