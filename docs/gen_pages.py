@@ -167,7 +167,7 @@ def http_reference() -> str:
     from cloud_api.app import create_app
     from cloud_api.settings import CloudSettings
 
-    spec = create_app(CloudSettings()).openapi()
+    spec = create_app(CloudSettings(database_url="sqlite://")).openapi()  # no file written
     lines = [
         "# HTTP API",
         "",
