@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from cloud_server import free_port, stop
 
@@ -131,6 +132,10 @@ def serve_openai(work: Path, env: dict) -> None:
             model="spa:pirate", messages=[{"role": "user", "content": "Ahoy?"}], max_tokens=4
         )
         assert reply.usage.completion_tokens >= 1 and reply.usage.spa["setting"] == "spa"
+        started = psutil.Process(server.pid).children(recursive=True)  # the demo's cloud
     finally:
         output = stop(server)
     assert "demo users ready (cached)" in output, output
+    assert started and server.returncode == 0, output
+    left = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], f"SIGTERM left the processes {left} running"

@@ -8,6 +8,8 @@ import contextlib
 import functools
 import json
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -464,6 +466,9 @@ def serve(
             where = f"the device at {root}"
         server = create_app(ServeConfig(users=users, api_key=api_key))
         typer.echo(f"OpenAI-compatible API of {where}: http://{host}:{port}/v1")
+        # uvicorn re-raises SIGTERM once it has shut down: exit through the `with` blocks then,
+        # so that the demo's cloud started above is stopped too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         uvicorn.run(server, host=host, port=port, log_level="warning", ws="none")
 
 
