@@ -152,42 +152,65 @@ def _baseline(args, method, train_users, titles):
 class CodeRanker:
     """The code target as a ranker like the baselines: beam search with k beams."""
 
-    def __init__(self, rec, exclude_purchased: bool):
-        self.rec, self.exclude_purchased = rec, exclude_purchased
+    def __init__(self, rec, exclude_purchased: bool, prior=None):
+        self.rec, self.exclude_purchased, self.prior = rec, exclude_purchased, prior
 
     def recommend(self, history, k: int) -> list[str]:
         from personalization.atspeed.recommend import RecommendConfig
 
         items = [t for t in history if t in self.rec.index]  # --eval-data: unknown items aside
         found = self.rec.recommend(
-            items, RecommendConfig(k=k), exclude_purchased=self.exclude_purchased
+            items, RecommendConfig(k=k), exclude_purchased=self.exclude_purchased, prior=self.prior
         )
         return [i.title for i in found.items[0]]
 
 
-def _target_choice(args, rec, users) -> dict:
-    """Whether the target skips items already bought, by validation Recall@10 (cached)."""
+PRIOR_WEIGHTS, PRIOR_RECENT = (0.0, 1.0, 2.0, 3.0), (1, 2, 3)
+
+
+def _target_choice(args, rec, users, path: Path) -> dict:
+    """Whether the target skips items already bought, then its history prior (weight at two
+    recent purchases, then how many purchases count), each by validation Recall@10; every
+    score is kept as it is measured, so an interrupted choice resumes. The chosen prior is
+    recorded beside the target (`keep_prior`): `spa recommend` and the cloud use it too."""
+    from personalization.atspeed.code_target import HistoryPrior, keep_prior
     from personalization.atspeed.recommend import metrics
     from personalization.atspeed.split import valid_cases
 
-    path = _work(args) / f"target-choice-{rec.backbone.fingerprint[:8]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    memo = _work(args) / f"target-choice-{rec.backbone.fingerprint[:8]}.json"
+    choice = json.loads(memo.read_text()) if memo.is_file() else {}
+    choice.setdefault("prior_recall@10", {})
     cases = valid_cases(users)[: args.valid_users]
-    scores = {}
-    for exclude in (False, True):
-        ranker = CodeRanker(rec, exclude)
-        lists = [
-            ranker.recommend(c.items, 10)
-            for c in tqdm(cases, desc=f"validation, exclude={exclude}")
-        ]
-        scores[exclude] = metrics(lists, [c.truth for c in cases], 10)["recall@10"]
-    choice = {
-        "exclude_purchased": scores[True] >= scores[False],
-        "valid_users": len(cases),
-        "valid_recall@10": {"exclude": scores[True], "keep": scores[False]},
-    }
-    path.write_text(json.dumps(choice))
+
+    def recall(exclude: bool, prior: HistoryPrior) -> float:
+        ranker = CodeRanker(rec, exclude, prior)
+        desc = f"validation, exclude={exclude}, prior {prior.weight:g}×{prior.recent}"
+        lists = [ranker.recommend(c.items, 10) for c in tqdm(cases, desc=desc)]
+        return metrics(lists, [c.truth for c in cases], 10)["recall@10"]
+
+    if "exclude_purchased" not in choice:
+        scores = {x: recall(x, HistoryPrior()) for x in (False, True)}
+        choice |= {
+            "exclude_purchased": scores[True] >= scores[False],
+            "valid_users": len(cases),
+            "valid_recall@10": {"exclude": scores[True], "keep": scores[False]},
+        }
+    exclude, tried = choice["exclude_purchased"], choice["prior_recall@10"]
+    tried.setdefault("0x2", choice["valid_recall@10"]["exclude" if exclude else "keep"])
+
+    def score(weight: float, recent: int) -> float:
+        key = f"{weight:g}x{recent}"
+        if key not in tried:
+            tried[key] = recall(exclude, HistoryPrior(weight=weight, recent=recent))
+            memo.write_text(json.dumps(choice))
+        return tried[key]
+
+    weight = max(PRIOR_WEIGHTS, key=lambda w: score(w, 2))
+    recent = max(PRIOR_RECENT, key=lambda r: score(weight, r)) if weight else 2
+    prior = HistoryPrior(weight=weight, recent=recent)
+    choice["prior"] = asdict(prior)
+    memo.write_text(json.dumps(choice))
+    keep_prior(path, prior)
     return choice
 
 
@@ -209,9 +232,11 @@ def quality(args) -> None:
             continue
         t0 = time.perf_counter()
         if method == TARGET:
-            rec, _ = _recommender(args)
-            fit = _target_choice(args, rec, train_users)
-            model = CodeRanker(rec, fit["exclude_purchased"])
+            from personalization.atspeed.code_target import HistoryPrior
+
+            rec, trained = _recommender(args)
+            fit = _target_choice(args, rec, train_users, trained.path)
+            model = CodeRanker(rec, fit["exclude_purchased"], HistoryPrior(**fit["prior"]))
         else:
             model, fit = _baseline(args, method, train_users, titles)
         fit_s = time.perf_counter() - t0
@@ -275,13 +300,15 @@ def _drafts(args, rec, users):
 
 
 def speed(args) -> None:
+    from personalization.atspeed.code_target import HistoryPrior
     from personalization.atspeed.recommend import RecommendConfig, metrics
     from personalization.atspeed.split import test_cases
 
     rec, trained = _recommender(args)
     args.target_path = str(trained.path)
     users = _users(args.data / "beauty.jsonl")
-    exclude = _target_choice(args, rec, users)["exclude_purchased"]
+    choice = _target_choice(args, rec, users, trained.path)
+    exclude, rec.prior = choice["exclude_purchased"], HistoryPrior(**choice["prior"])
     drafts, draft_report = _drafts(args, rec, users)
     cases = [c for c in test_cases(users) if any(t in rec.index for t in c.items)]
     methods = {

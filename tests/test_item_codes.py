@@ -15,7 +15,9 @@ from personalization.atspeed.baselines import Content
 from personalization.atspeed.code_target import (
     CodeRecommender,
     CodeTargetConfig,
+    HistoryPrior,
     UnknownItemError,
+    keep_prior,
     load_code_target,
     train_code_target,
 )
@@ -34,6 +36,7 @@ from personalization.backbone.frozen import Backbone
 from personalization.config import SideConfig, SPAConfig
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
+from personalization.training.checkpoint import describe, save_checkpoint
 from personalization.training.features import backbone_features
 from personalization.training.train import TrainConfig, side_loss
 
@@ -269,6 +272,17 @@ def test_strict_speculative_search_equals_beam_search_on_codes(target, users, k,
         draft,
     )
     assert [i.title for i in strict_view.items[0]] == [i.title for i in beam_view.items[0]]
+    prior = HistoryPrior(weight=3.0, recent=2)  # a prior changes the items, never the equality
+    beam_prior, strict_prior = (
+        target.recommend(
+            history,
+            RecommendConfig(strategy=s, k=k, gamma=gamma, draft_beams=n),
+            draft,
+            prior=prior,
+        ).items[0]
+        for s in ("beam", "speculative-strict")
+    )
+    assert [i.title for i in strict_prior] == [i.title for i in beam_prior]
     strict = search("speculative-strict")
     for b, s in zip(beam.items, strict.items, strict=True):
         assert [i.title for i in s] == [i.title for i in b]
@@ -276,6 +290,41 @@ def test_strict_speculative_search_equals_beam_search_on_codes(target, users, k,
     assert strict.target_passes <= beam.target_passes
     relaxed = search("speculative-relaxed")
     assert all(len(r) == k and all(i.title in target.index for i in r) for r in relaxed.items)
+
+
+def test_the_history_prior_lifts_items_sharing_the_last_purchases_code_prefixes(target, users):
+    history = list(users[0].history)
+    last = target.tokens(history[-1:])
+    levels = target.codes.config.levels
+
+    def shared(titles):  # code levels each item shares with the last purchase, summed
+        return sum(
+            next((n for n in range(levels) if target.tokens([t])[n] != last[n]), levels)
+            for t in titles
+        )
+
+    k, everything = 5, len(target.codes)
+    plain = target.recommend(history, RecommendConfig(k=k)).items[0]
+    strong = target.recommend(
+        history, RecommendConfig(k=k), prior=HistoryPrior(weight=50.0, recent=1)
+    ).items[0]
+    assert shared(i.title for i in strong) > shared(i.title for i in plain)
+    best = max(shared([t]) for t in target.codes.titles if t not in history)
+    assert shared([strong[0].title]) == best  # a weight that large decides by prefix first
+    bonus = target.prior_bonus(history, HistoryPrior(weight=2.0, recent=2, decay=0.5))
+    assert max(bonus.values()) == 2.0 and len(bonus) <= 2 * levels
+    view = target.catalogue.with_prior(bonus)
+    assert len(view) == everything and not target.catalogue.add_prior(torch.zeros(1, 4), [0]).any()
+    with pytest.raises(ConfigError, match="history prior"):
+        HistoryPrior(weight=-1.0)
+
+
+def test_a_target_keeps_the_prior_chosen_for_it(target, tiny_llama, codes, tmp_path):
+    path = tmp_path / "target.safetensors"
+    save_checkpoint(path, target.model, describe(target.model, data_hash=codes.fingerprint))
+    assert load_code_target(path, tiny_llama, codes).prior == HistoryPrior()
+    keep_prior(path, HistoryPrior(weight=1.5, recent=3))
+    assert load_code_target(path, tiny_llama, codes).prior == HistoryPrior(weight=1.5, recent=3)
 
 
 # ---- AtSpeed's split, metrics and the content baseline -------------------------------------------

@@ -291,6 +291,15 @@ def test_recommend_command_on_item_codes(shop, monkeypatch):
         assert all(code.startswith("<a_") and code.count("<") == 3 for code, _ in ranked)
         outputs[strategy] = ranked
     assert outputs["beam"] == outputs["speculative-strict"]
+    with_prior = {}
+    for strategy in ("beam", "speculative-strict"):
+        args = ["recommend", "rose serum", "shampoo", "--catalogue", str(items), "-b"]
+        args += ["tiny-llama", "-k", "3", "--strategy", strategy, "--prior", "4"]
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0 and "history prior 4 " in result.output, result.output
+        with_prior[strategy] = _ranked(result.output)
+    assert with_prior["beam"] == with_prior["speculative-strict"]
+    assert runner.invoke(cli, [*args[:-1], "-1"]).exit_code == 2
     result = runner.invoke(cli, ["recommend", "--catalogue", str(items), "-b", "tiny-llama"])
     assert result.exit_code == 2 and "purchase history" in result.output
     unknown = [

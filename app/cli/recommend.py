@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -60,6 +61,15 @@ def recommend(
     include_purchased: Annotated[
         bool, typer.Option("--include-purchased", help="Also recommend items of the history.")
     ] = False,
+    prior: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Weight of the history prior (a logit bonus per code level shared with the "
+            "last purchases; 0: none). Default: the one chosen on validation for the target.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Top-K next items for a purchase history: the code target's beam search over the trie of
     item codes, each item with its code and score."""
@@ -86,7 +96,14 @@ def recommend(
     config = trained[1] if trained is not None else CodeConfig()
     path = checkpoint or trained[0]
     target = load_code_target(path, f, cached_codes(titles, config))
-    typer.secho(f"target: {path.name} ({target.model.setting})", dim=True, err=True)
+    if prior is not None:
+        target.prior = replace(target.prior, weight=prior)
+    typer.secho(
+        f"target: {path.name} ({target.model.setting}, history prior {target.prior.weight:g} "
+        f"over the last {target.prior.recent} purchases)",
+        dim=True,
+        err=True,
+    )
     known = history if truth is None else [t for t in history if t in target.index]
     drafter = None
     if cfg.strategy != "beam" and gamma > 0:

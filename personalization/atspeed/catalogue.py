@@ -10,12 +10,17 @@ log-probability of that item *among catalogue items*, and a token the trie force
 of its node) costs nothing. transformers' `prefix_allowed_tokens_fn` masks after the softmax
 instead, which would charge every item for the model's doubt about tokens the catalogue leaves
 no choice over.
+
+A view may also carry a **prior** (`with_prior`): a logit bonus for some trie nodes, added to the
+logits of the tokens that lead into them before that renormalisation — a product of experts, so
+every step is still a distribution. Beam search, speculative search and the draft all read the
+same view, so strict speculative search still returns exactly the beam search's items.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -36,6 +41,7 @@ class Catalogue:
         self._parent: list[int] = [ROOT]
         self._items: dict[int, int] = {}  # node reached by a whole sequence → its title's index
         self._gone: frozenset[int] = frozenset()  # nodes a `without` view leaves out
+        self._prior: dict[int, tuple[int, int, float]] = {}  # node → (parent, token, bonus)
         self.max_length = 0  # tokens of the longest sequence, EOS included
         for index, seq in enumerate(sequences):
             node = ROOT
@@ -87,6 +93,37 @@ class Catalogue:
         view._gone = frozenset(gone)
         return view
 
+    def with_prior(self, bonus: Mapping[int, float]) -> Catalogue:
+        """A view whose steps add `bonus[node]` to the logit of the token leading into `node`."""
+        view = copy.copy(self)
+        view._prior = {}
+        for node, value in bonus.items():
+            parent = self._parent[node]
+            token = next(t for t, c in self._children[parent].items() if c == node)
+            view._prior[node] = (parent, token, float(value))
+        return view
+
+    def add_prior(
+        self, logits: Tensor, nodes: Sequence[int], columns: Sequence[int] | None = None
+    ) -> Tensor:
+        """`logits` [len(nodes), V] (or over `columns`: the token ids its columns stand for)
+        with the prior's bonuses added for each node's step; unchanged without a prior."""
+        if not self._prior:
+            return logits
+        where = None if columns is None else {t: i for i, t in enumerate(columns)}
+        hits = [
+            (row, token if where is None else where[token], value)
+            for parent, token, value in self._prior.values()
+            for row, node in enumerate(nodes)
+            if node == parent and (where is None or token in where)
+        ]
+        if not hits:
+            return logits
+        rows, cols, values = zip(*hits, strict=True)
+        bonus = torch.zeros_like(logits)
+        bonus[list(rows), list(cols)] = torch.tensor(values, dtype=logits.dtype)
+        return logits + bonus
+
     def child(self, node: int, token: int) -> int:
         """The node after `token`; KeyError where the catalogue does not allow it."""
         return self._children[node][token]
@@ -118,12 +155,12 @@ def constrained_logprobs(
 ) -> Tensor:
     """Step log-probabilities [n, V] in float32: over the whole vocabulary without a catalogue
     (as `decoding`'s beam search), else renormalised over each node's allowed tokens (−inf
-    elsewhere)."""
+    elsewhere), with the view's prior added first."""
     logits = logits.float()
     if catalogue is None:
         return torch.log_softmax(logits, dim=-1)
     allowed = catalogue.mask(nodes, logits.shape[-1]).to(logits.device)
-    return masked_log_softmax(logits, allowed)
+    return masked_log_softmax(catalogue.add_prior(logits, nodes), allowed)
 
 
 def masked_log_softmax(logits: Tensor, allowed: Tensor) -> Tensor:

@@ -8,6 +8,11 @@ alone feeds the head (`lst`, the default), or is added to the backbone's (`full`
 purchases before the validation period, all of a user's next-item positions from **one** causal
 pass (an item's codes are predicted from every item before it, exactly what a window ending there
 would see). The epoch kept is the one with the lowest loss on the validation items.
+
+The target's own searches may lean toward the user's last purchases (`HistoryPrior`): a logit
+bonus for every code prefix those items have, so items whose titles resemble what was just bought
+(codes are built from titles) rise — what the content baseline does, inside the generative
+search. Its weight is chosen on the validation items and kept in the target's record.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from personalization.atspeed.catalogue import Catalogue
+from personalization.atspeed.catalogue import ROOT, Catalogue
 from personalization.atspeed.coded import coded_backbone
 from personalization.atspeed.codes import CodeConfig, ItemCodes, catalogue_hash
 from personalization.atspeed.draft import Draft
@@ -73,6 +78,19 @@ class CodeTargetConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
+@dataclass(frozen=True, kw_only=True)
+class HistoryPrior:
+    """A logit bonus for the code prefixes of the user's most recent purchases (0: none)."""
+
+    weight: float = 0.0  # bonus per residual level an item shares with a recent purchase
+    recent: int = 2  # purchases that count, newest first
+    decay: float = 0.9  # each earlier purchase's bonus × decay
+
+    def __post_init__(self):
+        if self.weight < 0 or self.recent < 1 or not 0 < self.decay <= 1:
+            raise ConfigError("a history prior needs weight ≥ 0, recent ≥ 1 and 0 < decay ≤ 1")
+
+
 class CodeRecommender:
     """Codes, their catalogue trie and the coded backbone; `model` is the target (or None)."""
 
@@ -81,8 +99,15 @@ class CodeRecommender:
         """For a plain backbone: its coded version for these codes, no target yet."""
         return cls(codes, coded_backbone(backbone, codes))
 
-    def __init__(self, codes: ItemCodes, coded: Backbone, model: SPAModel | None = None):
+    def __init__(
+        self,
+        codes: ItemCodes,
+        coded: Backbone,
+        model: SPAModel | None = None,
+        prior: HistoryPrior = HistoryPrior(),
+    ):
         self.codes = codes
+        self.prior = prior  # the target's own searches only
         self.backbone = coded  # `coded_backbone` of the shared backbone for these codes
         self.vocab = self.backbone.vocab_size - codes.num_tokens
         self.index = {t: i for i, t in enumerate(codes.titles)}
@@ -117,7 +142,20 @@ class CodeRecommender:
                 f"({self.codes.fingerprint})"
             )
         model, _, _ = load_checkpoint(path, self.backbone)
-        return CodeRecommender(self.codes, self.backbone, model.eval())
+        prior = HistoryPrior(**_record(path).get("prior", {}))
+        return CodeRecommender(self.codes, self.backbone, model.eval(), prior)
+
+    def prior_bonus(self, history: Sequence[str], prior: HistoryPrior) -> dict[int, float]:
+        """Trie node → bonus: each residual-level prefix of the last `recent` known purchases
+        gets `weight` (× decay per older purchase; the largest where prefixes meet)."""
+        known = [t for t in history if t in self.index][-prior.recent :]
+        bonus: dict[int, float] = {}
+        for age, title in enumerate(reversed(known)):
+            value, node = prior.weight * prior.decay**age, ROOT
+            for token in self.tokens([title])[: self.codes.config.levels]:
+                node = self.catalogue.child(node, token)
+                bonus[node] = max(bonus.get(node, 0.0), value)
+        return bonus
 
     def recommend(
         self,
@@ -128,14 +166,19 @@ class CodeRecommender:
         exclude_purchased: bool = True,
         model: SPAModel | None = None,
         side: TreeSide | None = None,
+        prior: HistoryPrior | None = None,
     ) -> Recommendations:
         """The top K for one history, by the target (or `model`: a device's side network on
         this coded backbone, with `side`). With `exclude_purchased`, no item of the history is
-        recommended (no test purchase on Beauty repeats an earlier one; validation chose it)."""
-        model = model or self.model
-        if model is None:
+        recommended (no test purchase on Beauty repeats an earlier one; validation chose it).
+        The target's own searches use its history prior (or `prior`); a device's use none."""
+        if model is None and self.model is None:
             raise ConfigError("no trained target: load one (with_target) first")
         catalogue = self.catalogue.without(history) if exclude_purchased else self.catalogue
+        prior = prior or (self.prior if model is None else HistoryPrior())
+        if prior.weight > 0:
+            catalogue = catalogue.with_prior(self.prior_bonus(history, prior))
+        model = model or self.model
         return recommend(model, catalogue, [self.prompt(history)], config, draft, side)
 
     def label(self, title: str) -> str:
@@ -277,6 +320,22 @@ def train_code_target(
         tmp.write_text(json.dumps(row, indent=1))
     make_default(backbone, codes, out)
     return TrainedTarget(out, best["epoch"], result.epochs, seconds)
+
+
+def _record(path: str | Path) -> dict:
+    """The training record beside a target's checkpoint ({} where there is none)."""
+    try:
+        return json.loads(Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def keep_prior(path: str | Path, prior: HistoryPrior) -> None:
+    """Record the history prior chosen for a trained target (its searches use it from now on)."""
+    record = Path(path).with_suffix(".json")
+    row = {**_record(path), "prior": asdict(prior)}
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(row, indent=1))
 
 
 def make_default(backbone: Backbone, codes: ItemCodes, path: Path) -> None:

@@ -94,7 +94,9 @@ class Draft:
         cols = torch.tensor(union, dtype=torch.long)
         head = self.net.lm_head
         bias = None if head.bias is None else head.bias[cols]
-        logits = F.linear(normed, head.weight[cols], bias).float()
+        logits = catalogue.add_prior(
+            F.linear(normed, head.weight[cols], bias).float(), nodes, union
+        )
         mask = torch.zeros(len(nodes), len(union), dtype=torch.bool)
         rows = [i for i, a in enumerate(allowed) for _ in a]
         mask[rows, [column[t] for a in allowed for t in a]] = True
