@@ -14,7 +14,13 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from personalization.backbone.embedded import cache_dir
-from personalization.config import DEFAULT_TAP_ENCODING, TapEncoding, TapMode, WireDtype
+from personalization.config import (
+    DEFAULT_TAP_ENCODING,
+    ComputeDtype,
+    TapEncoding,
+    TapMode,
+    WireDtype,
+)
 
 
 def default_database_url() -> str:
@@ -36,6 +42,11 @@ class CloudSettings(BaseSettings):
         None,
         validation_alias=AliasChoices("backbone", "SPA_CLOUD_BACKBONE", "SPA_BACKBONE"),
         description="The frozen backbone (default: $SPA_BACKBONE, else the embedded smollm2).",
+    )
+    dtype: ComputeDtype = Field(
+        "float32",
+        description="Precision the backbone computes in; taps and f(x) on the wire keep "
+        "--tap-dtype whatever it is.",
     )
     database_url: str = Field(
         default_factory=default_database_url,

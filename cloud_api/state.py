@@ -11,6 +11,8 @@ import logging
 import threading
 import uuid
 
+import torch
+
 from cloud_api import __version__, admission, training
 from cloud_api.db import Records, SessionRow
 from cloud_api.errors import ApiError
@@ -63,7 +65,8 @@ class Cloud:
 
     def _load(self) -> None:
         try:
-            self.backbone = load_backbone(self.settings.backbone)
+            dtype = getattr(torch, self.settings.dtype)
+            self.backbone = load_backbone(self.settings.backbone, dtype=dtype)
             log.info("backbone %s ready", self.backbone.name)
         except Exception as exc:  # reported by /readyz; the server stays up to say so
             log.exception("backbone %s failed to load", self.settings.backbone)
@@ -245,6 +248,7 @@ def server_info(f: Backbone, settings: CloudSettings) -> Info:
         vocab_size=f.vocab_size,
         eos_token_ids=sorted(f.eos_token_ids),
         chat_template=bool(f.chat_template),
+        dtype=str(f.dtype).removeprefix("torch."),
         rungs_offered=list(range(1, f.num_layers + 1)),
         default_rungs=list(training.check_rungs(None, f.num_layers)),
         tap_dtype=settings.tap_dtype,

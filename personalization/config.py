@@ -27,6 +27,8 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 #: precisions of taps, g(x) and features in transit
 WireDtype = Literal["float16", "bfloat16", "float32"]
 WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
+#: precisions the backbone computes in (`--dtype`); what crosses the wire is `WireDtype`
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
 #: how taps are encoded on the wire (personalization.codecs): raw values of the wire dtype, int8
 #: with a scale, or K coefficients on a public low-rank basis, int8
 TapEncoding = Literal["raw-le", "int8", "lowrank64-int8", "lowrank32-int8"]

@@ -65,6 +65,10 @@ class Info(BaseModel):
     vocab_size: int
     eos_token_ids: list[int]
     chat_template: bool
+    dtype: str = Field(
+        "float32",
+        description="Precision the backbone computes in (what crosses the wire: tap_dtype).",
+    )
     rungs_offered: list[int] = Field(description="Every rung 1..L can be tapped.")
     default_rungs: list[int]
     tap_dtype: WireDtype = Field(description="Default precision of taps, g(x) and features.")

@@ -31,7 +31,7 @@ def tiny_llama() -> Backbone:
 
 @pytest.fixture(scope="session", params=ARCHS)
 def tiny(request) -> Backbone:
-    """Each tiny architecture in turn (Llama family and GPT-2 family)."""
+    """Each tiny architecture in turn (Llama, Qwen2 and GPT-2 families)."""
     return tiny_backbone(request.param)
 
 

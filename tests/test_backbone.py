@@ -98,13 +98,30 @@ def test_model_that_rescales_logits_is_refused():
         Backbone(rescaled, byte_tokenizer(), name="rescaled")
 
 
-def test_local_directory_round_trip(tmp_path, tiny_llama: Backbone):
-    tiny_llama.model.save_pretrained(tmp_path)
-    tiny_llama.tokenizer.save_pretrained(tmp_path)
+def test_local_directory_round_trip(tmp_path, tiny: Backbone):
+    """Any Hugging Face causal LM directory loads: Llama, Qwen2 and GPT-2 families."""
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
     loaded = load_backbone(tmp_path)
-    ids = _ids(tiny_llama)
+    ids = _ids(tiny)
+    torch.testing.assert_close(loaded(ids, logits="all").logits, tiny(ids, logits="all").logits)
+    assert loaded.fingerprint == tiny.fingerprint
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer_config.json").unlink()
+    with pytest.raises(BackboneNotFoundError, match="tokenizer files"):
+        load_backbone(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_backbone_computes_in_half_precision(dtype):
+    full, half = load_backbone("tiny-qwen2"), load_backbone("tiny-qwen2", dtype=dtype)
+    assert half.dtype == dtype
+    assert half.fingerprint != full.fingerprint  # its taps differ: cached features keep apart
+    ids = _ids(full)
+    out = half(ids, rungs=(1, 2), logits="all")
+    assert out.hidden.dtype == out.taps.dtype == dtype
     torch.testing.assert_close(
-        loaded(ids, logits="all").logits, tiny_llama(ids, logits="all").logits
+        out.logits.float(), full(ids, logits="all").logits, atol=0.1, rtol=0.05
     )
 
 
@@ -146,5 +163,5 @@ def test_embedded_backbone_facts(smollm2: Backbone):
 
 
 def test_unknown_tiny_backbone_is_refused():
-    with pytest.raises(BackboneNotFoundError, match="tiny-llama or tiny-gpt2"):
+    with pytest.raises(BackboneNotFoundError, match="tiny-llama, tiny-qwen2, tiny-gpt2"):
         load_backbone("tiny-mamba")

@@ -40,6 +40,9 @@ SPECULATIVE = SPECULATIVE_STRATEGIES
 CHOICES = [
     (["generate"], "--setting", SETTINGS),
     (["generate"], "--strategy", (*STRATEGIES, *SPECULATIVE)),
+    (["generate"], "--dtype", ("float32", "bfloat16", "float16")),
+    (["train"], "--dtype", ("float32", "bfloat16", "float16")),
+    (["cloud"], "--dtype", ("float32", "bfloat16", "float16")),
     (["train"], "--setting", tuple(s for s in SETTINGS if s != "base")),
     (["eval"], "--setting", SETTINGS),
     (["eval"], "--profile", PROFILES),
@@ -90,8 +93,13 @@ def test_an_error_deep_in_a_command_is_one_line_too(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
 
 
-def test_generate_streams_tokens_on_tiny_backbone():
-    result = runner.invoke(cli, ["generate", "hello", "-b", "tiny-llama", "--max-new-tokens", "7"])
+@pytest.mark.parametrize(
+    ("backbone", "dtype"),
+    [("tiny-llama", "float32"), ("tiny-qwen2", "bfloat16"), ("tiny-gpt2", "float16")],
+)
+def test_generate_streams_tokens_on_tiny_backbone(backbone, dtype):
+    args = ["generate", "hello", "-b", backbone, "--max-new-tokens", "7", "--dtype", dtype]
+    result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "[7 tokens in" in result.output
 

@@ -136,6 +136,30 @@ def test_end_to_end_device_tokens_where_the_pattern_is_and_books_that_add_up(tra
         assert SIGNATURE not in base.text and base.accounts.contacts == 0
 
 
+def test_a_cloud_computing_in_bfloat16_trains_and_serves_a_device(tmp_path):
+    """`spa cloud --dtype bfloat16`: the backbone computes in bf16, taps and g(x) keep their
+    float16 codec on the wire, and a device trains on it and takes its tokens as on float32."""
+    from device_agent.history import read_items
+
+    history = tmp_path / "history.jsonl"
+    rows = [{"prompt": i["instruction"], "response": i["output"]} for i in _history()]
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with (
+        running(tmp_path, dtype="bfloat16") as server,
+        DeviceAgent.init(tmp_path / "dev", server.url, "bf16") as agent,
+    ):
+        info = agent.client.info()
+        assert info.dtype == "bfloat16" and info.tap_dtype == "float16"
+        agent.store.add_items(read_items(history))
+        agent.train(FAST)
+        generation = agent.generate(
+            "Tell me about topic 3.", decode=DecodeConfig(max_new_tokens=16)
+        )
+        tokens = list(generation)
+    assert generation.status == "finished" and SIGNATURE in generation.text
+    assert {t.branch for t in _signature_tokens(tokens)} == {"device"}
+
+
 @pytest.mark.parametrize(
     ("setting", "controls"),
     [("spa", {}), ("full", {}), ("spa", {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2})],

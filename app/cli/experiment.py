@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.options import PROFILE, SETTING, Backbone, Choice, TapEncodingOption
+from app.cli.options import PROFILE, SETTING, Backbone, Choice, Dtype, TapEncodingOption
 from personalization.config import DEFAULT_TAP_ENCODING, SETTINGS
 from personalization.errors import ConfigError
 
@@ -64,6 +64,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.")],
     setting: Annotated[str, typer.Option(click_type=TRAINABLE, help="What to train.")] = "spa",
     backbone: Backbone = None,
+    dtype: Dtype = "float32",
     dataset: Dataset = None,
     train_size: TrainSize = None,
     valid_size: ValidSize = 50,
@@ -82,6 +83,8 @@ def train(
     cache: CacheRoot = None,
 ) -> None:
     """Train a setting from cached backbone features, calibrate its gate, save a checkpoint."""
+    import torch
+
     from personalization.backbone.loading import load_backbone
     from personalization.config import SideConfig
     from personalization.training.experiment import fit
@@ -90,7 +93,7 @@ def train(
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, target_usage=target_usage
     )
-    model = load_backbone(backbone)
+    model = load_backbone(backbone, dtype=getattr(torch, dtype))
     side = SideConfig(
         hidden_size=model.hidden_size, num_layers=model.num_layers, reduction=reduction
     )

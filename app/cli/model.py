@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.options import SETTING, Backbone, Choice, NoRepeatNgram, RepetitionPenalty
+from app.cli.options import SETTING, Backbone, Choice, Dtype, NoRepeatNgram, RepetitionPenalty
 from app.cli.speculative import PREFIX, DraftBeams, DraftCheckpoint, DraftLayers, Gamma, load_draft
 from personalization.config import SPECULATIVE_STRATEGIES, STRATEGIES
 from personalization.errors import ConfigError
@@ -38,6 +38,7 @@ def prepare(backbone: Backbone = None) -> None:
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to ask.")],
     backbone: Backbone = None,
+    dtype: Dtype = "float32",
     setting: Annotated[str, typer.Option(click_type=SETTING, help="Who produces the tokens.")] = (
         "base"
     ),
@@ -69,6 +70,8 @@ def generate(
     Without a trained side network every SPA setting but `lst` reproduces `base`. The
     speculative strategies are beam search drafted by a small model (see `spa recommend`).
     """
+    import torch
+
     from personalization.backbone.loading import load_backbone
     from personalization.config import DecodeConfig, SPAConfig
     from personalization.decoding import generate as run
@@ -89,7 +92,7 @@ def generate(
         no_repeat_ngram_size=no_repeat_ngram_size,
     )
     try:
-        model = SPAModel(load_backbone(backbone), spa)
+        model = SPAModel(load_backbone(backbone, dtype=getattr(torch, dtype)), spa)
     except ValueError as exc:  # e.g. peft cannot place LoRA in this architecture
         raise ConfigError(f"cannot build setting {setting!r} on this backbone: {exc}") from exc
     if setting != "base":

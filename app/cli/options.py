@@ -51,13 +51,23 @@ NoRepeatNgram = Annotated[
     int, typer.Option(min=0, help="> 0: no n-gram of this many tokens occurs twice.")
 ]
 
+Dtype = Annotated[
+    str,
+    typer.Option(
+        click_type=Choice(("float32", "bfloat16", "float16"), "dtype"),
+        help="Precision the backbone computes in (bfloat16 halves its memory; on CPU it is "
+        "usually no faster).",
+    ),
+]
+
 Backbone = Annotated[
     str | None,
     typer.Option(
         "--backbone",
         "-b",
-        help="'smollm2' (embedded default), 'tiny-llama'/'tiny-gpt2' (random, for tests), a local "
-        "model directory or a Hugging Face hub id. Default: $SPA_BACKBONE, else smollm2.",
+        help="'smollm2' (embedded default), 'tiny-llama'/'tiny-qwen2'/'tiny-gpt2' (random, for "
+        "tests), a local model directory or a Hugging Face hub id. Default: $SPA_BACKBONE, "
+        "else smollm2.",
         show_default=False,
     ),
 ]

@@ -26,7 +26,8 @@ _HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")
 def load_backbone(
     spec: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
 ) -> Backbone:
-    """Load a backbone by spec: the embedded default, `tiny-llama`/`tiny-gpt2`, a path or a hub id.
+    """Load a backbone by spec: the embedded default, a tiny test backbone, a path or a hub id,
+    its weights in `dtype`.
 
     The spec defaults to the `SPA_BACKBONE` environment variable, then the embedded SmolLM2.
     """
@@ -34,8 +35,9 @@ def load_backbone(
     if spec.startswith(TINY_PREFIX):
         arch = spec.removeprefix(TINY_PREFIX)
         if arch not in ARCHS:
-            raise BackboneNotFoundError(f"unknown tiny backbone {spec!r}: tiny-llama or tiny-gpt2")
-        return tiny_backbone(arch)
+            names = ", ".join(TINY_PREFIX + a for a in ARCHS)
+            raise BackboneNotFoundError(f"unknown tiny backbone {spec!r}: one of {names}")
+        return tiny_backbone(arch, dtype=dtype)
     path = prepare_embedded() if spec == EMBEDDED else Path(spec).expanduser()
     if not path.exists() and not _HUB_ID.fullmatch(spec):
         raise BackboneNotFoundError(f"backbone path {spec!r} does not exist")
@@ -78,5 +80,15 @@ def _hub_reachable() -> bool:
 
 def _from_pretrained(source: str, *, name: str, dtype: torch.dtype, **kwargs) -> Backbone:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    # transformers builds an empty tokenizer when a directory has none: refuse it here, not
+    # at the first prompt
+    if len(tokenizer) < 2 or not tokenizer("a")["input_ids"]:
+        raise ValueError("no tokenizer in it (tokenizer.json, or the vocabulary files)")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    embeddings = model.get_input_embeddings().num_embeddings
+    if max(tokenizer.get_vocab().values()) >= embeddings:
+        raise ValueError(
+            f"its tokenizer has ids up to {max(tokenizer.get_vocab().values())}, beyond the "
+            f"model's {embeddings} embeddings"
+        )
     return Backbone(model, tokenizer, name=name)

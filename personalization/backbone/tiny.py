@@ -1,8 +1,9 @@
 """Tiny random backbones built in memory: fast, offline and deterministic.
 
-Unit tests and integration servers use `tiny-llama` / `tiny-gpt2` (2 layers, H = 64) with a
-byte-level tokenizer and a ChatML chat template, so that everything runs in seconds without a
-download, and two processes building the same spec and seed get bit-identical weights.
+Unit tests and integration servers use `tiny-llama`, `tiny-qwen2` and `tiny-gpt2` (2 layers,
+H = 64: the three families of decoder our users bring) with a byte-level tokenizer and a ChatML
+chat template, so that everything runs in seconds without a download, and two processes building
+the same spec and seed get bit-identical weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from personalization.backbone.frozen import Backbone
@@ -26,7 +29,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-ARCHS = ("llama", "gpt2")
+ARCHS = ("llama", "qwen2", "gpt2")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -51,8 +54,11 @@ def tiny_model(
 ) -> PreTrainedModel:
     """A randomly initialised causal LM with H = 64, seeded independently of global RNG state."""
     eos = SPECIALS.index("<|im_end|>")
-    if arch == "llama":
-        config = LlamaConfig(
+    if arch in ("llama", "qwen2"):
+        config_cls, cls = (
+            (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+        )
+        config = config_cls(
             vocab_size=vocab_size,
             hidden_size=64,
             intermediate_size=128,
@@ -64,7 +70,6 @@ def tiny_model(
             eos_token_id=eos,
             pad_token_id=0,
         )
-        cls = LlamaForCausalLM
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size,
@@ -87,8 +92,11 @@ def tiny_model(
     return model.eval()
 
 
-def tiny_backbone(arch: str = "llama", *, seed: int = 0) -> Backbone:
+def tiny_backbone(
+    arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Backbone:
+    """A tiny backbone; its weights are drawn in float32 and then cast, so every dtype holds
+    the same model."""
     tokenizer = byte_tokenizer()
-    return Backbone(
-        tiny_model(arch, vocab_size=len(tokenizer), seed=seed), tokenizer, name=f"tiny-{arch}"
-    )
+    model = tiny_model(arch, vocab_size=len(tokenizer), seed=seed).to(dtype)
+    return Backbone(model, tokenizer, name=f"tiny-{arch}")
