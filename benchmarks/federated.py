@@ -7,14 +7,15 @@ device sent to the cloud and to the server, the round's wall time, failures.
     python benchmarks/federated.py run --task personachat  [--devices 32] ...
     python benchmarks/federated.py table
 
-- beauty: each device is one of the recommendation target's held-out test users (never trained
-  on centrally: `personalization.atspeed.target.TargetConfig`'s split), holding its purchases
-  but the last, which it is scored on: Recall / NDCG @ 10 of its side network on the cloud's
-  catalogue search. `base` is the cloud's own recommender on the same item — the centrally
-  trained target where `spa train-target` has run (else the zero-shot backbone; the JSON says
-  which). Every round also measures the held-out title's loss per token (`item-nll`, beside the
-  backbone's own), which the central target gets on the same items too (`central`); with
-  `--search-rounds last` (`none`) the costly search runs in the last round only (never).
+- beauty: each device is a user of `beauty.jsonl` (AtSpeed's time split: the code target the
+  cloud serves trained centrally on every user's purchases before the validation period),
+  holding its purchases (history, then validation items) but the last, which it is scored on:
+  Recall / NDCG @ 10 of its side network — trained on its purchases as the cloud's item codes —
+  on the cloud's catalogue search. `base` is the cloud's own code target on the same item (the
+  one `spa train-target` trained). Every round also measures the held-out purchase's loss per
+  code token (`item-nll`, beside the coded backbone's own), which the central target gets on the
+  same items too (`central`); with `--search-rounds last` (`none`) the costly search runs in the
+  last round only (never). Devices train `lst`, the code target's own setting.
 - personachat: each device is one user (persona sentences as free text, then replies), scored
   on its last two replies by Rouge-L; `base` is the backbone alone.
 
@@ -46,16 +47,13 @@ TASKS = {  # (metric, its base) pairs, held-out items per device
 
 
 def _users(args, work: Path) -> Path:
-    """The devices' users as a data file: node i = its i-th row."""
-    from personalization.atspeed.target import TargetConfig
+    """The devices' users as a data file: node i = its i-th row (a seeded shuffle)."""
     from personalization.training.data import read_jsonl
 
     name = "beauty.jsonl" if args.task == "beauty" else "personachat.jsonl"
     rows = list(read_jsonl(args.data / name))
-    if args.task == "beauty":  # the target's held-out test users, in its split's order
-        cfg = TargetConfig()
-        random.Random(cfg.seed).shuffle(rows)
-        rows = rows[: cfg.test_users]
+    if args.task == "beauty":
+        random.Random(0).shuffle(rows)
     out = work / name
     out.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.devices]))
     return out
@@ -93,6 +91,7 @@ def _run_one(args, strategy: str, data: Path, out: Path, url: str, held_out: int
         cloud_url=url,
         extra={
             "run-name": strategy,
+            **({"setting": "lst"} if args.task == "beauty" else {}),
             "local-epochs": args.local_epochs,
             "held-out": held_out,
             "fraction-train": args.fraction,
@@ -168,41 +167,35 @@ def summarise(args) -> None:
 
 
 def central(args, data: Path) -> dict:
-    """The centrally trained target (`spa train-target`) on the devices' own held-out items:
-    its loss per title token, teacher-forced and tokenised as the devices do."""
-    from device_agent.history import to_record, user_items
-    from device_agent.trainer import DeviceTrainConfig
-    from personalization.atspeed.target import default_target
+    """The cloud's code target (`spa train-target`, trained centrally on every user's purchases
+    before the validation period) on the devices' own held-out purchases: its loss per code
+    token, teacher-forced on the same ids the devices use."""
+    from device_agent.history import purchases_of
+    from personalization.atspeed.code_target import default_code_target, load_code_target
+    from personalization.atspeed.codes import cached_codes
+    from personalization.atspeed.recommend import load_titles
     from personalization.backbone.loading import load_backbone
-    from personalization.training.checkpoint import load_checkpoint
-    from personalization.training.data import read_jsonl, to_example
+    from personalization.training.data import read_jsonl
     from personalization.training.evaluate import bootstrap_interval
     from personalization.training.features import make_cache
-    from personalization.training.train import evaluate_loss
+    from personalization.training.train import TrainConfig, evaluate_loss
 
     backbone = load_backbone(args.backbone)
-    path = default_target(backbone)
-    if path is None:
-        return {"target": "none: spa train-target has not run (the cloud ranks zero-shot)"}
-    model, cfg = load_checkpoint(path, backbone)[0].eval(), DeviceTrainConfig()
-    cache = make_cache(backbone, model.rungs, model.config.wire_dtype)
-    losses = []
-    for row in read_jsonl(data):
-        held = user_items(data, str(row["user_id"]))[-TASKS["beauty"][1] :]
-        examples = [
-            to_example(
-                backbone,
-                to_record(i),
-                max_prompt_tokens=cfg.max_prompt_tokens,
-                max_target_tokens=cfg.max_target_tokens,
-                keep=cfg.keep,
-            )
-            for i in held
-        ]
-        cache.ensure(examples, progress=False)
-        losses.append(evaluate_loss(model, cache.lazy(examples), cfg.train).lm)
+    titles = load_titles(args.data / "beauty_items.json")
+    trained = default_code_target(backbone, titles)
+    if trained is None:
+        return {"target": "none: spa train-target has not run"}
+    rec = load_code_target(trained[0], backbone, cached_codes(titles, trained[1]))
+    cache = make_cache(rec.backbone, rec.model.rungs, rec.model.config.wire_dtype)
+    losses, n = [], TASKS["beauty"][1]
+    for row in list(read_jsonl(data))[: args.devices]:
+        purchases = purchases_of(data, str(row["user_id"])) or []
+        example = rec.prompts.later_example(purchases[:-n], purchases[-n:])
+        if example is not None:
+            cache.ensure([example], progress=False)
+            losses.append(evaluate_loss(rec.model, cache.lazy([example]), TrainConfig()).lm)
     return {
-        "target": f"{path.name} ({model.setting})",
+        "target": f"{trained[0].name} ({rec.model.setting})",
         "devices": len(losses),
         "item-nll": _mean(losses),
         "item-nll_ci": bootstrap_interval(losses),

@@ -221,9 +221,16 @@ def info(request: Request, _device: Device) -> Info:
 
 
 @_v1.get("/head", tags=["training"], response_class=Response, responses=_BINARY_RESPONSE)
-def head(request: Request, _device: Device, dtype: WireDtype = "float16") -> Response:
-    """The frozen final norm + LM head (safetensors): the device trains g through them."""
-    return Response(_cloud(request).head(dtype), media_type=BINARY)
+def head(
+    request: Request,
+    _device: Device,
+    dtype: WireDtype = "float16",
+    codes: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """The frozen final norm + LM head (safetensors): the device trains g through them. With
+    `codes` (GET /v1/codes' fingerprint) the head over item codes instead: the code rows, after
+    `offset` text tokens that a recommender never generates."""
+    return Response(_cloud(request).head(dtype, codes), media_type=BINARY)
 
 
 @_v1.get("/codec/{name}", tags=["sessions"], response_class=Response, responses=_BINARY_RESPONSE)
@@ -245,7 +252,10 @@ def tokenize(request: Request, body: TokenizeIn, _device: Device) -> TokenizeOut
 def features(request: Request, body: FeaturesIn, _device: Device) -> Response:
     """Taps and per-token backbone signals for training examples (safetensors; see README)."""
     cloud = _cloud(request)
-    payload = training.features(cloud.require_backbone(), body, cloud.settings, cloud.compute)
+    backbone = cloud.require_backbone()
+    if body.codes is not None:
+        backbone = cloud.recommender().coded(body.codes)
+    payload = training.features(backbone, body, cloud.settings, cloud.compute)
     return Response(payload, media_type=BINARY)
 
 

@@ -27,13 +27,10 @@ import torch
 from cloud_api.errors import ApiError
 from cloud_api.sessions import Session, tap_fields
 from cloud_api.settings import CloudSettings
-from personalization.atspeed.code_target import (
-    CodeRecommender,
-    UnknownItemError,
-    default_code_target,
-)
+from personalization.atspeed.code_target import CodeRecommender, default_code_target
 from personalization.atspeed.codes import CodeConfig, cached_codes
 from personalization.atspeed.draft import Draft, DraftConfig
+from personalization.atspeed.prompts import UnknownItemError
 from personalization.atspeed.recommend import RecommendConfig, load_titles
 from personalization.backbone.frozen import Backbone
 from personalization.errors import SpaError
@@ -121,7 +118,21 @@ class Recommender:
             titles=list(c.titles),
             codes=c.codes.tolist(),
             stats=c.stats,
+            vocab_size=rec.vocab,
+            instruction=list(rec.prompts.instruction),
+            backbone_fingerprint=rec.backbone.fingerprint,
         )
+
+    def coded(self, fingerprint: str) -> Backbone:
+        """The backbone reading these codes (for a device's features and head on codes)."""
+        rec, _ = self.parts()
+        if fingerprint != rec.codes.fingerprint:
+            raise ApiError(
+                409,
+                f"the cloud's item codes are {rec.codes.fingerprint}, not {fingerprint}: "
+                "fetch GET /v1/codes again",
+            )
+        return rec.backbone
 
     def __call__(self, body: RecommendIn) -> RecommendOut:
         key = (tuple(body.history), body.strategy, body.k, body.gamma, body.exclude_purchased)

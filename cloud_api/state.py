@@ -84,12 +84,15 @@ class Cloud:
     def info(self) -> Info:
         return server_info(self.require_backbone(), self.settings)
 
-    def head(self, dtype: str) -> bytes:
-        """The frozen head, encoded once per dtype."""
+    def head(self, dtype: str, codes: str | None = None) -> bytes:
+        """The frozen head (over item codes: `codes`), encoded once per dtype."""
         f = self.require_backbone()
-        if dtype not in self._heads:
-            self._heads[dtype] = training.head(f, dtype)
-        return self._heads[dtype]
+        if codes is not None:
+            f = self.recommender().coded(codes)
+        key = (dtype, codes)
+        if key not in self._heads:
+            self._heads[key] = training.head(f, dtype)
+        return self._heads[key]
 
     def codec(self, name: str) -> bytes:
         """The public basis of a tap encoding (empty for those that need none), once each."""

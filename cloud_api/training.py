@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from cloud_api.errors import ApiError
 from cloud_api.settings import CloudSettings
+from personalization.atspeed.coded import CodeHead
 from personalization.backbone.frozen import Backbone
 from personalization.codecs import basis_for, rank_of
 from personalization.config import default_rungs
@@ -148,17 +149,23 @@ def codec(backbone: Backbone, name: str) -> bytes:
 
 
 def head(backbone: Backbone, dtype: str) -> bytes:
-    """The frozen final norm and LM head as safetensors (what head(f + σ·g) needs)."""
+    """The frozen final norm and LM head as safetensors (what head(f + σ·g) needs); a coded
+    backbone's head is its code rows, metadata `offset` the text ids before them."""
     norm = backbone.final_norm
     eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None)
     tensors = {f"final_norm.{k}": v for k, v in norm.state_dict().items()}
-    tensors |= {f"lm_head.{k}": v for k, v in backbone.lm_head.state_dict().items()}
+    offset = 0
+    if isinstance(backbone.lm_head, CodeHead):  # item codes: their rows, after `offset` ids
+        tensors["lm_head.weight"], offset = backbone.lm_head.codes, backbone.lm_head.vocab
+    else:
+        tensors |= {f"lm_head.{k}": v for k, v in backbone.lm_head.state_dict().items()}
     return wire.pack(
         {k: v.detach().to(wire.DTYPES[dtype]) for k, v in tensors.items()},
         {
             "format": HEAD_FORMAT,
             "norm": type(norm).__name__,
             "eps": str(eps),
+            "offset": str(offset),
             "dtype": dtype,
             "backbone": backbone.name,
             "fingerprint": backbone.fingerprint,

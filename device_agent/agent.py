@@ -17,6 +17,7 @@ import httpx
 from device_agent.client import ClientConfig, CloudClient
 from device_agent.errors import DeviceError, NotTrained, StoreError
 from device_agent.generation import RemoteGeneration
+from device_agent.purchases import CodeBook
 from device_agent.store import Store
 from device_agent.trainer import DeviceTrainConfig, Progress, frozen_head, start_model, train_device
 from personalization.backbone.embedded import cache_dir
@@ -24,7 +25,7 @@ from personalization.config import GATED_SETTINGS, SERVED_SETTINGS, DecodeConfig
 from personalization.latency import Measured, NetworkProfile, WhatIf, what_if
 from personalization.model import SPAModel
 from personalization.side import count_parameters
-from personalization.training.checkpoint import load_checkpoint
+from personalization.training.checkpoint import load_checkpoint, read_checkpoint
 
 #: what a device can ask the cloud for (lora / adapter live inside the backbone's layers)
 
@@ -110,9 +111,9 @@ class DeviceAgent:
     def starting_model(self, cfg: DeviceTrainConfig, initial: dict | None = None) -> SPAModel:
         """What a warm training run of `cfg` would start from: the newest checkpoint of its
         setting, else the seeded initialisation every device shares; then `initial`."""
-        return start_model(
-            self.store, frozen_head(self.client, self.store), cfg, True, initial or {}
-        ).eval()
+        codes = CodeBook.fetch(self.client) if cfg.target == "codes" else None
+        head = frozen_head(self.client, self.store, codes)
+        return start_model(self.store, head, cfg, True, initial or {}).eval()
 
     def model(self, setting: str | None = None) -> SPAModel:
         """The side network (and gate) of the newest checkpoint — of `setting`, if given — on
@@ -126,8 +127,13 @@ class DeviceAgent:
                 f"(trained: {trained}); run `spa device train{which}`"
             )
         if self._model is None or self._model[0] != checkpoint.id:
-            head = frozen_head(self.client, self.store)
-            model, _info, _optim = load_checkpoint(self.store.path(checkpoint.path), head)
+            path = self.store.path(checkpoint.path)
+            info = read_checkpoint(path)[0]  # trained on item codes: their head, not the text's
+            codes = None
+            if info.vocab_size != self.client.facts().vocab_size:
+                codes = CodeBook.fetch(self.client)
+            head = frozen_head(self.client, self.store, codes)
+            model, _info, _optim = load_checkpoint(path, head)
             self._model = (checkpoint.id, model.eval())
         return self._model[1]
 

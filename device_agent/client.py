@@ -32,6 +32,7 @@ from personalization.training.features import Features
 from protocol import PROTOCOL_VERSION, wire
 from protocol.events import Event, parse_event
 from protocol.messages import (
+    CodesOut,
     ExampleIn,
     FeaturesIn,
     Info,
@@ -203,10 +204,16 @@ class CloudClient:
         )
 
     @_idempotent
-    def head(self, path: Path, dtype: str = "float32") -> None:
+    def head(self, path: Path, dtype: str = "float32", codes: str | None = None) -> None:
         """Download the frozen final norm + LM head (safetensors) to `path` (the device's
-        largest download)."""
-        self._download(path, "/v1/head", {"dtype": dtype})
+        largest download); with `codes`, the head over those item codes."""
+        params = {"dtype": dtype} | ({"codes": codes} if codes else {})
+        self._download(path, "/v1/head", params)
+
+    @_idempotent
+    def codes(self) -> CodesOut:
+        """The cloud's item codes (public: built from its catalogue's titles alone)."""
+        return CodesOut.model_validate(self._send("GET", "/v1/codes").json())
 
     @_idempotent
     def codec(self, path: Path, name: str) -> None:
@@ -249,13 +256,19 @@ class CloudClient:
 
     @_idempotent
     def features(
-        self, examples: Sequence[Example], rungs: Sequence[int], dtype: str
+        self,
+        examples: Sequence[Example],
+        rungs: Sequence[int],
+        dtype: str,
+        codes: str | None = None,
     ) -> tuple[list[Features], dict[str, str]]:
-        """Taps and backbone signals for examples; also the payload's metadata."""
+        """Taps and backbone signals for examples (whose ids include item codes `codes`);
+        also the payload's metadata."""
         body = FeaturesIn(
             examples=[ExampleIn(prompt=list(e.prompt), target=list(e.target)) for e in examples],
             rungs=list(rungs),
             dtype=dtype,
+            codes=codes,
         )
         data = self._post("/v1/features", body).content
         tensors, meta = wire.unpack_with_metadata(data)

@@ -11,8 +11,10 @@ PersonaChat, Rouge-L of the held-out replies against `base`; on Beauty, Recall /
 of the held-out purchases, the device's side network scoring the cloud's catalogue search,
 against the cloud's own recommender (its trained target, else the backbone) — every round, the
 last only, or never (`search-rounds`: the search is the costly part) — and, every round, the
-held-out title's loss per token under the device's model and under the backbone alone (a
-continuous measure where a few dozen devices' recalls are mostly 0). What the strategy shares:
+held-out purchases' loss per code token under the device's model and under the backbone alone (a
+continuous measure where a few dozen devices' recalls are mostly 0). A Beauty device trains on
+its purchases as the cloud's item codes (`DeviceTrainConfig.target = "codes"`: setting lst or
+full), the same ids the cloud's own code target learns from. What the strategy shares:
 
 | strategy  | leaves the device (besides metrics)                               |
 |-----------|-------------------------------------------------------------------|
@@ -35,7 +37,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from device_agent.agent import DeviceAgent
-from device_agent.history import purchases_of, to_record, user_items
+from device_agent.history import PURCHASE, purchases_of, user_items
+from device_agent.purchases import CodeBook
 from device_agent.run_config import RunConfig
 from device_agent.trainer import DeviceTrainConfig, remote_cache
 from personalization.config import DecodeConfig
@@ -110,10 +113,14 @@ def device(cfg: RunConfig, node: Node) -> Iterator[tuple[DeviceAgent, list[dict]
         yield agent, held
 
 
-def _train_config(cfg: RunConfig) -> DeviceTrainConfig:
+def _train_config(cfg: RunConfig, held: list[dict]) -> DeviceTrainConfig:
+    """Purchases (Beauty) train on the cloud's item codes, everything else on text."""
     train = TrainConfig(epochs=cfg.local_epochs, seed=cfg.seed)
     return DeviceTrainConfig(
-        setting=cfg.setting, train=train, calibration_prompts=cfg.calibration_prompts
+        setting=cfg.setting,
+        target="codes" if held[0]["kind"] == PURCHASE else "text",
+        train=train,
+        calibration_prompts=cfg.calibration_prompts,
     )
 
 
@@ -125,9 +132,9 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected failure on partition {node.partition}")
     arrays = msg.content["arrays"]
     initial = arrays.to_torch_state_dict() if len(arrays) else {}
-    with device(cfg, node) as (agent, _held):
+    with device(cfg, node) as (agent, held):
         up = agent.client.link.bytes_up
-        run = agent.train(_train_config(cfg), warm=True, initial=initial)
+        run = agent.train(_train_config(cfg, held), warm=True, initial=initial)
         out = shared(agent.model(cfg.setting), cfg.strategy)
         metrics = {
             "train-loss": float(run.epochs[-1]["train"]["lm"]),
@@ -153,18 +160,18 @@ def evaluate(msg: Message, context: Context) -> Message:
         received = arrays.to_torch_state_dict() if len(arrays) else {}
         # its newest weights (or, not yet sampled to train, the shared initialisation), with
         # the round's global weights in
-        model = agent.starting_model(_train_config(cfg), received)
+        model = agent.starting_model(_train_config(cfg, held), received)
         params = model.trainable()
         mine = shared(model, cfg.strategy)
         personal = {n: p for n, p in params.items() if n not in mine}
         if cfg.strategy == "fedavg-ft" and received:  # the average, fine-tuned on this device
-            agent.train(_train_config(cfg), warm=True, initial=received)
+            agent.train(_train_config(cfg, held), warm=True, initial=received)
             model = agent.model(cfg.setting)
         purchases = purchases_of(cfg.data, node.user)
         if purchases is None:
             metrics = _rouge(cfg, agent, model, held)
         else:
-            metrics = _item_loss(cfg, agent, model, held)
+            metrics = _item_loss(cfg, agent, model, purchases)
             rnd = int(msg.content["config"].get("server-round", cfg.num_rounds))
             last = cfg.search_rounds == "last" and rnd >= cfg.num_rounds
             if cfg.search_rounds == "every" or last:
@@ -199,26 +206,23 @@ def _rouge(
 
 
 def _item_loss(
-    cfg: RunConfig, agent: DeviceAgent, model: SPAModel, held: list[dict]
+    cfg: RunConfig, agent: DeviceAgent, model: SPAModel, purchases: list[str]
 ) -> dict[str, float]:
-    """Held-out purchases, teacher-forced: the title's loss per token under the device's model
-    and under the backbone alone (tokenised as in training; features fetched once and kept in
-    the device's feature cache, as training's are, so later rounds ask the cloud for nothing)."""
-    train = _train_config(cfg)
-    examples = agent.client.tokenize(
-        [to_record(i) for i in held],
-        max_prompt_tokens=train.max_prompt_tokens,
-        max_target_tokens=train.max_target_tokens,
-        keep=train.keep,
-    )
-    cache = remote_cache(agent.client, model.rungs, model.config.wire_dtype, agent.store.root)
-    cache.ensure(examples, progress=False)
-    features = cache.lazy(examples)
+    """The held-out purchases' codes, teacher-forced after the ones before them: loss per code
+    token under the device's model and under the backbone alone (features fetched once and kept
+    in the device's feature cache, as training's are, so later rounds ask the cloud for
+    nothing)."""
+    book = CodeBook.fetch(agent.client)
+    n = cfg.held_out
+    example = book.prompts.later_example(purchases[:-n], purchases[-n:])
+    if example is None:  # no held-out purchase is in the cloud's catalogue
+        return {}
+    cache = remote_cache(agent.client, model.rungs, model.config.wire_dtype, agent.store.root, book)
+    cache.ensure([example], progress=False)
+    features = cache.lazy([example])
     backbone = -float(torch.cat([f.base_logprob for f in features]).mean())
-    return {
-        "item-nll": evaluate_loss(model, features, train.train).lm,
-        "item-nll-backbone": backbone,
-    }
+    train = TrainConfig(epochs=cfg.local_epochs, seed=cfg.seed)
+    return {"item-nll": evaluate_loss(model, features, train).lm, "item-nll-backbone": backbone}
 
 
 def _recall(

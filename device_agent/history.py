@@ -1,8 +1,9 @@
 """The user's local history: what it may hold, how it is imported, and how it becomes training
 records (`personalization.training.data.Record`: instruction, input, output).
 
-Items are prompt/response pairs (a reply the user wrote to a message, a purchase that followed
-earlier ones) or free text (a note the user wrote), which trains under a standing instruction.
+Items are prompt/response pairs (a reply the user wrote to a message), free text (a note the user
+wrote), which trains under a standing instruction, or purchases (a product's title), which train
+a recommender as the cloud's item codes (`purchases`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import DeviceError
-from personalization.training.data import (
-    DataError,
-    Record,
-    beauty_record,
-    personachat_records,
-    read_jsonl,
-)
+from personalization.training.data import DataError, Record, personachat_records, read_jsonl
 
 TEXT_INSTRUCTION = "Write a short note in your own words."
+PURCHASE = "purchase"  # the kind of a purchase item: its `output` is the product's title
+
+
+def purchase_item(title: str, source: str = "") -> dict[str, Any]:
+    if not title.strip():
+        raise DeviceError("a purchase needs the product's title")
+    return {"kind": PURCHASE, "instruction": "", "output": title, "source": source}
 
 
 def text_item(text: str, source: str = "") -> dict[str, Any]:
@@ -43,8 +45,9 @@ def pair_item(prompt: str, response: str, input: str = "", source: str = "") -> 
 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:
-    """A JSONL file of items: {"text"}, {"prompt", "response"} or the paper's
-    {"instruction", "input", "output"} per line. Errors name the file and line."""
+    """A JSONL file of items: {"text"}, {"purchase"} (a product's title, oldest first),
+    {"prompt", "response"} or the paper's {"instruction", "input", "output"} per line. Errors
+    name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DeviceError(f"{path}: no such data file")
@@ -73,25 +76,27 @@ def _item(row: Any, where: str) -> dict[str, Any]:
         raise DeviceError(f"expected a JSON object, found {type(row).__name__}")
     if row.get("input") is None:  # the paper's files write an empty input as null
         row = {k: v for k, v in row.items() if k != "input"}
-    for key in ("text", "prompt", "response", "instruction", "input", "output"):
+    for key in ("text", "prompt", "response", "instruction", "input", "output", "purchase"):
         if key in row and not isinstance(row[key], str):
             raise DeviceError(f"{key!r} must be a string, found {type(row[key]).__name__}")
     if "text" in row:
         return text_item(row["text"], where)
+    if "purchase" in row:
+        return purchase_item(row["purchase"], where)
     if "prompt" in row and "response" in row:
         return pair_item(row["prompt"], row["response"], source=where)
     if "instruction" in row and "output" in row:
         return pair_item(row["instruction"], row["output"], row.get("input", ""), where)
     raise DeviceError(
-        f"expected text, prompt + response, or instruction + output; found {sorted(row)}"
+        f"expected text, purchase, prompt + response, or instruction + output; found {sorted(row)}"
     )
 
 
 def user_items(path: str | Path, user_id: str) -> list[dict[str, Any]]:
     """One user's history from `personachat.jsonl` (the persona's sentences as free text, then
     every reply with its context),
-    `beauty.jsonl` (each purchase after the first two, predicted from the ones before it; the
-    user's held-out `test` item stays out), or a file of `{"user_id", "items": [item, ...]}` rows
+    `beauty.jsonl` (each purchase, oldest first, as a purchase item; the user's held-out `test`
+    items stay out), or a file of `{"user_id", "items": [item, ...]}` rows
     (items as `read_items` takes them: the demo users)."""
     try:
         row = _row(path, user_id)
@@ -116,13 +121,8 @@ def _user_items(row: dict, user_id: str, source: str) -> list[dict[str, Any]]:
         replies = personachat_records(row)
         return persona + [pair_item(r.instruction, r.output, r.input, source) for r in replies]
     if "history" in row:
-        purchases = _purchases(row)
-        records = [
-            beauty_record(user_id, purchases[:k], purchases[k]) for k in range(2, len(purchases))
-        ]
-    else:
-        raise DeviceError("user rows need `turns` (PersonaChat), `history` (Beauty) or `items`")
-    return [pair_item(r.instruction, r.output, r.input, source) for r in records]
+        return [purchase_item(t, f"{source}:{n}") for n, t in enumerate(_purchases(row), 1)]
+    raise DeviceError("user rows need `turns` (PersonaChat), `history` (Beauty) or `items`")
 
 
 def purchases_of(path: str | Path, user_id: str) -> list[str] | None:

@@ -62,6 +62,11 @@ class RemoteRecommendation:
     def run(self) -> RecommendedEvent:
         """Open the session, answer every tree request, and return the items."""
         m = self.model
+        if m.backbone.vocab_size <= self.client.facts().vocab_size:
+            raise DeviceError(
+                "this side network was trained on text, not on item codes: train one on the "
+                "purchases first (`spa device train --target codes --setting lst`)"
+            )
         session = self.client.open_recommendation(self.body())
         self.session_id = sid = session.session_id
         cache = m.side.new_cache()

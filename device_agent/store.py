@@ -51,7 +51,7 @@ class HistoryItem(Base):
 
     __tablename__ = "history"
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(8))  # "pair" | "text"
+    kind: Mapped[str] = mapped_column(String(8))  # "pair" | "text" | "purchase"
     instruction: Mapped[str] = mapped_column(Text)
     input: Mapped[str] = mapped_column(Text, default="")
     output: Mapped[str] = mapped_column(Text)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -27,7 +28,8 @@ from safetensors import safe_open
 from device_agent.client import CloudClient
 from device_agent.errors import DeviceError
 from device_agent.generation import RemoteGeneration
-from device_agent.history import to_record
+from device_agent.history import PURCHASE, to_record
+from device_agent.purchases import CODE_SETTINGS, CodeBook
 from device_agent.store import Store, TrainingRun
 from personalization.backbone.head import FrozenHead
 from personalization.codecs import BASIS_RANK, Basis
@@ -43,7 +45,12 @@ from personalization.config import (
 )
 from personalization.files import read_safetensors
 from personalization.model import SPAModel
-from personalization.training.checkpoint import describe, load_checkpoint, save_checkpoint
+from personalization.training.checkpoint import (
+    describe,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from personalization.training.data import Example
 from personalization.training.features import FeatureCache, Features, FeatureSource, source_id
 from personalization.training.train import TrainConfig, make_optimizer, threshold_for, train
@@ -59,6 +66,9 @@ class DeviceTrainConfig:
     rungs: tuple[int, ...] = ()  # () = the backbone's default (about L/4)
     wire_dtype: WireDtype = "float16"
     tap_encoding: TapEncoding = DEFAULT_TAP_ENCODING  # how taps cross the wire; training too
+    # text: every history item as a prompt/response; codes: the purchases as the cloud's item
+    # codes (`purchases`), for recommendation
+    target: Literal["text", "codes"] = "text"
     valid_fraction: float = 0.2  # held-out share of the history (calibration, validation loss)
     max_prompt_tokens: int = 384
     max_target_tokens: int = 64
@@ -67,6 +77,11 @@ class DeviceTrainConfig:
     calibration_tokens: int = 24
 
     def __post_init__(self):
+        if self.target == "codes" and self.setting not in CODE_SETTINGS:
+            raise DeviceError(
+                f"training on item codes: setting one of {', '.join(CODE_SETTINGS)} (the "
+                f"recommender's), not {self.setting!r}"
+            )
         if self.setting not in SIDE_SETTINGS:
             raise DeviceError(
                 f"a device trains a side network: setting one of {', '.join(SIDE_SETTINGS)}, "
@@ -77,7 +92,7 @@ class DeviceTrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> DeviceTrainConfig:
+    def from_dict(cls, d: dict) -> DeviceTrainConfig:  # (a run recorded before `target`: text)
         return cls(**{**d, "train": TrainConfig(**d["train"]), "rungs": tuple(d["rungs"])})
 
 
@@ -94,17 +109,21 @@ class Progress:
 class RemoteFeatures(FeatureSource):
     """`Features` from the cloud's features endpoint, batched within the server's limit."""
 
-    def __init__(self, client: CloudClient, rungs: Sequence[int], dtype: str):
+    def __init__(
+        self, client: CloudClient, rungs: Sequence[int], dtype: str, codes: CodeBook | None = None
+    ):
         info = client.info()
         self.client, self.rungs, self.dtype = client, tuple(rungs), dtype
+        self.codes = None if codes is None else codes.fingerprint
         self.batch = int(info.limits["features_max_batch"])
-        self.source_id = source_id(info.fingerprint, self.rungs, dtype)
+        fingerprint = info.fingerprint if codes is None else codes.published.backbone_fingerprint
+        self.source_id = source_id(fingerprint, self.rungs, dtype)
 
     def __call__(self, examples: Sequence[Example]) -> list[Features]:
         out: list[Features] = []
         for i in range(0, len(examples), self.batch):
             features, meta = self.client.features(
-                examples[i : i + self.batch], self.rungs, self.dtype
+                examples[i : i + self.batch], self.rungs, self.dtype, self.codes
             )
             if meta.get("source_id") != self.source_id:  # the cloud's backbone changed under us
                 raise DeviceError(
@@ -116,31 +135,38 @@ class RemoteFeatures(FeatureSource):
 
 
 def remote_cache(
-    client: CloudClient, rungs: Sequence[int], dtype: str, root: str | Path
+    client: CloudClient,
+    rungs: Sequence[int],
+    dtype: str,
+    root: str | Path,
+    codes: CodeBook | None = None,
 ) -> FeatureCache:
     """The device's feature cache (under its store), filled from the cloud: one for training and
     evaluation alike, so what one fetched the other finds (cf. `features.make_cache`)."""
-    return FeatureCache(RemoteFeatures(client, rungs, dtype), root)
+    return FeatureCache(RemoteFeatures(client, rungs, dtype, codes), root)
 
 
-def frozen_head(client: CloudClient, store: Store) -> FrozenHead:
-    """The backbone's head and the public basis of its taps (what low-rank tap encodings need),
-    each fetched once per weight fingerprint and kept in the store."""
-    facts = client.facts()
+def frozen_head(client: CloudClient, store: Store, codes: CodeBook | None = None) -> FrozenHead:
+    """The backbone's head (over item codes: `codes`) and the public basis of its taps (what
+    low-rank tap encodings need), each fetched once per weight fingerprint and kept in the
+    store."""
+    text = client.facts()
+    facts = text if codes is None else codes.facts(text)
     path = store.path(f"head/{facts.fingerprint}.safetensors")
     if not path.is_file():
-        client.head(path, "float32")
+        client.head(path, "float32", None if codes is None else codes.fingerprint)
     with safe_open(path, "pt") as f:  # memory-mapped: the head is the device's largest tensor
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     name = f"lowrank{BASIS_RANK}-int8"
-    basis_path = store.path(f"codec/{facts.fingerprint}-{name}.safetensors")
+    basis_path = store.path(f"codec/{text.fingerprint}-{name}.safetensors")
     if not basis_path.is_file():
         client.codec(basis_path, name)
     _meta, b = read_safetensors(basis_path, DeviceError, "tap-encoding basis")
     basis = Basis(tuple(range(1, facts.num_layers + 1)), b["mean"], b["vectors"])
     eps = float(meta.get("eps") or 1e-5)
-    return FrozenHead(facts, tensors, meta.get("norm", ""), eps, basis)
+    offset = int(meta.get("offset") or 0)
+    return FrozenHead(facts, tensors, meta.get("norm", ""), eps, basis, offset)
 
 
 def train_device(
@@ -168,17 +194,29 @@ def train_device(
     if not items:
         raise DeviceError("the history is empty: add or import items first (`spa device history`)")
     seconds: dict[str, float] = {}
-    head = frozen_head(client, store)
+    codes = CodeBook.fetch(client) if cfg.target == "codes" else None
+    head = frozen_head(client, store, codes)
 
     t = time.perf_counter()
     notify(Progress("tokenize", 0, len(items)))
-    examples = client.tokenize(
-        [to_record(i) for i in items],
-        max_prompt_tokens=cfg.max_prompt_tokens,
-        max_target_tokens=cfg.max_target_tokens,
-        keep=cfg.keep,
-    )
-    train_ex, valid_ex = _split(examples, cfg.valid_fraction, cfg.train.seed)
+    if codes is not None:
+        titles = [i.output for i in items if i.kind == PURCHASE]
+        train_ex, valid_ex = codes.examples(titles, cfg.valid_fraction)
+        examples = train_ex + valid_ex
+    else:
+        texts = [to_record(i) for i in items if i.kind != PURCHASE]
+        if not texts:
+            raise DeviceError(
+                "the history holds only purchases: train on them as item codes "
+                "(`spa device train --target codes`)"
+            )
+        examples = client.tokenize(
+            texts,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_target_tokens=cfg.max_target_tokens,
+            keep=cfg.keep,
+        )
+        train_ex, valid_ex = _split(examples, cfg.valid_fraction, cfg.train.seed)
     notify(Progress("tokenize", len(items), len(items)))
 
     if run is None:
@@ -197,7 +235,7 @@ def train_device(
     store.update_run(run.id, status="running", error="")
 
     try:
-        cache = remote_cache(client, model.rungs, cfg.wire_dtype, store.root)
+        cache = remote_cache(client, model.rungs, cfg.wire_dtype, store.root, codes)
         wanted = train_ex + valid_ex
         notify(Progress("features", 0, len(wanted)))
         passes = cache.ensure(wanted, progress=progress)
@@ -307,6 +345,10 @@ def start_model(
 ) -> SPAModel:
     """A new run's model: seeded, or the newest checkpoint of the setting; then `initial`."""
     latest = store.current_checkpoint(cfg.setting) if warm else None
+    if latest is not None and read_checkpoint(store.path(latest.path))[0].vocab_size != (
+        head.vocab_size
+    ):
+        latest = None  # trained on the other target (text or item codes): start afresh
     if latest is not None:
         model = load_checkpoint(store.path(latest.path), head)[0]
     else:

@@ -331,6 +331,11 @@ class TokenizeOut(BaseModel):
 
 class FeaturesIn(Strict):
     examples: list[ExampleIn] = Field(min_length=1)
+    codes: str | None = Field(
+        None,
+        description="The fingerprint of the item codes (GET /v1/codes) whose tokens the ids "
+        "include: the backbone reads them through the recommender's code rows.",
+    )
     rungs: list[int] | None = Field(None, description="Default: the default rungs (about L/4).")
     dtype: WireDtype | None = Field(None, description="Precision of taps and final; default fp16.")
 
@@ -369,6 +374,15 @@ class CodesOut(BaseModel):
     length: int = Field(description="Tokens per item code (levels + 1).")
     titles: list[str]
     codes: list[list[int]] = Field(description="Per title, its code index at each level.")
+    vocab_size: int = Field(
+        description="Code tokens follow the backbone's vocabulary: level l's code j is "
+        "vocab_size + l·codebook + j."
+    )
+    instruction: list[int] = Field(description="Token ids every history prompt starts with.")
+    backbone_fingerprint: str = Field(
+        description="Identity of the backbone reading codes (its weights and the code rows): "
+        "what features and checkpoints on codes are tied to."
+    )
     stats: dict = Field(description="Collision rate, codebook usage per level, build seconds.")
 
 

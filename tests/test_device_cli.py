@@ -398,15 +398,39 @@ def test_generate_with_streamed_taps_matches_pull(trained):
     assert_clean_error(bad, "unknown tap mode 'teleport'; choose one of pull, streamed, run-ahead")
 
 
-def test_recommend_with_the_side_network(trained):
+def test_recommend_refuses_a_side_network_trained_on_text(trained):
     root, _ = trained
     result = device("recommend", "rose serum", "shampoo", "-k", "3", "--dir", root)
+    assert_clean_error(result, "trained on text", "--target codes")
+    assert_clean_error(device("recommend", "soap", "-k", "0", "--dir", root), "-k")
+
+
+def test_a_device_trains_on_its_purchases_as_item_codes_and_ranks_with_them(fresh, tmp_path):
+    """`--target codes`: the purchases become the cloud's item codes on the device (the same ids
+    the code target trains on), the cloud computes their features on the backbone reading codes,
+    and the side network trained on them ranks the catalogue."""
+    from device_agent.agent import DeviceAgent
+
+    purchases = tmp_path / "purchases.jsonl"
+    purchases.write_text("".join(json.dumps({"purchase": t}) + "\n" for t in TITLES))
+    assert device("history", "import", purchases, "--dir", fresh).exit_code == 0
+    assert_clean_error(device("train", "--dir", fresh), "only purchases", "--target codes")
+    bad = device("train", "--target", "codes", "--setting", "spa", "--dir", fresh)
+    assert_clean_error(bad, "item codes", "lst, full")
+    args = ["--target", "codes", "--setting", "lst", "--epochs", "3", "--dir", fresh]
+    assert device("train", *args).exit_code == 0
+    with DeviceAgent(fresh) as agent:
+        run = agent.store.runs()[-1]
+        assert run.status == "finished" and run.examples == run.valid_examples == 1
+        model, codes = agent.model("lst"), agent.client.codes()
+        assert model.backbone.fingerprint == codes.backbone_fingerprint  # the coded head
+        assert model.backbone.vocab_size == codes.vocab_size + codes.length * codes.codebook
+    result = device("recommend", *TITLES[-2:], "-k", "3", "--setting", "lst", "--dir", fresh)
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.stdout.splitlines() if ln[:4].strip().endswith(".")]
     assert len(lines) == 3 and all(ln.split(None, 3)[3] in TITLES for ln in lines)
     assert all(ln.split(None, 3)[2].startswith("<a_") for ln in lines)  # each item's code
     assert "device contacts" in result.output
-    assert_clean_error(device("recommend", "soap", "-k", "0", "--dir", root), "-k")
 
 
 def test_generate_plain_output(trained):

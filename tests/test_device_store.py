@@ -13,9 +13,16 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from device_agent.errors import DeviceError, StoreError
-from device_agent.history import TEXT_INSTRUCTION, pair_item, read_items, text_item, user_items
+from device_agent.history import (
+    PURCHASE,
+    TEXT_INSTRUCTION,
+    pair_item,
+    read_items,
+    text_item,
+    user_items,
+)
 from device_agent.store import SCHEMA_VERSION, Store
-from personalization.training.data import BEAUTY_INSTRUCTION, PERSONACHAT_INSTRUCTION
+from personalization.training.data import PERSONACHAT_INSTRUCTION
 
 SHARED = Path(os.environ.get("SPA_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 META = {"device_id": "dev-1", "token": "secret-token", "name": "phone", "cloud_url": "http://x"}
@@ -309,13 +316,11 @@ def test_user_items_from_beauty_leave_the_test_item_out(tmp_path):
     ]
     path = _write(tmp_path / "beauty.jsonl", [json.dumps(r) for r in rows])
     items = user_items(path, "b1")
-    # purchases: 5 history + 1 valid; each from the third on is predicted from those before it
-    assert [i["output"] for i in items] == ["product 2", "product 3", "product 4", "product valid"]
-    assert {i["instruction"] for i in items} == {BEAUTY_INSTRUCTION}
-    assert items[0]["input"] == "1. product 0\n2. product 1"
-    assert items[2]["input"].endswith("4. product 3") and "product 4" not in items[2]["input"]
-    assert all("product test" not in i["output"] + i["input"] for i in items)
-    assert [i["output"] for i in user_items(path, "b2")] == ["x 2"]
+    # purchases, oldest first: 5 history + 1 valid (they train on the cloud's item codes)
+    assert [i["output"] for i in items] == [f"product {k}" for k in range(5)] + ["product valid"]
+    assert {i["kind"] for i in items} == {PURCHASE}
+    assert all("product test" not in i["output"] for i in items)
+    assert [i["output"] for i in user_items(path, "b2")] == ["x 0", "x 1", "x 2"]
 
 
 def test_user_items_errors(tmp_path):
@@ -357,7 +362,6 @@ def test_user_items_on_real_beauty(with_valid):
     path, row = _first_row("beauty.jsonl", lambda r: bool(r["valid"]) == with_valid)
     purchases = row["history"] + row["valid"]
     items = user_items(path, row["user_id"])
-    assert len(items) == len(purchases) - 2
-    assert [i["output"] for i in items] == [p.strip() for p in purchases[2:]]
+    assert [i["output"] for i in items] == purchases and {i["kind"] for i in items} == {PURCHASE}
     unseen = [t for t in row["test"] if t not in purchases]  # a repeat purchase may reappear
     assert all(i["output"] != t.strip() for t in unseen for i in items)

@@ -195,8 +195,9 @@ def test_a_failing_device_is_recorded_and_does_not_stop_the_run(runs):
 def test_beauty_devices_are_scored_by_recall_against_the_clouds_recommender(tmp_path):
     """Beauty as a federated task: each device's side network scores the cloud's catalogue
     search for its held-out purchases, beside the cloud's own recommender on the same ones — in
-    the last round only (`search-rounds`) — and every round the held-out title's loss under the
-    device's model and under the backbone alone."""
+    the last round only (`search-rounds`) — and every round the held-out purchase's loss per
+    code token under the device's model and under the backbone alone. Devices train their side
+    networks on their purchases as the cloud's item codes."""
     from test_recommend import TITLES, _walks, tiny_target
 
     catalogue = tmp_path / "items.json"
@@ -224,6 +225,7 @@ def test_beauty_devices_are_scored_by_recall_against_the_clouds_recommender(tmp_
             cloud_url=server.url,
             extra={
                 "run-name": "beauty",
+                "setting": "lst",
                 "local-epochs": 1,
                 "held-out": 1,
                 "eval-k": 5,

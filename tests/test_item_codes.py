@@ -16,7 +16,6 @@ from personalization.atspeed.code_target import (
     CodeRecommender,
     CodeTargetConfig,
     HistoryPrior,
-    UnknownItemError,
     keep_prior,
     load_code_target,
     train_code_target,
@@ -24,6 +23,7 @@ from personalization.atspeed.code_target import (
 from personalization.atspeed.coded import coded_backbone
 from personalization.atspeed.codes import CodeConfig, ItemCodes, build_codes, cached_codes, separate
 from personalization.atspeed.draft import Draft, DraftConfig
+from personalization.atspeed.prompts import UnknownItemError
 from personalization.atspeed.recommend import (
     RecommendConfig,
     metrics,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from text_items import text_catalogue, text_prompt
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -25,7 +26,6 @@ from personalization.atspeed.distill import (
 from personalization.atspeed.draft import Draft, DraftConfig
 from personalization.atspeed.recommend import (
     RecommendConfig,
-    history_prompt,
     metrics,
     ndcg_at,
     recall_at,
@@ -57,7 +57,7 @@ HISTORIES = [["rose serum", "shampoo"], ["olive cream"], ["soap", "olive oil soa
 
 @pytest.fixture(scope="module")
 def catalogue(tiny_llama: Backbone) -> Catalogue:
-    return Catalogue.from_titles(tiny_llama, TITLES + ["soap"])  # a duplicate is one item
+    return text_catalogue(tiny_llama, TITLES + ["soap"])  # a duplicate is one item
 
 
 def test_catalogue_trie(tiny_llama: Backbone, catalogue: Catalogue):
@@ -106,7 +106,7 @@ def test_metrics_by_hand():
 
 def test_strategies_recommend_catalogue_items(tiny_llama: Backbone, catalogue: Catalogue):
     model = SPAModel(tiny_llama, SPAConfig(setting="base"))
-    prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
+    prompts = [text_prompt(tiny_llama, h) for h in HISTORIES]
     draft = Draft(tiny_llama, DraftConfig(layers=1))
     found = {
         s: recommend(model, catalogue, prompts, RecommendConfig(strategy=s, k=4, gamma=3), draft)
@@ -128,7 +128,7 @@ def test_strategies_recommend_catalogue_items(tiny_llama: Backbone, catalogue: C
 @pytest.mark.parametrize("drafted", [False, True])
 def test_teacher_data_is_the_targets_own_beam_search(tiny_llama, catalogue, drafted):
     model = SPAModel(tiny_llama, SPAConfig(setting="base"))
-    prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
+    prompts = [text_prompt(tiny_llama, h) for h in HISTORIES]
     truths = [encode_target(tiny_llama, "olive cream"), None, encode_target(tiny_llama, "nope")]
     draft = Draft(tiny_llama, DraftConfig(layers=1)) if drafted else None
     examples = teacher_data(model, prompts, truths, catalogue, beams=3, draft=draft, batch=2)
@@ -162,7 +162,7 @@ def test_alignment_losses_by_hand():
 @pytest.mark.parametrize("method", ["atspeed-s", "atspeed-r"])
 def test_distillation_aligns_the_draft(tiny_llama, catalogue, method):
     model = SPAModel(tiny_llama, SPAConfig(setting="base"))
-    prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
+    prompts = [text_prompt(tiny_llama, h) for h in HISTORIES]
     truths = [encode_target(tiny_llama, t) for t in ("olive cream", "soap", "rose serum")]
     examples = teacher_data(model, prompts, truths, catalogue, beams=3)
     draft = Draft(tiny_llama, DraftConfig(layers=1))
@@ -468,13 +468,14 @@ def test_http_recommendation_with_the_devices_side_network(tmp_path, tiny_llama,
     from test_speculative import _randomize
 
     from device_agent.client import CloudClient
+    from device_agent.errors import DeviceError
     from device_agent.recommend import RemoteRecommendation
 
     items = shop[0]
     target, path = _shop_target(shop, tiny_llama)
     config = SPAConfig(setting=setting, tap_encoding="raw-le")
-    model = _randomize(SPAModel(tiny_llama, config))  # the device's, on the plain backbone
-    coded = SPAModel(target.backbone, config, model.side.config)  # the same weights, on codes
+    model = _randomize(SPAModel(tiny_llama, config))
+    coded = SPAModel(target.backbone, config, model.side.config)  # the device's, on codes
     coded.load_state_dict(model.state_dict(), strict=False)
     draft = Draft(target.backbone, DraftConfig(layers=1))
     with running(tmp_path, catalogue=items, recommend_target=str(path)) as server:
@@ -482,7 +483,7 @@ def test_http_recommendation_with_the_devices_side_network(tmp_path, tiny_llama,
         for strategy in ("beam", "speculative-strict"):
             for history in HISTORIES:
                 remote = RemoteRecommendation(
-                    client, model, history, k=4, strategy=strategy, gamma=2
+                    client, coded, history, k=4, strategy=strategy, gamma=2
                 )
                 got = remote.run()
                 cfg = RecommendConfig(strategy=strategy, k=4, gamma=2)
@@ -494,6 +495,8 @@ def test_http_recommendation_with_the_devices_side_network(tmp_path, tiny_llama,
                 assert remote.status == "finished" and remote.contacts == got.target_passes > 0
                 record = client.session_record(remote.session_id)
                 assert record.device_contacts == remote.contacts and record.fallbacks == 0
+        with pytest.raises(DeviceError, match="trained on text"):
+            RemoteRecommendation(client, model, HISTORIES[0]).run()
         client.close()
 
 
@@ -502,7 +505,7 @@ def test_a_trained_target_teaches_a_draft_without_carrying_its_graph(tiny_llama,
     the draft's second backward pass runs into the target's freed graph."""
     model = SPAModel(tiny_llama, SPAConfig(setting="full"))
     assert any(p.requires_grad for p in model.trainable().values())
-    prompts = [history_prompt(tiny_llama, h) for h in HISTORIES]
+    prompts = [text_prompt(tiny_llama, h) for h in HISTORIES]
     examples = teacher_data(model, prompts, [None] * len(prompts), catalogue, beams=2)
     assert not any(t.requires_grad for ex in examples for t in ex.teacher)
     report = distill(

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from reference import sequence_logits
+from text_items import text_catalogue, text_prompt
 
 from personalization.atspeed.beams import beam_search
 from personalization.atspeed.catalogue import Catalogue
 from personalization.atspeed.draft import Draft, DraftConfig, DraftError
-from personalization.atspeed.recommend import history_prompt
 from personalization.atspeed.speculative import (
     SpeculativeConfig,
     TargetTree,
@@ -37,7 +37,7 @@ def _catalogue(backbone: Backbone, n: int = 60, seed: int = 0) -> Catalogue:
     """Titles sharing prefixes (and some titles prefixes of others), as real catalogues do."""
     rng = random.Random(seed)
     titles = {" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n)}
-    return Catalogue.from_titles(backbone, sorted(titles))
+    return text_catalogue(backbone, sorted(titles))
 
 
 def _prompts(backbone: Backbone, n: int) -> list[list[int]]:
@@ -309,9 +309,9 @@ SHARED = Path(os.environ.get("SPA_DATA_DIR", Path(__file__).parents[2] / "shared
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not at {SHARED} (set SPA_DATA_DIR)")
 def test_strict_equals_beam_search_on_smollm2_and_the_beauty_catalogue(smollm2: Backbone):
     titles = json.loads((SHARED / "beauty_items.json").read_text(encoding="utf-8"))
-    catalogue = Catalogue.from_titles(smollm2, titles)
+    catalogue = text_catalogue(smollm2, titles)
     history = ["Neutrogena Ultra Gentle Daily Cleanser, 12 Ounce", "CeraVe Baby Lotion, 8 Ounce"]
-    prompt = history_prompt(smollm2, history)
+    prompt = text_prompt(smollm2, history)
     decode = DecodeConfig(
         strategy="beam", max_new_tokens=catalogue.max_length, num_beams=3, length_penalty=0.0
     )

@@ -189,6 +189,15 @@ def train(
             help="The side network's setting.",
         ),
     ] = "spa",
+    target: Annotated[
+        str,
+        typer.Option(
+            click_type=Choice(("text", "codes"), "target"),
+            help="What the side network learns: text (the history's replies and notes), or "
+            "codes (the purchases, as the cloud's item codes: for `spa device recommend`; "
+            "setting lst or full).",
+        ),
+    ] = "text",
     epochs: int = 15,
     batch_size: int = 8,
     lr: float = 1e-3,
@@ -213,6 +222,7 @@ def train(
     with _agent(dir, cloud_url) as agent:
         cfg = DeviceTrainConfig(
             setting=setting,
+            target=target,
             train=TrainConfig(
                 epochs=epochs, batch_size=batch_size, lr=lr, target_usage=target_usage
             ),

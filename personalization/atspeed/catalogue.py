@@ -1,7 +1,7 @@
-"""The catalogue constraint: a prefix trie over the items' tokenised titles, each ending in EOS.
+"""The catalogue constraint: a prefix trie over the items' token sequences (their item codes).
 
-Generative recommendation must only produce items that exist. Every title is tokenised as a
-model's target is (`data.encode_target`: the title's tokens, then EOS) and inserted into a trie;
+Generative recommendation must only produce items that exist. Every item's tokens (its L code
+tokens; any token sequences work, e.g. a title's tokens ending in EOS) are inserted into a trie;
 at each decoding step only the children of the beam's trie node are allowed.
 
 The constraint acts on logits, before the softmax (`constrained_logprobs`): a beam's step
@@ -25,9 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from personalization.backbone.frozen import Backbone
 from personalization.errors import ConfigError
-from personalization.training.data import encode_target
 
 ROOT = 0  # the trie node of the empty prefix
 
@@ -55,12 +53,6 @@ class Catalogue:
             self.max_length = max(self.max_length, len(seq))
         if not self._items:
             raise ConfigError("the catalogue is empty")
-
-    @classmethod
-    def from_titles(cls, backbone: Backbone, titles: Sequence[str]) -> Catalogue:
-        """Every title as the backbone would generate it: its tokens, then EOS."""
-        titles = list(dict.fromkeys(titles))  # a title listed twice is one item
-        return cls((encode_target(backbone, t) for t in titles), titles)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -28,13 +28,14 @@ from personalization.atspeed.catalogue import ROOT, Catalogue
 from personalization.atspeed.coded import coded_backbone
 from personalization.atspeed.codes import CodeConfig, ItemCodes, catalogue_hash
 from personalization.atspeed.draft import Draft
+from personalization.atspeed.prompts import INSTRUCTION, CodePrompts
 from personalization.atspeed.recommend import Recommendations, RecommendConfig, recommend
 from personalization.atspeed.speculative import TreeSide
-from personalization.atspeed.split import MAX_ITEMS, User
+from personalization.atspeed.split import User
 from personalization.backbone.embedded import cache_dir
 from personalization.backbone.frozen import Backbone
 from personalization.config import SideConfig, SPAConfig
-from personalization.errors import ConfigError, SpaError
+from personalization.errors import ConfigError
 from personalization.files import atomic_path
 from personalization.model import SPAModel
 from personalization.training.checkpoint import (
@@ -47,12 +48,7 @@ from personalization.training.data import Example
 from personalization.training.features import make_cache
 from personalization.training.train import TrainConfig, make_optimizer, train
 
-INSTRUCTION = "A shopper's purchases, oldest first, as item codes:"
 SETTINGS = ("full", "lst", "spa")
-
-
-class UnknownItemError(SpaError, ValueError):
-    """A history item the catalogue does not hold."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,28 +106,15 @@ class CodeRecommender:
         self.prior = prior  # the target's own searches only
         self.backbone = coded  # `coded_backbone` of the shared backbone for these codes
         self.vocab = self.backbone.vocab_size - codes.num_tokens
-        self.index = {t: i for i, t in enumerate(codes.titles)}
         self.catalogue = Catalogue(
             (codes.token_ids(i, self.vocab) for i in range(len(codes))), codes.titles
         )
         self.model = model
-        self._instruction = tuple(self.backbone.tokenizer(INSTRUCTION)["input_ids"])
-
-    def item_ids(self, titles: Sequence[str]) -> list[int]:
-        """Catalogue indices of titles, or an error naming the first unknown one."""
-        for t in titles:
-            if t not in self.index:
-                raise UnknownItemError(f"item not in the catalogue: {t!r}")
-        return [self.index[t] for t in titles]
-
-    def tokens(self, titles: Sequence[str]) -> list[int]:
-        return [tok for i in self.item_ids(titles) for tok in self.codes.token_ids(i, self.vocab)]
-
-    def prompt(self, history: Sequence[str]) -> list[int]:
-        """The instruction, then the last ≤ 20 purchases' codes (oldest first)."""
-        if not history:
-            raise ConfigError("the purchase history is empty")
-        return list(self._instruction) + self.tokens(list(history)[-MAX_ITEMS:])
+        instruction = self.backbone.tokenizer(INSTRUCTION)["input_ids"]
+        self.prompts = CodePrompts(codes, self.vocab, instruction)
+        self.index = self.prompts.index
+        self.item_ids, self.tokens = self.prompts.item_ids, self.prompts.tokens
+        self.prompt, self.sequence_example = self.prompts.prompt, self.prompts.sequence_example
 
     def with_target(self, path: str | Path) -> CodeRecommender:
         """The same codes with a trained target on this coded backbone; refuses other codes'."""
@@ -184,31 +167,14 @@ class CodeRecommender:
     def label(self, title: str) -> str:
         return self.codes.label(self.index[title])
 
-    def sequence_example(self, items: Sequence[str], targets: int) -> Example:
-        """One causal pass over `items`: the last `targets` items' codes are the target."""
-        if not 0 < targets < len(items):
-            raise ConfigError("a sequence example needs context and at least one target item")
-        prompt = self.prompt(items[:-targets])
-        return Example(tuple(prompt), tuple(self.tokens(items[-targets:])))
-
     def training_examples(self, users: Sequence[User]) -> list[Example]:
         """Each user's history, every next-item position in one pass (the last ≤ 21 items)."""
-        out = []
-        for u in users:
-            items = [t for t in u.history if t in self.index][-(MAX_ITEMS + 1) :]
-            if len(items) >= 2:
-                out.append(self.sequence_example(items, len(items) - 1))
-        return out
+        return [e for u in users if (e := self.prompts.history_example(u.history)) is not None]
 
     def validation_examples(self, users: Sequence[User]) -> list[Example]:
         """The validation items after each user's history (model selection only)."""
-        out = []
-        for u in users:
-            history = [t for t in u.history if t in self.index][-MAX_ITEMS:]
-            valid = [t for t in u.valid if t in self.index]
-            if history and valid:
-                out.append(self.sequence_example(history + valid, len(valid)))
-        return out
+        examples = (self.prompts.later_example(u.history, u.valid) for u in users)
+        return [e for e in examples if e is not None]
 
 
 @dataclass

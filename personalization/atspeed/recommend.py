@@ -1,10 +1,10 @@
-"""Next-item recommendation: a purchase history in, the top-K catalogue titles out, and metrics.
+"""Next-item recommendation: prompts in, the top-K catalogue items out, and metrics.
 
-A user's purchase titles become the Beauty prompt of `data` (the most recent ten, oldest first);
-the target generates item titles by beam search constrained to the catalogue, either its own
-search or speculative search with a draft. Items are ranked by their catalogue-conditioned
-log-probability (`catalogue`), with no length penalty: a long title is not favoured over a short
-one for its length. Recall@K and NDCG@K score the rank of the user's real next item.
+The target generates items (their item codes: `code_target` builds the prompts) by beam search
+constrained to the catalogue's trie, either its own search or speculative search with a draft.
+Items are ranked by their catalogue-conditioned log-probability (`catalogue`), with no length
+penalty. Recall@K and NDCG@K score the ranks of the user's real next items (AtSpeed's: all of
+them are the truth).
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from personalization.atspeed.speculative import (
     TreeSide,
     speculative_beam_search,
 )
-from personalization.backbone.frozen import Backbone
 from personalization.config import RECOMMEND_STRATEGIES, DecodeConfig
 from personalization.errors import ConfigError
 from personalization.model import SPAModel
-from personalization.training.data import DataError, beauty_record, read_jsonl, to_example
+from personalization.training.data import DataError, read_jsonl
 
 Strategy = Literal["beam", "speculative-strict", "speculative-relaxed"]
 KS = (1, 5, 10, 20)
@@ -80,18 +79,6 @@ class Recommendations:
     items: list[list[Recommendation]]  # per history, best first
     target_passes: int  # sequential target forward passes, all histories together
     stats: SpeculativeStats | None = field(default=None)  # speculative strategies
-
-
-def history_prompt(
-    backbone: Backbone, history: Sequence[str], max_prompt_tokens: int = 512
-) -> list[int]:
-    """The prompt for a purchase history (oldest first), as the Beauty loader builds it."""
-    if not history:
-        raise ConfigError("the purchase history is empty")
-    record = beauty_record("user", list(history), "")
-    return list(
-        to_example(backbone, record, max_prompt_tokens=max_prompt_tokens, keep="end").prompt
-    )
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from personalization.errors import ConfigError
@@ -59,8 +60,11 @@ class FrozenHead:
         norm: str,
         eps: float,
         basis: Basis | None = None,
+        offset: int = 0,
     ):
-        self.facts, self.basis = facts, basis
+        """`offset` > 0: the head's rows are item codes after that many text ids (a coded
+        backbone's head), and every text id gets −inf."""
+        self.facts, self.basis, self.offset = facts, basis, offset
         weight = tensors["final_norm.weight"].float()
         if "final_norm.bias" in tensors:  # LayerNorm (GPT-2 family)
             self.final_norm: nn.Module = nn.LayerNorm(weight.shape[0], eps=eps)
@@ -77,10 +81,10 @@ class FrozenHead:
             self.lm_head.bias = nn.Parameter(tensors["lm_head.bias"].float(), requires_grad=False)
         for module in (self.final_norm, self.lm_head):
             module.eval().requires_grad_(False)
-        if head.shape != (facts.vocab_size, facts.hidden_size):
+        if head.shape != (facts.vocab_size - offset, facts.hidden_size):
             raise ConfigError(
                 f"the head has shape {tuple(head.shape)}, the backbone reports "
-                f"vocab {facts.vocab_size} × H {facts.hidden_size}"
+                f"vocab {facts.vocab_size} (rows after {offset}) × H {facts.hidden_size}"
             )
 
     def __getattr__(self, name: str):  # name, fingerprint, num_layers, hidden_size, ...
@@ -88,4 +92,5 @@ class FrozenHead:
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits from a pre-norm hidden state, as `Backbone.head`."""
-        return self.lm_head(self.final_norm(hidden))
+        logits = self.lm_head(self.final_norm(hidden))
+        return F.pad(logits, (self.offset, 0), value=float("-inf")) if self.offset else logits

@@ -6,9 +6,10 @@ the file's stem unless given) and splits it deterministically by seed:
 
 - document / question sets (xsum, cnndm, sciq, coqa) split by record;
 - personachat splits by *user*: the training users' replies train, other users' last replies
-  test (a user's persona and earlier replies are their private history);
-- beauty trains on every purchase of a training user's history from the ones before it, and
-  scores held-out users on their test item after their history and validation item.
+  test (a user's persona and earlier replies are their private history).
+
+Purchase histories (beauty) are not text records: recommendation trains on item codes
+(`personalization.atspeed`).
 
 `Example`s are what the model sees: the prompt's token ids (in the backbone's chat template when it
 has one, the input truncated to fit) and the target's ids ending in EOS.
@@ -141,23 +142,12 @@ def personachat_records(row: dict, context_turns: int = 2) -> list[Record]:
     return records
 
 
-BEAUTY_INSTRUCTION = (
-    "A customer bought these beauty products, oldest first. Give the title of the product they "
-    "will buy next."
-)
-
-
-def beauty_record(user: str, history: list[str], target: str, recent: int = 10) -> Record:
-    listing = "\n".join(f"{i + 1}. {title}" for i, title in enumerate(history[-recent:]))
-    return Record(BEAUTY_INSTRUCTION, listing, target, user)
-
-
 @dataclass(frozen=True)
 class _Spec:
     convert: Callable[[dict], Record] | None  # record-level sets
     max_new_tokens: int
     keep: str = "start"  # which end of an over-long input to keep: documents their beginning,
-    # dialogues and purchase lists their most recent end, a story its question
+    # dialogues their most recent end, a story its question
 
 
 DATASETS: dict[str, _Spec] = {
@@ -166,7 +156,6 @@ DATASETS: dict[str, _Spec] = {
     "sciq": _Spec(_sciq, 16),
     "coqa": _Spec(_coqa, 24, keep="end"),  # the question ends the input: a cut story keeps it
     "personachat": _Spec(None, 32, keep="end"),
-    "beauty": _Spec(None, 48, keep="end"),
 }
 
 
@@ -179,7 +168,7 @@ def load_splits(
     valid: int = 50,
     test: int = 100,
 ) -> Splits:
-    """Split a data file. Sizes count records, or users for personachat and beauty; the test and
+    """Split a data file. Sizes count records, or users for personachat; the test and
     validation parts are drawn first, so they do not change when `train` does."""
     path = Path(path)
     if not path.is_file():
@@ -198,33 +187,13 @@ def load_splits(
     spec = DATASETS[name]
     if spec.convert is not None:
         parts = [[spec.convert(r) for r in part] for part in (train_rows, valid_rows, test_rows)]
-    elif name == "personachat":
+    else:
         parts = [
             [r for row in train_rows for r in personachat_records(row)],
             [r for row in valid_rows for r in personachat_records(row)[-1:]],
             [r for row in test_rows for r in personachat_records(row)[-1:]],
         ]
-    else:
-        parts = [
-            _beauty(rows_, part)
-            for rows_, part in ((train_rows, "train"), (valid_rows, "valid"), (test_rows, "test"))
-        ]
     return Splits(name, *parts, max_new_tokens=spec.max_new_tokens, keep=spec.keep)
-
-
-def _beauty(rows: list[dict], part: str) -> list[Record]:
-    """Training users: each purchase of their history from the ones before it (their validation
-    and test items, a later period, stay out); held-out users are scored on their test item,
-    seen after their history and validation item."""
-    out = []
-    for row in rows:
-        user, history, later = _fields(row, "user_id", "history", "valid")
-        if part == "train":
-            out += [beauty_record(user, history[:i], history[i]) for i in range(1, len(history))]
-        else:
-            (test_item,) = _fields(row, "test")
-            out.append(beauty_record(user, history + later, test_item[0]))
-    return out
 
 
 # ---- records → token ids ------------------------------------------------------------------------
