@@ -35,6 +35,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e '.[test]'
 	test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium) \
 	  || { echo "the UI test needs Chromium: apt-get install chromium, or CHROMIUM=<path>"; exit 1; }
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx \
+	  || (apt-get update -qq && apt-get install -y -qq nginx-light) \
+	  || echo "nginx is not installed: the replica test will skip (apt-get install nginx-light)"
 	touch $@
 
 demo: install                         ## set up, prepare the backbone, run the demo

@@ -36,11 +36,13 @@ def terminate(process: subprocess.Popen, grace_s: float) -> None:
         process.wait()
 
 
-def spa_cloud(port: int, backbone: str, database: Path) -> list[str]:
-    """The command line of `spa cloud` on `port` with its records in the SQLite file `database`."""
+def spa_cloud(port: int, backbone: str, database: Path | str) -> list[str]:
+    """The command line of `spa cloud` on `port` with its records in the SQLite file `database`
+    (or at `database`, a SQLAlchemy URL)."""
+    url = database if isinstance(database, str) else f"sqlite:///{database}"
     return [sys.executable, "-c", "from app.cli import main; main()", "cloud", "--port",
             str(port), "--backbone", backbone, "--log-level", "warning",
-            "--database-url", f"sqlite:///{database}"]  # fmt: skip
+            "--database-url", url]  # fmt: skip
 
 
 class CloudStartError(SpaError, RuntimeError):

@@ -22,10 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(directory: Path, port: int, backbone: str = "tiny-llama", **env: str) -> subprocess.Popen:
-    """`spa cloud` as its own process (tiny backbone, SQLite in `directory`), for tests that
-    must kill or signal the server; `wait_ready` before use, `stop` after."""
-    command = spa_cloud(port, backbone, directory / "cloud.db")
+def spawn(
+    directory: Path,
+    port: int,
+    backbone: str = "tiny-llama",
+    database_url: str | None = None,
+    **env: str,
+) -> subprocess.Popen:
+    """`spa cloud` as its own process (tiny backbone, SQLite in `directory` unless
+    `database_url`), for tests that must kill or signal the server; `wait_ready` before use,
+    `stop` after."""
+    command = spa_cloud(port, backbone, database_url or directory / "cloud.db")
     env = os.environ | env
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

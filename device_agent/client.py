@@ -352,8 +352,10 @@ def _raise_for(response: httpx.Response) -> None:
         return
     try:
         detail = response.json().get("detail", response.text)
-    except ValueError:
-        detail = response.text or response.reason_phrase
+    except ValueError:  # not the cloud's JSON: a proxy in front of it (an HTML error page)
+        detail = response.reason_phrase
+        if response.status_code in (502, 503, 504):
+            detail += " from a proxy: the cloud replica behind it is down or unreachable"
     if not isinstance(detail, str):
         detail = json.dumps(detail)
     raise CloudError(response.status_code, detail)

@@ -30,6 +30,7 @@ PAGES: dict[str, tuple[str, str, str]] = {
     "cloud_concurrency": ("cloud_concurrency.json", "cloud_concurrency", "Cloud concurrency"),
     "soak": ("soak.json", "soak", "Soak: many devices misbehaving for minutes"),
     "cloud_soak": ("cloud_soak.json", "cloud_concurrency", "Cloud soak at steady load"),
+    "replicas": ("replicas.json", "replicas", "Replicas behind nginx, one killed mid-stream"),
     "crash_harness": ("crash_harness.json", "crash_harness", "Crash harness: kills mid-write"),
     "demo_users": ("demo_users.json", "demo_users", "The demo users' answers"),
     "device_import": ("device_import.json", "device_import", "Device start-up: import time"),
