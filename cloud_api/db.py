@@ -9,11 +9,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import ForeignKey, String, create_engine, event, select
+from sqlalchemy import ForeignKey, String, create_engine, event, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+SCHEMA_LOCK = 0x5BA_C10D  # the PostgreSQL advisory lock replicas take to create the schema
 #: session statuses: created → running → finished | cancelled | expired | failed
 LIVE = ("created", "running")
 
@@ -84,7 +85,11 @@ class Records:
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.url.drivername.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":  # replicas starting at once on one
+                # database: one creates the tables, the others wait for it, then find them
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+            Base.metadata.create_all(connection)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
