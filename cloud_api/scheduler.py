@@ -7,8 +7,9 @@ thread runs the passes. Each round it takes the queued decoding steps of every r
 first come, first served, at most `max_batch` rows — and runs them as one batched pass
 (`personalization.backbone.batched.forward_many`: each session's own cache and position); a
 session waiting for its device queues nothing, so it drops out of the batch until it is
-answered. A prompt's prefill runs as a round of its own, alternating with decoding rounds, so
-a new prompt delays running sessions by at most one prefill. Every pass holds the cloud's
+answered. A prompt's prefill runs in chunks of `prefill_chunk` tokens, each a round of its own
+alternating with decoding rounds, so a new prompt — however long — delays running sessions by at
+most one chunk. Every pass holds the cloud's
 compute lock (the backbone's capture hooks allow one pass at a time; the features endpoint
 takes it too).
 """
@@ -21,6 +22,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from personalization.backbone.batched import Request, forward_many
@@ -61,9 +63,15 @@ class StepScheduler:
     """One thread, one backbone pass at a time, as many sessions per pass as are ready."""
 
     def __init__(
-        self, backbone: Backbone, compute: threading.Lock, max_batch: int = 16, wait_s: float = 0.02
+        self,
+        backbone: Backbone,
+        compute: threading.Lock,
+        max_batch: int = 16,
+        wait_s: float = 0.02,
+        prefill_chunk: int = 128,
     ):
         self.backbone, self.compute, self.max_batch = backbone, compute, max_batch
+        self.prefill_chunk = prefill_chunk  # tokens of a prompt per pass
         self.wait_s = wait_s  # how long a decoding round waits for the active rows to return
         self._active: dict[int, tuple[int, float]] = {}  # cache id → (rows, last stepped)
         self.stats = Stats()
@@ -157,7 +165,7 @@ class StepScheduler:
         return chosen
 
     def _run(self, jobs: list[_Job]) -> None:
-        started = time.perf_counter()
+        started, prefill = time.perf_counter(), jobs[0].prefill  # (before the pass fills the cache)
         try:
             with self.compute:
                 outs = forward_many(self.backbone, [j.request for j in jobs])
@@ -168,7 +176,7 @@ class StepScheduler:
         s = self.stats
         s.passes += 1
         s.rows += sum(j.rows for j in jobs)
-        s.prefills += jobs[0].prefill
+        s.prefills += prefill
         s.last_batch = sum(j.rows for j in jobs)
         s.batch_sizes[s.last_batch] += 1
         now = time.monotonic()
@@ -207,8 +215,20 @@ class BatchedBackbone:
         backbone = self.__dict__["_backbone"]
         if cache is None or attention_mask is not None or position_ids is not None:
             raise ValueError("a batched backbone steps sequences with their own caches only")
-        request = Request(input_ids, cache, tuple(rungs), logits=logits == "last")
-        out = self.__dict__["_scheduler"].forward(request)
+        scheduler, T = self.__dict__["_scheduler"], input_ids.shape[1]
+        step, last = scheduler.prefill_chunk, logits == "last"
+        outs = [  # a long prompt in chunks, each its own round (the cache grows chunk by chunk)
+            scheduler.forward(
+                Request(
+                    input_ids[:, i : i + step], cache, tuple(rungs), logits=last and i + step >= T
+                )
+            )
+            for i in range(0, T, step)
+        ]
+        out = outs[-1]
+        if len(outs) > 1:
+            out.hidden = torch.cat([o.hidden for o in outs], dim=1)
+            out.taps = torch.cat([o.taps for o in outs], dim=1) if rungs else out.taps
         if logits == "all":
             out.logits = backbone.head(out.hidden)
         return out

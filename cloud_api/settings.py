@@ -73,6 +73,12 @@ class CloudSettings(BaseSettings):
     )
     max_sessions: int = Field(16, ge=1, description="Sessions open at once; more get 429.")
     max_batch: int = Field(16, ge=1, description="Sequences stepped in one batched pass.")
+    prefill_chunk: int = Field(
+        128,
+        ge=1,
+        description="A prompt is prefilled this many tokens per pass, so a long one delays "
+        "running sessions by at most one chunk.",
+    )
     batch_wait_s: float = Field(
         0.02, ge=0, description="A decoding round waits up to this for the active sessions."
     )

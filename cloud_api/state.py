@@ -212,7 +212,11 @@ class Cloud:
             if self._batched is None:
                 s = self.settings
                 scheduler = StepScheduler(
-                    self.require_backbone(), self.compute, s.max_batch, s.batch_wait_s
+                    self.require_backbone(),
+                    self.compute,
+                    s.max_batch,
+                    s.batch_wait_s,
+                    s.prefill_chunk,
                 )
                 self._batched = BatchedBackbone(self.require_backbone(), scheduler)
         return self._batched

@@ -74,3 +74,37 @@ def test_records_keep_devices_sessions_and_totals(tmp_path):
     assert stored.status == "expired" and stored.reason == "restart"
     assert [s.id for s in reopened.sessions_of("d1")] == ["s1"]
     reopened.close()
+
+
+# ---- the step scheduler's chunked prefill -------------------------------------------------------
+@pytest.mark.parametrize("chunk", [5, 8, 64])
+def test_a_prefill_chunk_boundary_changes_nothing(tiny, chunk):
+    """A long prompt prefilled `chunk` tokens per pass (each its own scheduler round) gives the
+    hidden states, taps and logits of one pass, and the same greedy tokens after it."""
+    import math
+    import threading
+
+    from cloud_api.scheduler import BatchedBackbone, StepScheduler
+    from personalization.config import DecodeConfig, SPAConfig
+    from personalization.decoding import generate
+    from personalization.model import SPAModel
+
+    scheduler = StepScheduler(tiny, threading.Lock(), prefill_chunk=chunk)
+    try:
+        batched = BatchedBackbone(tiny, scheduler)
+        prompt, rungs = list(range(5, 28)), (1, tiny.num_layers)  # 23 tokens
+        ids = torch.tensor([prompt])
+        mine = batched(ids, cache=tiny.new_cache(), rungs=rungs, logits="last")
+        theirs = tiny(ids, cache=tiny.new_cache(), rungs=rungs, logits="last")
+        for a, b in ((mine.hidden, theirs.hidden), (mine.taps, theirs.taps)):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-4, rtol=1e-4)
+        assert scheduler.stats.prefills == math.ceil(len(prompt) / chunk)
+        decode = DecodeConfig(max_new_tokens=8)
+        base = SPAConfig(setting="base")
+        chunked = generate(SPAModel(batched, base), prompt, decode)
+        whole = generate(SPAModel(tiny, base), prompt, decode)
+        assert [t.id for t in chunked.tokens] == [t.id for t in whole.tokens]
+    finally:
+        scheduler.close()
