@@ -117,6 +117,7 @@ class CloudClient:
             base_url=self.url, headers=headers, timeout=timeout, transport=self.link
         )
         self._info: Info | None = None
+        self._codes: CodesOut | None = None
 
     def close(self) -> None:
         self.http.close()
@@ -212,8 +213,12 @@ class CloudClient:
 
     @_idempotent
     def codes(self) -> CodesOut:
-        """The cloud's item codes (public: built from its catalogue's titles alone)."""
-        return CodesOut.model_validate(self._send("GET", "/v1/codes").json())
+        """The cloud's item codes (public: built from its catalogue's titles alone; cached for
+        the client's lifetime, as `info` is: a whole catalogue, wanted by training, loading a
+        checkpoint and evaluation alike)."""
+        if self._codes is None:
+            self._codes = CodesOut.model_validate(self._send("GET", "/v1/codes").json())
+        return self._codes
 
     @_idempotent
     def codec(self, path: Path, name: str) -> None:

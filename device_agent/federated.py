@@ -160,18 +160,19 @@ def evaluate(msg: Message, context: Context) -> Message:
         received = arrays.to_torch_state_dict() if len(arrays) else {}
         # its newest weights (or, not yet sampled to train, the shared initialisation), with
         # the round's global weights in
-        model = agent.starting_model(_train_config(cfg, held), received)
+        train_cfg = _train_config(cfg, held)
+        model = agent.starting_model(train_cfg, received)
         params = model.trainable()
         mine = shared(model, cfg.strategy)
         personal = {n: p for n, p in params.items() if n not in mine}
         if cfg.strategy == "fedavg-ft" and received:  # the average, fine-tuned on this device
-            agent.train(_train_config(cfg, held), warm=True, initial=received)
+            agent.train(train_cfg, warm=True, initial=received)
             model = agent.model(cfg.setting)
         purchases = purchases_of(cfg.data, node.user)
         if purchases is None:
             metrics = _rouge(cfg, agent, model, held)
         else:
-            metrics = _item_loss(cfg, agent, model, purchases)
+            metrics = _item_loss(cfg, agent, model, purchases, train_cfg.train)
             rnd = int(msg.content["config"].get("server-round", cfg.num_rounds))
             last = cfg.search_rounds == "last" and rnd >= cfg.num_rounds
             if cfg.search_rounds == "every" or last:
@@ -206,7 +207,7 @@ def _rouge(
 
 
 def _item_loss(
-    cfg: RunConfig, agent: DeviceAgent, model: SPAModel, purchases: list[str]
+    cfg: RunConfig, agent: DeviceAgent, model: SPAModel, purchases: list[str], train: TrainConfig
 ) -> dict[str, float]:
     """The held-out purchases' codes, teacher-forced after the ones before them: loss per code
     token under the device's model and under the backbone alone (features fetched once and kept
@@ -221,7 +222,6 @@ def _item_loss(
     cache.ensure([example], progress=False)
     features = cache.lazy([example])
     backbone = -float(torch.cat([f.base_logprob for f in features]).mean())
-    train = TrainConfig(epochs=cfg.local_epochs, seed=cfg.seed)
     return {"item-nll": evaluate_loss(model, features, train).lm, "item-nll-backbone": backbone}
 
 

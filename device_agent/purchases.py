@@ -19,7 +19,6 @@ from device_agent.errors import DeviceError
 from personalization.atspeed.codes import CodeConfig, ItemCodes
 from personalization.atspeed.prompts import CodePrompts
 from personalization.backbone.head import BackboneFacts
-from personalization.training.data import Example
 from protocol.messages import CodesOut
 
 #: what a device trains on codes: the side network always asked (no gate to calibrate by
@@ -62,9 +61,10 @@ class CodeBook:
         )
 
     def examples(self, titles: Sequence[str], valid_fraction: float) -> tuple[list, list]:
-        """One training example (every next-item position of the earlier purchases, in one
-        pass) and one validation example (the last `valid_fraction` of them, ≥ 1, after the
-        rest), from the purchases the catalogue knows, oldest first."""
+        """One training example (every next-item position of the earlier purchases in one pass,
+        the last ≤ 21 of them, as the cloud's target trains) and one validation example (the
+        last `valid_fraction` of them, ≥ 1, after the rest), from the purchases the catalogue
+        knows, oldest first."""
         known = [t for t in titles if t in self.prompts.index]
         if len(known) < 2:
             raise DeviceError(
@@ -72,10 +72,7 @@ class CodeBook:
                 "training on codes needs at least two"
             )
         held = max(1, round(valid_fraction * len(known))) if len(known) >= 3 else 0
-        train: list[Example] = []
-        if len(known) - held >= 2:
-            train.append(
-                self.prompts.sequence_example(known[: len(known) - held], len(known) - held - 1)
-            )
+        earlier = self.prompts.history_example(known[: len(known) - held])  # the last ≤ 21
+        train = [] if earlier is None else [earlier]
         valid = [self.prompts.sequence_example(known, held)] if held else []
         return (train or valid), (valid if train else [])

@@ -191,6 +191,24 @@ def test_training_examples_follow_the_time_split(tiny_llama, codes, users):
         rec.prompt(["no such cream"])
 
 
+def test_a_device_builds_the_examples_the_target_trains_on(tiny_llama, codes, titles):
+    """A device's purchases become the ids of the cloud's own one-pass examples: every
+    next-item position of the last ≤ 21 earlier purchases, then the held-out ones after them."""
+    from device_agent.purchases import CodeBook
+
+    rec = CodeRecommender.build(tiny_llama, codes)
+    book = CodeBook(None, rec.prompts)  # what `fetch` builds from GET /v1/codes
+    purchases = list(titles[:30])
+    (train,), (valid,) = book.examples(purchases, valid_fraction=0.2)
+    assert train == rec.prompts.history_example(purchases[:24])
+    assert len(train.target) == 20 * codes.length  # the last 21 earlier purchases, not all 24
+    assert valid == rec.prompts.sequence_example(purchases, 6)
+    assert book.examples(purchases[:2], valid_fraction=0.2) == (
+        [rec.prompts.sequence_example(purchases[:2], 1)],
+        [],
+    )
+
+
 def test_a_trained_target_keeps_its_best_epoch_and_its_codes(
     tiny_llama, codes, users, tmp_path, monkeypatch, titles
 ):

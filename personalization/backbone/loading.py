@@ -86,9 +86,9 @@ def _from_pretrained(source: str, *, name: str, dtype: torch.dtype, **kwargs) ->
         raise ValueError("no tokenizer in it (tokenizer.json, or the vocabulary files)")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     embeddings = model.get_input_embeddings().num_embeddings
-    if max(tokenizer.get_vocab().values()) >= embeddings:
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= embeddings:
         raise ValueError(
-            f"its tokenizer has ids up to {max(tokenizer.get_vocab().values())}, beyond the "
-            f"model's {embeddings} embeddings"
+            f"its tokenizer has ids up to {largest}, beyond the model's {embeddings} embeddings"
         )
     return Backbone(model, tokenizer, name=name)
