@@ -57,7 +57,10 @@ def postgres() -> Iterator[str]:
     """A fresh PostgreSQL cluster; yields its SQLAlchemy URL (psycopg 3)."""
     if not (PG_BIN / "postgres").is_file():
         raise Unavailable(f"PostgreSQL 15 is not installed ({PG_BIN}): apt-get install postgresql")
-    user = pwd.getpwnam("postgres")
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        raise Unavailable("PostgreSQL's `postgres` user does not exist here") from None
     # the cluster's user must reach its directory: a root-only pytest tmp_path will not do
     root = Path(tempfile.mkdtemp(prefix="spa-postgres-"))
     try:
